@@ -1,0 +1,109 @@
+"""Image decoding and per-channel intensity scaling.
+
+JUMP images are 16-bit, LZW-compressed TIFFs; tifffile needs ``imagecodecs`` for LZW.  Scaling is
+computed once per field (percentiles and CLAHE on the full image), never per crop: crops then only
+slice and resize already-scaled data, which is what keeps multi-view sampling close to decode speed.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+from dinocell.errors import DataError
+
+
+def read_image(src: str | os.PathLike[str] | bytes) -> np.ndarray:
+    """Decode a TIFF (or PNG) into a 2-D uint8/uint16 array.  Corrupt data -> DataError."""
+    import tifffile
+
+    name = "<bytes>" if isinstance(src, bytes) else os.fspath(src)
+    if not isinstance(src, bytes) and not os.path.exists(name):
+        raise DataError(f"image not found: {name}")
+    try:
+        handle: Any = io.BytesIO(src) if isinstance(src, bytes) else name
+        arr = tifffile.imread(handle)
+    except Exception as e:  # tifffile raises many types on truncated/corrupt files
+        if not isinstance(src, bytes) and name.lower().endswith((".png", ".jpg", ".jpeg")):
+            arr = _read_with_cv2(name)
+        else:
+            raise DataError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        raise DataError(f"cannot decode image {name}: no image data (truncated or corrupt file)")
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise DataError(f"image {name} has shape {arr.shape}; expected one 2-D plane per channel file")
+    if arr.dtype not in (np.uint8, np.uint16):
+        if np.issubdtype(arr.dtype, np.floating):
+            return arr.astype(np.float32)
+        arr = np.clip(arr, 0, 65535).astype(np.uint16)
+    return arr
+
+
+def _read_with_cv2(path: str) -> np.ndarray:
+    import cv2
+
+    arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise DataError(f"cannot decode image {path}")
+    if arr.ndim == 3:
+        arr = arr.mean(axis=2).astype(arr.dtype)
+    return arr
+
+
+def percentile_scale(channel: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Clip one channel to its [low, high] percentiles and map to [0, 1] as float32.
+
+    Percentiles come from a histogram for integer images (exact, and ~10x faster than
+    ``np.percentile`` on a 1080x1080 uint16 image, which sorts).
+    """
+    lo, hi = _percentiles(channel, low, high)
+    out = channel.astype(np.float32)
+    if hi <= lo:
+        return np.zeros_like(out)
+    out -= lo
+    out *= 1.0 / (hi - lo)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
+def _percentiles(channel: np.ndarray, low: float, high: float) -> tuple[float, float]:
+    if channel.dtype in (np.uint8, np.uint16):
+        hist = np.bincount(channel.ravel(), minlength=256 if channel.dtype == np.uint8 else 1)
+        cdf = np.cumsum(hist)
+        total = cdf[-1]
+        lo = int(np.searchsorted(cdf, total * low / 100.0, side="left"))
+        hi = int(np.searchsorted(cdf, total * high / 100.0, side="left"))
+        return float(lo), float(hi)
+    lo, hi = np.percentile(channel, [low, high])
+    return float(lo), float(hi)
+
+
+def clahe(channel01: np.ndarray, clip: float = 3.0, tiles: int = 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a [0,1] float channel (OpenCV, 16-bit)."""
+    import cv2
+
+    u16 = np.round(channel01 * 65535.0).astype(np.uint16)
+    eq = cv2.createCLAHE(clipLimit=float(clip), tileGridSize=(int(tiles), int(tiles))).apply(u16)
+    return eq.astype(np.float32) * (1.0 / 65535.0)
+
+
+def scale_field(raw: np.ndarray, cfg: Any) -> np.ndarray:
+    """Per-channel percentile scaling (+ optional CLAHE) of a (C,H,W) field into float32 [0,1].
+
+    ``cfg`` is a :class:`dinocell.config.ScalingConfig`.
+    """
+    if raw.ndim != 3:
+        raise DataError(f"expected a (C,H,W) field, got shape {raw.shape}")
+    out = np.empty(raw.shape, dtype=np.float32)
+    for c in range(raw.shape[0]):
+        ch = percentile_scale(raw[c], cfg.low_percentile, cfg.high_percentile)
+        if cfg.clahe:
+            ch = clahe(ch, cfg.clahe_clip, cfg.clahe_tiles)
+        out[c] = ch
+    return out

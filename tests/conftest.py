@@ -1,0 +1,56 @@
+"""Shared fixtures: the real fixtures in ../shared/data (skipped cleanly when absent) and tiny configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DINOCELL_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data, or skip with the reason when this checkout has no shared folder."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real fixture data not available at {SHARED_DATA} (../shared is absent)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cpg0000_site(shared_data: Path) -> Path:
+    """One JUMP cpg0000 site: AGP, RNA, DNA 16-bit LZW TIFFs."""
+    p = shared_data / "jump_cpg0000_BR00117006"
+    if not p.is_dir():
+        pytest.skip(f"{p} missing")
+    return p
+
+
+@pytest.fixture(scope="session")
+def cpg0016_load_data(shared_data: Path) -> Path:
+    """A real cpg0016 load_data_with_illum Parquet."""
+    p = shared_data / "jump_cpg0016_load_data" / "BR00126114_load_data_with_illum.parquet"
+    if not p.is_file():
+        pytest.skip(f"{p} missing")
+    return p
+
+
+TINY_OVERRIDES = [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
+    "head.prototypes=64", "head.hidden_dim=64", "head.bottleneck_dim=32",
+    "data.views.global_crop_size=32", "data.views.local_crop_size=16", "data.views.n_local_crops=2",
+    "data.synthetic.n_fields=16", "data.synthetic.size=64", "data.batch_size=4",
+    "track.logger=none", "train.progress_bar=false", "train.eval_fields=8",
+]
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    """Overrides that make a model/run small enough for unit tests on 2 CPU cores."""
+    return list(TINY_OVERRIDES)

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from dinocell.cli import main
+
+
+def test_data_ls_real_fixture_json(cpg0000_site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "ls", str(cpg0000_site), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fields"] == 1
+    assert sorted(out["channels"]) == ["AGP", "DNA", "RNA"]
+    assert out["plates"] and out["skipped"] == []
+
+
+def test_data_ls_human(cpg0000_site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "ls", str(cpg0000_site)]) == 0
+    assert "fields:   1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data", "ls", "/nonexistent/folder"], "path not found"),
+        (["data", "ls", "synthetic", "--channels", "Actin"], "unknown channel 'Actin'"),
+        (["data", "ls", "synthetic", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    ],
+)
+def test_bad_input_one_line_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_empty_folder_and_unreadable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "ls", str(tmp_path)]) == 2
+    assert "no images" in capsys.readouterr().err
+
+
+def test_data_ls_channels_without_match(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dinocell.data.jump import format_name
+
+    tifffile.imwrite(tmp_path / format_name(1, 1, 1, 5), np.zeros((4, 4), np.uint16))
+    assert main(["data", "ls", str(tmp_path), "--channels", "RNA"]) == 2
+    assert "unknown channel 'RNA'; available: DNA" in capsys.readouterr().err
+
+
+def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "data" in capsys.readouterr().out
