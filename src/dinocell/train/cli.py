@@ -1,0 +1,42 @@
+"""``dinocell pretrain`` and ``dinocell export``."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dinocell.config import add_config_arguments, config_from_args
+
+
+def register(sub: Any) -> None:
+    """Add ``pretrain`` and ``export``."""
+    p = sub.add_parser("pretrain", help="multi-view DINOv3 pretraining (resumes automatically)")
+    p.add_argument("--output-dir", default=None, help="run folder (default runs/<config name>)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    add_config_arguments(p)
+    p.set_defaults(func=_pretrain)
+
+    e = sub.add_parser("export", help="write the teacher backbone as .safetensors + JSON sidecar")
+    e.add_argument("run_dir", help="run folder (or a .ckpt file)")
+    e.add_argument("--out", required=True, help="output .safetensors path")
+    e.set_defaults(func=_export)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dinocell.train.run import pretrain
+
+    cfg = config_from_args(args)
+    out = args.output_dir or str(Path("runs") / (Path(args.config).stem if args.config else "default"))
+    pretrain(cfg, out, max_steps=args.max_steps, resume=not args.no_resume)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dinocell.train.export import export_run
+
+    path = export_run(args.run_dir, args.out)
+    print(f"wrote {path} and {path}.json")
+    return 0

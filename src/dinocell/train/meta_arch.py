@@ -1,0 +1,153 @@
+"""Multi-view DINOv3 meta-architecture: student/teacher forward over the crops, EMA, loss assembly.
+
+Channels of one field are views of the same cells.  Global crop 0 is the mean of the fluorescent
+channels, global crop 1 a single channel; the teacher's view of one teaches the student's view of the
+other (DINO cross-view pairing, Caron et al. 2021), and both teach every local crop.  iBOT (Zhou et al.
+2022) adds masked-patch prediction on the global crops, KoLeo (Sablayrolles et al. 2019, as in DINOv2)
+spreads the student's CLS tokens, and optional Gram anchoring (Siméoni et al. 2025) keeps patch
+similarities close to the teacher's.  The math lives in :mod:`dinocell.losses`; this module only
+routes tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from dinocell.config import Config
+from dinocell.losses.dino import DINOLoss, multiview_pairs
+from dinocell.losses.gram import GramLoss
+from dinocell.losses.ibot import iBOTPatchLoss
+from dinocell.losses.koleo import KoLeoLoss
+from dinocell.models.backbone import build_backbone
+from dinocell.models.heads import DINOHead
+
+
+def _heads(cfg: Config, embed_dim: int) -> nn.ModuleDict:
+    h = cfg.head
+    dino = DINOHead(embed_dim, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.n_layers)
+    if h.ibot_separate_head:
+        ibot = DINOHead(embed_dim, h.ibot_prototypes or h.prototypes, h.hidden_dim, h.bottleneck_dim, h.n_layers)
+    else:
+        ibot = dino
+    return nn.ModuleDict({"dino_head": dino, "ibot_head": ibot})
+
+
+class MultiViewDINO(nn.Module):
+    """Student (backbone + DINO head + iBOT head) and its EMA teacher, and the loss assembly."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        backbone = build_backbone(cfg.model, img_size=cfg.data.views.global_crop_size)
+        heads = _heads(cfg, backbone.embed_dim)
+        self.student = nn.ModuleDict({"backbone": backbone, **heads})
+        # The teacher starts as an exact copy (released weights initialise both) and is only ever
+        # updated by EMA: no gradients, always in eval mode.
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        lc = cfg.loss
+        self.dino_loss = DINOLoss(lc.student_temp, lc.sinkhorn_iterations)
+        self.ibot_loss = iBOTPatchLoss(lc.student_temp, lc.sinkhorn_iterations)
+        self.koleo_loss = KoLeoLoss()
+        self.gram_loss = GramLoss(lc.gram_max_tokens)
+        self._student_params: list[torch.Tensor] | None = None
+        self._teacher_params: list[torch.Tensor] | None = None
+
+    def train(self, mode: bool = True) -> MultiViewDINO:
+        """Switch the student; the teacher stays in eval mode whatever the caller asks."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # ------------------------------------------------------------------------------------ EMA
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- m * teacher + (1 - m) * student, fused over all tensors (``torch._foreach``)."""
+        if self._student_params is None:
+            pairs = [
+                (s, t)
+                for (_, s), (_, t) in zip(self.student.named_parameters(), self.teacher.named_parameters(),
+                                          strict=True)
+            ]
+            self._student_params = [s for s, _ in pairs]
+            self._teacher_params = [t for _, t in pairs]
+        assert self._teacher_params is not None
+        s_params = [s.detach().to(t.dtype) for s, t in zip(self._student_params, self._teacher_params, strict=True)]
+        torch._foreach_mul_(self._teacher_params, momentum)
+        torch._foreach_add_(self._teacher_params, s_params, alpha=1.0 - momentum)
+
+    # ------------------------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def teacher_targets(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, torch.Tensor]:
+        """Sinkhorn-centred teacher targets for the global crops (CLS) and the masked patches."""
+        g = batch["global_crops"]
+        n_global = 2
+        b = g.shape[0] // n_global
+        out = self.teacher["backbone"].forward_features(g)
+        cls = out["x_norm_clstoken"]
+        patches = out["x_norm_patchtokens"]
+        logits = self.teacher["dino_head"](cls).view(n_global, b, -1)
+        probs = self.dino_loss.teacher_probs(logits, teacher_temp)
+        res = {"dino_probs": probs, "patch_tokens": patches}
+        idx = batch["mask_indices"]
+        if idx.numel() > 0:
+            flat = patches.reshape(-1, patches.shape[-1])
+            masked = flat.index_select(0, idx)
+            plogits = self.teacher["ibot_head"](masked)
+            res["ibot_probs"] = self.ibot_loss.teacher_probs(plogits, teacher_temp)
+        return res
+
+    def forward(self, batch: dict[str, Any], teacher_temp: float,
+                gram_generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """All losses for one batch (weighted total in ``total``) and detached diagnostics."""
+        lc = self.cfg.loss
+        g, loc = batch["global_crops"], batch["local_crops"]
+        n_global = 2
+        b = g.shape[0] // n_global
+        n_local = loc.shape[0] // b if loc.numel() else 0
+        targets = self.teacher_targets(batch, teacher_temp)
+
+        sb = self.student["backbone"]
+        s_glob = sb.forward_features(g, masks=batch["masks"])
+        cls_g = s_glob["x_norm_clstoken"]
+        cls_all = cls_g
+        if n_local:
+            cls_l = sb.forward_features(loc)["x_norm_clstoken"]
+            cls_all = torch.cat([cls_g, cls_l])
+        s_logits = self.student["dino_head"](cls_all).view(n_global + n_local, b, -1)
+        pairs = multiview_pairs(n_global, n_local)
+        losses: dict[str, torch.Tensor] = {}
+        losses["dino"] = self.dino_loss(s_logits, targets["dino_probs"], pairs)
+
+        idx = batch["mask_indices"]
+        if "ibot_probs" in targets and lc.ibot_weight > 0:
+            patches = s_glob["x_norm_patchtokens"]
+            masked = patches.reshape(-1, patches.shape[-1]).index_select(0, idx)
+            s_plogits = self.student["ibot_head"](masked)
+            losses["ibot"] = self.ibot_loss(s_plogits, targets["ibot_probs"], batch["masks_weight"].to(s_plogits),
+                                            n_images=g.shape[0])
+        else:
+            losses["ibot"] = cls_g.sum() * 0.0
+
+        if lc.koleo_weight > 0:
+            losses["koleo"] = sum(self.koleo_loss(c) for c in cls_g.chunk(n_global)) / n_global
+        else:
+            losses["koleo"] = cls_g.sum() * 0.0
+
+        if lc.gram_weight > 0:
+            losses["gram"] = self.gram_loss(s_glob["x_norm_patchtokens"], targets["patch_tokens"],
+                                            generator=gram_generator)
+        else:
+            losses["gram"] = cls_g.sum() * 0.0
+
+        losses["total"] = (lc.dino_weight * losses["dino"] + lc.ibot_weight * losses["ibot"]
+                           + lc.koleo_weight * losses["koleo"] + lc.gram_weight * losses["gram"])
+        losses["_teacher_probs"] = targets["dino_probs"].detach()
+        losses["_student_cls"] = cls_g.detach()
+        losses["_patch_tokens"] = s_glob["x_norm_patchtokens"].detach()
+        return losses

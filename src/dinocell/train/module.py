@@ -1,0 +1,230 @@
+"""LightningModule: optimiser groups (layer-wise lr decay, no-decay set), schedules, EMA, metrics.
+
+Lightning owns the engine (devices, DDP/FSDP, precision, clipping, checkpoint I/O); this module owns
+what DINOv3 adds on top: per-step lr / weight decay / teacher temperature / momentum from pure
+schedules, the frozen last layer during the first epoch, and the EMA teacher update after each step.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dinocell.config import Config, to_dict
+from dinocell.data.sources import FieldSource
+from dinocell.errors import UserError
+from dinocell.train import schedules as sched
+from dinocell.train.data import build_loader
+from dinocell.train.meta_arch import MultiViewDINO
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN/inf: the run stops and the last good checkpoint is kept."""
+
+
+_NO_DECAY_NAMES = ("cls_token", "reg_token", "mask_token", "pos_embed", "gamma", "storage_tokens")
+
+
+def param_groups(meta: MultiViewDINO, cfg: Config) -> list[dict[str, Any]]:
+    """AdamW groups for the student: layer-wise lr decay (DINOv2/3), patch-embed lr x0.2, no weight
+    decay on biases, norms, LayerScale and tokens, and a flag on the prototype layers (frozen early)."""
+    oc = cfg.optim
+    backbone = meta.student["backbone"]
+    n_layers = backbone.n_blocks + 1
+    groups: dict[tuple[float, float, bool], list[torch.Tensor]] = defaultdict(list)
+    for name, p in meta.student.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            sub = name[len("backbone."):]
+            lr_mult = oc.layerwise_decay ** (n_layers - backbone.layer_id(sub))
+            if "patch_embed" in sub:
+                lr_mult *= oc.patch_embed_lr_mult
+        else:
+            lr_mult = 1.0
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in _NO_DECAY_NAMES)
+        is_last = "last_layer" in name
+        groups[(lr_mult, 0.0 if no_decay else 1.0, is_last)].append(p)
+    return [
+        {"params": ps, "lr_multiplier": lm, "wd_multiplier": wm, "is_last_layer": last, "lr": 0.0,
+         "weight_decay": 0.0}
+        for (lm, wm, last), ps in groups.items()
+    ]
+
+
+class DinoCellModule(L.LightningModule):
+    """Continued multi-view DINOv3 pretraining."""
+
+    def __init__(self, cfg: Config, source: FieldSource, steps_per_epoch: int, total_steps: int,
+                 global_batch: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.source = source
+        self.meta = MultiViewDINO(cfg)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.global_batch = global_batch
+        self.schedules = sched.from_config(cfg.optim, cfg.loss, steps_per_epoch, cfg.train.epochs,
+                                           global_batch, max_steps=total_steps)
+        self.channel_names = list(source.channels)
+        self.fluorescent = list(source.fluorescent)
+        self.example_fields, self.example_labels = self._examples(4)
+        self._t_last: float | None = None
+        self._t_data: float = 0.0
+        self._last_values: dict[str, float] = {}
+        self.loss_history: list[float] = []
+
+    # ------------------------------------------------------------------ data
+    def _examples(self, n: int) -> tuple[torch.Tensor, list[int]]:
+        """A few fixed fields for diagnostics (attention maps, PCA), at the global crop size."""
+        import torch.nn.functional as F
+
+        recs = self.source.records[: max(1, min(n, len(self.source)))]
+        size = self.cfg.data.views.global_crop_size
+        out, labels = [], []
+        for r in recs:
+            try:
+                x = torch.from_numpy(self.source.load(r)).float()
+            except UserError:
+                continue
+            out.append(F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
+                                     align_corners=False)[0])
+            labels.append(int(r.metadata.get("label", -1)))
+        if not out:
+            return torch.zeros(0, len(self.channel_names), size, size), []
+        return torch.stack(out), labels
+
+    def train_dataloader(self) -> DataLoader:
+        """Built here so the restored ``global_step`` and the DDP rank are known: a resumed run
+        continues the exact sample stream of the uninterrupted one."""
+        trainer = self.trainer
+        return build_loader(self.cfg, self.source, self.total_steps, self.steps_per_epoch,
+                            start_step=trainer.global_step, rank=trainer.global_rank,
+                            world_size=trainer.world_size, patch_size=self.meta.student["backbone"].patch_size)
+
+    # ------------------------------------------------------------------ optimiser
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = param_groups(self.meta, self.cfg)
+        b1, b2 = self.cfg.optim.betas
+        fused = torch.cuda.is_available() and self.device.type == "cuda"
+        kwargs: dict[str, Any] = {"fused": True} if fused else {}
+        return torch.optim.AdamW(groups, betas=(b1, b2), **kwargs)
+
+    def _apply_schedules(self, step: int) -> dict[str, float]:
+        values = self.schedules.at(min(step, self.total_steps - 1))
+        frozen = sched.freeze_last_layer(step, self.steps_per_epoch, self.cfg.optim.freeze_last_layer_epochs)
+        opt = self.optimizers(use_pl_optimizer=False)
+        for g in opt.param_groups:
+            g["lr"] = 0.0 if (frozen and g["is_last_layer"]) else values["lr"] * g["lr_multiplier"]
+            g["weight_decay"] = values["weight_decay"] * g["wd_multiplier"]
+        return values
+
+    # ------------------------------------------------------------------ steps
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        now = time.perf_counter()
+        self._t_data = now - self._t_last if self._t_last is not None else 0.0
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        step = self.global_step
+        values = self._apply_schedules(step)
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        out = self.meta(batch, values["teacher_temp"], gram_generator=gen)
+        total = out["total"]
+        if not torch.isfinite(total.detach()).all():
+            raise NonFiniteLossError(
+                f"loss is {total.item()} at step {step}; stopping (the last good checkpoint in "
+                f"checkpoints/ is kept). Lower optim.lr or check the data scaling."
+            )
+        self._last_values = values
+        self.loss_history.append(float(total.detach()))
+        # ModelCheckpoint keeps the newest N checkpoints by this value (not sent to the loggers)
+        self.log("ckpt_step", float(step + 1), logger=False, prog_bar=False, batch_size=1)
+        if self._should_log(step):
+            self._log_step(out, values, batch)
+        return total
+
+    def _should_log(self, step: int) -> bool:
+        interval = max(1, self.cfg.track.log_interval)
+        return self.logger is not None and (step % interval == 0 or step == self.total_steps - 1)
+
+    def _log_step(self, out: dict[str, torch.Tensor], values: dict[str, float], batch: dict[str, Any]) -> None:
+        metrics: dict[str, float] = {f"loss/{k}": float(out[k].detach()) for k in ("dino", "ibot", "koleo",
+                                                                                  "gram", "total")}
+        metrics.update({
+            "training/lr": values["lr"], "training/weight_decay": values["weight_decay"],
+            "training/momentum": values["momentum"], "training/teacher_temp": values["teacher_temp"],
+            "training/epoch": self.global_step / self.steps_per_epoch, "training/iteration": self.global_step,
+            "perf/data_time": self._t_data,
+        })
+        try:
+            from dinocell.track import diagnostics
+
+            metrics.update(diagnostics.collapse_stats(out["_teacher_probs"], out["_student_cls"],
+                                                      out["_student_cls"], out["_patch_tokens"]))
+            metrics.update(diagnostics.system_stats())
+        except (ImportError, AttributeError):
+            pass
+        if hasattr(self.source, "metrics"):
+            metrics.update({k: float(v) for k, v in self.source.metrics().items() if k.startswith("s3/")})
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self.cfg.data.batch_size)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._should_log(self.global_step):
+            return
+        try:
+            from dinocell.track.diagnostics import grad_stats
+        except ImportError:
+            return
+        self.log_dict(grad_stats(self.meta.student.named_parameters()), on_step=True, on_epoch=False,
+                      batch_size=self.cfg.data.batch_size)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # global_step has been incremented by the optimizer step: the EMA uses that step's momentum.
+        momentum = self._last_values.get("momentum", self.schedules.at(0)["momentum"])
+        self.meta.update_teacher(momentum)
+        now = time.perf_counter()
+        if self._t_last is not None and self._should_log(self.global_step - 1):
+            dt = now - self._t_last
+            self.log_dict({"perf/iteration_time": dt, "perf/images_per_second": self.global_batch / max(dt, 1e-9)},
+                          on_step=True, on_epoch=False, batch_size=self.cfg.data.batch_size)
+        self._t_last = now
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Config and RNG states as plain data (loadable with ``weights_only=True``)."""
+        np_state = np.random.get_state()
+        checkpoint["dinocell"] = {
+            "config": to_dict(self.cfg),
+            "loss_history": list(self.loss_history),
+            "channel_names": self.channel_names,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                          int(np_state[3]), float(np_state[4])],
+                "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from dinocell.train.run import check_compatible
+
+        check_compatible(self.state_dict(), checkpoint.get("state_dict", {}), "last.ckpt")
+        self.loss_history = list(checkpoint.get("dinocell", {}).get("loss_history", []))
+        state = checkpoint.get("dinocell", {}).get("rng")
+        if not state:
+            return
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,171 @@
+"""Training schedules as pure functions of the optimisation step.
+
+DINO-style training (Caron et al., 2021; DINOv2, Oquab et al., 2023; DINOv3, Siméoni et al., 2025)
+drives four quantities by the step: learning rate (linear warm-up, then cosine to ``min_lr``), weight
+decay (cosine 0.04 -> 0.4), teacher temperature (linear 0.04 -> 0.07, then constant) and teacher EMA
+momentum (cosine 0.992 -> 1.0).  DINOv2 precomputes arrays of length ``total_steps``; we evaluate closed
+forms instead, so nothing has to be checkpointed or rebuilt on resume, any step (even past the end) has
+a value, and runs far shorter than the warm-ups (the offline demo) simply compress them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dinocell.config import LossConfig, OptimConfig
+from dinocell.errors import ConfigError
+
+__all__ = ["Schedules", "cosine", "freeze_last_layer", "from_config", "linear_warmup"]
+
+REFERENCE_BATCH = 1024  # DINOv2/v3 learning rates are quoted per 1024 images
+
+
+def _check_step(step: int) -> None:
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+
+
+def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """``start`` at step 0, linearly to ``end`` at ``warmup_steps``, then ``end`` for ever."""
+    _check_step(step)
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if step >= warmup_steps:
+        return float(end)
+    return float(start + (end - start) * step / warmup_steps)
+
+
+def cosine(
+    step: int,
+    total_steps: int,
+    base: float,
+    final: float,
+    warmup_steps: int = 0,
+    warmup_start: float = 0.0,
+) -> float:
+    """Linear warm-up ``warmup_start -> base``, then half a cosine ``base -> final``; ``final`` after the end.
+
+    The warm-up is clamped to ``total_steps``, so a run shorter than its warm-up is all warm-up
+    (reaching ``base`` at ``total_steps``) instead of failing.
+    """
+    _check_step(step)
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    warmup = min(warmup_steps, total_steps)
+    if step >= total_steps:
+        return float(final)
+    if step < warmup:
+        return linear_warmup(step, warmup, warmup_start, base)
+    progress = (step - warmup) / (total_steps - warmup)  # in [0, 1): step < total_steps
+    return float(final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress)))
+
+
+def freeze_last_layer(step: int, steps_per_epoch: int, freeze_epochs: int) -> bool:
+    """True while the DINO head's last layer should stay frozen (its gradients zeroed).
+
+    DINO freezes the prototypes for the first epoch(s): early on they would otherwise move fast
+    enough to make training unstable.
+    """
+    _check_step(step)
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    return step < max(freeze_epochs, 0) * steps_per_epoch
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """All step-driven hyper-parameters of a run; :meth:`at` evaluates them at one step."""
+
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+    wd: float
+    wd_end: float
+    teacher_temp_start: float
+    teacher_temp: float
+    teacher_temp_warmup_steps: int
+    momentum: float
+    momentum_end: float
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+        if self.warmup_steps < 0 or self.teacher_temp_warmup_steps < 0:
+            raise ValueError("warm-up lengths must be >= 0")
+        if self.teacher_temp_start <= 0 or self.teacher_temp <= 0:
+            raise ValueError("teacher temperatures must be > 0")
+
+    def at(self, step: int) -> dict[str, float]:
+        """``{"lr", "weight_decay", "teacher_temp", "momentum"}`` at ``step`` (any step >= 0)."""
+        tt_warmup = min(self.teacher_temp_warmup_steps, self.total_steps)
+        return {
+            "lr": cosine(step, self.total_steps, self.lr, self.min_lr, self.warmup_steps, 0.0),
+            "weight_decay": cosine(step, self.total_steps, self.wd, self.wd_end),
+            "teacher_temp": linear_warmup(step, tt_warmup, self.teacher_temp_start, self.teacher_temp),
+            "momentum": cosine(step, self.total_steps, self.momentum, self.momentum_end),
+        }
+
+
+def from_config(
+    optim_cfg: OptimConfig,
+    loss_cfg: LossConfig,
+    steps_per_epoch: int,
+    epochs: int,
+    global_batch: int,
+    max_steps: int | None = None,
+) -> Schedules:
+    """Build :class:`Schedules` from the config, converting epochs to steps.
+
+    ``optim.scale_lr == "sqrt"`` scales the peak lr by ``sqrt(global_batch / 1024)`` (DINOv2/v3 rule;
+    ``min_lr`` is not scaled).  ``max_steps`` (e.g. ``train.max_steps``) shortens the run, and with it
+    the cosine horizon.  Warm-ups longer than the run are clamped to it.
+    """
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"steps per epoch must be >= 1, got {steps_per_epoch} (dataset smaller than one batch?)"
+        )
+    if epochs < 1:
+        raise ConfigError(f"config key 'train.epochs' must be >= 1, got {epochs}")
+    if global_batch < 1:
+        raise ConfigError(f"global batch size must be >= 1, got {global_batch}")
+    if max_steps is not None and max_steps < 1:
+        raise ConfigError(f"config key 'train.max_steps' must be >= 1, got {max_steps}")
+    if optim_cfg.warmup_epochs < 0:
+        raise ConfigError(f"config key 'optim.warmup_epochs' must be >= 0, got {optim_cfg.warmup_epochs}")
+    if loss_cfg.warmup_teacher_temp_epochs < 0:
+        raise ConfigError(
+            "config key 'loss.warmup_teacher_temp_epochs' must be >= 0, "
+            f"got {loss_cfg.warmup_teacher_temp_epochs}"
+        )
+    if loss_cfg.teacher_temp <= 0 or loss_cfg.warmup_teacher_temp <= 0:
+        raise ConfigError("config keys 'loss.teacher_temp' and 'loss.warmup_teacher_temp' must be > 0")
+
+    if optim_cfg.scale_lr == "sqrt":
+        lr = optim_cfg.lr * math.sqrt(global_batch / REFERENCE_BATCH)
+    elif optim_cfg.scale_lr == "none":
+        lr = optim_cfg.lr
+    else:
+        raise ConfigError(
+            f"config key 'optim.scale_lr' must be one of none, sqrt; got '{optim_cfg.scale_lr}'"
+        )
+
+    total = steps_per_epoch * epochs
+    if max_steps is not None:
+        total = min(total, max_steps)
+    return Schedules(
+        lr=lr,
+        min_lr=optim_cfg.min_lr,
+        warmup_steps=min(optim_cfg.warmup_epochs * steps_per_epoch, total),
+        total_steps=total,
+        wd=optim_cfg.weight_decay,
+        wd_end=optim_cfg.weight_decay_end,
+        teacher_temp_start=loss_cfg.warmup_teacher_temp,
+        teacher_temp=loss_cfg.teacher_temp,
+        teacher_temp_warmup_steps=min(loss_cfg.warmup_teacher_temp_epochs * steps_per_epoch, total),
+        momentum=optim_cfg.momentum_teacher,
+        momentum_end=optim_cfg.final_momentum_teacher,
+    )
