@@ -185,10 +185,17 @@ class DinoCellModule(L.LightningModule):
         self.log_dict(grad_stats(self.meta.student.named_parameters()), on_step=True, on_epoch=False,
                       batch_size=self.cfg.data.batch_size)
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # global_step has been incremented by the optimizer step: the EMA uses that step's momentum.
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Step, then EMA-update the teacher with this step's momentum.
+
+        The EMA lives here, not in ``on_train_batch_end``: checkpoint callbacks run before the
+        module's batch-end hook, and a checkpoint must hold the teacher *after* its update.
+        """
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         momentum = self._last_values.get("momentum", self.schedules.at(0)["momentum"])
         self.meta.update_teacher(momentum)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         now = time.perf_counter()
         if self._t_last is not None and self._should_log(self.global_step - 1):
             dt = now - self._t_last

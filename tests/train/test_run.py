@@ -1,0 +1,156 @@
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinocell.cli import main
+from dinocell.config import load_config
+from dinocell.errors import UserError
+from dinocell.train.run import load_checkpoint_file, pretrain
+from tests_tiny import TINY
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    run = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, TINY + ["train.checkpoint_every_steps=2", "train.keep_last_n=2", "train.eval_fields=48"])
+    summary = pretrain(cfg, run, max_steps=5)
+    return run, summary
+
+
+def test_run_folder_contents(tiny_run: tuple[Path, dict]) -> None:
+    run, summary = tiny_run
+    assert (run / "config.yaml").is_file()
+    assert load_config(run / "config.yaml").model.depth == 2  # the resolved config round-trips
+    ck = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert "last.ckpt" in ck and len([c for c in ck if c.startswith("step")]) == 2  # keep-last-N
+    state = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
+    assert state["global_step"] == 5
+    assert any(k.startswith("meta.teacher.backbone.") for k in state["state_dict"])
+    assert state["optimizer_states"] and "rng" in state["dinocell"]
+    data = json.loads((run / "summary.json").read_text())
+    for key in ("loss_first", "loss_last", "channel_consistency_before", "channel_consistency_after",
+                "channel_consistency_raw_before", "cross_channel_retrieval_top1", "transfer_knn_accuracy"):
+        assert key in data and data[key] is not None, key
+    assert data == json.loads(json.dumps(summary))
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_rerun_resumes_and_is_a_noop_when_done(tiny_run: tuple[Path, dict]) -> None:
+    run, _ = tiny_run
+    before = load_checkpoint_file(run / "checkpoints" / "last.ckpt")["state_dict"]
+    pretrain(load_config(run / "config.yaml"), run, max_steps=5)
+    after = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
+    assert after["global_step"] == 5
+    assert all(torch.equal(before[k], after["state_dict"][k]) for k in before)
+
+
+def test_export_and_load_backbone(tiny_run: tuple[Path, dict], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import dinocell
+
+    run, _ = tiny_run
+    out = tmp_path / "teacher.safetensors"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    side = json.loads(Path(str(out) + ".json").read_text())
+    assert side["channel_names"] == ["DNA", "ER", "RNA", "AGP", "Mito"]
+    assert side["model"]["patch_size"] == 8 and side["model"]["in_chans"] == 1
+    model = dinocell.load_backbone(str(out))
+    state = load_checkpoint_file(run / "checkpoints" / "last.ckpt")["state_dict"]
+    teacher = {k[len("meta.teacher.backbone."):]: v for k, v in state.items()
+               if k.startswith("meta.teacher.backbone.")}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, teacher[k]), k
+    assert not model.training
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 32)
+
+
+def test_other_architecture_lists_keys(tiny_run: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
+    run, _ = tiny_run
+    argv = ["pretrain", "--output-dir", str(run), "--max-steps", "6", *TINY, "model.depth=3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "does not match this model's architecture" in err and "blocks.2" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_malicious_pickle_is_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "last.ckpt"
+    with open(bad, "wb") as f:
+        pickle.dump({"state_dict": Evil()}, f)
+    with pytest.raises(UserError, match="refusing to load"):
+        load_checkpoint_file(bad)
+    assert not marker.exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dinocell.train.meta_arch import MultiViewDINO
+
+    original = MultiViewDINO.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch, teacher_temp, gram_generator=None):
+        out = original(self, batch, teacher_temp, gram_generator)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            out["total"] = out["total"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MultiViewDINO, "forward", poisoned)
+    cfg = load_config(None, TINY + ["train.checkpoint_every_steps=1"])
+    with pytest.raises(UserError, match="loss is nan at step 3"):
+        pretrain(cfg, tmp_path, max_steps=6)
+    last = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def _train_cmd(out: Path, steps: int) -> list[str]:
+    return [sys.executable, "-m", "dinocell.cli", "pretrain", "--output-dir", str(out), "--max-steps", str(steps),
+            *TINY, "train.checkpoint_every_steps=3", "train.eval_fields=0", "model.embed_dim=64",
+            "data.batch_size=8", "data.synthetic.n_fields=64"]
+
+
+def _teacher(path: Path) -> dict[str, torch.Tensor]:
+    sd = load_checkpoint_file(path)
+    return {k: v for k, v in sd["state_dict"].items() if k.startswith("meta.teacher.")}, sd["global_step"]
+
+
+def test_sigkill_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    steps = 30
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(ref, steps), check=True, env=env, capture_output=True, timeout=600)
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(run, steps), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _, killed_at = _teacher(last)
+    assert 0 < killed_at < steps, "the run must have been killed mid-way"
+
+    subprocess.run(_train_cmd(run, steps), check=True, env=env, capture_output=True, timeout=600)
+    resumed, step = _teacher(last)
+    expected, ref_step = _teacher(ref / "checkpoints" / "last.ckpt")
+    assert step == ref_step == steps
+    for k, v in expected.items():
+        assert torch.equal(resumed[k], v), k
