@@ -92,8 +92,10 @@ def _collate_factory(cfg: Config, patch_size: int) -> Any:
     seed = cfg.train.seed
 
     def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-        first = int(samples[0].get("stream_pos", 0))
-        return collate_multiview(samples, mask_cfg, patch_size, rng=np.random.default_rng([seed, first]))
+        # masks are seeded by what the batch holds, so they are reproducible in any worker
+        key = [int(samples[0].get("stream_pos", 0)), int(samples[0].get("index", 0)), len(samples),
+               int(samples[-1].get("index", 0))]
+        return collate_multiview(samples, mask_cfg, patch_size, rng=np.random.default_rng([seed, *key]))
 
     return collate
 
@@ -123,8 +125,11 @@ def steps_per_epoch(cfg: Config, n_fields: int, world_size: int = 1) -> int:
 
 
 def build_loader(cfg: Config, source: FieldSource, total_steps: int, spe: int, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1, patch_size: int | None = None) -> DataLoader:
-    """The training DataLoader from ``start_step`` to ``total_steps`` for this rank."""
+                 rank: int = 0, world_size: int = 1, patch_size: int | None = None) -> Any:
+    """The training loader from ``start_step`` to ``total_steps`` for this rank."""
+    if use_stream(cfg, source):
+        return EpochChainLoader(cfg, source, total_steps, spe, start_step, rank, world_size,
+                                patch_size or cfg.model.patch_size)
     bs = cfg.data.batch_size
     global_batch = bs * world_size
     samples_per_epoch = spe * global_batch
@@ -141,3 +146,70 @@ def build_loader(cfg: Config, source: FieldSource, total_steps: int, spe: int, s
                       collate_fn=_collate_factory(cfg, patch_size or cfg.model.patch_size),
                       persistent_workers=False, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if workers > 0 else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming sources (S3): shuffle buffer + concurrent fetch instead of random access
+# --------------------------------------------------------------------------------------------------
+
+
+def use_stream(cfg: Config, source: FieldSource) -> bool:
+    """Remote sources stream through a shuffle buffer: random access over S3 would fetch per sample."""
+    return str(cfg.data.source).startswith("s3://") or hasattr(source, "iter_loaded")
+
+
+def _stream_dataset(cfg: Config, source: FieldSource, rank: int | None = None,
+                    world_size: int | None = None) -> Any:
+    from dinocell.data.stream import StreamingFieldDataset
+
+    return StreamingFieldDataset(source, build_views(cfg, list(source.fluorescent)), repeats=cfg.data.repeats,
+                                 shuffle_buffer=cfg.data.s3.shuffle_buffer, seed=cfg.train.seed,
+                                 rank=rank, world_size=world_size)
+
+
+def stream_steps_per_epoch(cfg: Config, source: FieldSource, world_size: int = 1) -> int:
+    """Batches per rank in one pass of the shuffle-buffered stream."""
+    if cfg.train.steps_per_epoch:
+        return int(cfg.train.steps_per_epoch)
+    ds = _stream_dataset(cfg, source, rank=0, world_size=world_size)
+    w = max(1, cfg.data.num_workers)
+    per_worker = (ds.fields_per_worker(w, world_size) * cfg.data.repeats) // cfg.data.batch_size
+    if per_worker < 1:
+        raise ConfigError(f"each of {w} loader worker(s) x {world_size} rank(s) gets fewer samples than one "
+                          f"batch ({cfg.data.batch_size}); lower data.batch_size or data.num_workers")
+    return w * per_worker
+
+
+class EpochChainLoader:
+    """Chains epochs of a :class:`StreamingFieldDataset` into one run-long stream of batches.
+
+    The position is derived from the step (epoch = step // steps_per_epoch), so a resumed run
+    re-enters the stream exactly where the checkpoint left it without fetching the skipped fields.
+    """
+
+    def __init__(self, cfg: Config, source: FieldSource, total_steps: int, spe: int, start_step: int,
+                 rank: int, world_size: int, patch_size: int) -> None:
+        self.cfg, self.total, self.spe, self.start = cfg, total_steps, spe, start_step
+        self.dataset = _stream_dataset(cfg, source, rank, world_size)
+        self.collate = _collate_factory(cfg, patch_size)
+        self.batch_size = cfg.data.batch_size
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        step = self.start
+        bs, workers = self.batch_size, self.cfg.data.num_workers
+        while step < self.total:
+            epoch, pos = divmod(step, self.spe)
+            loader = self.dataset.make_loader(bs, self.collate, num_workers=workers, drop_last=True)
+            self.dataset.load_state_dict({"epoch": epoch, "samples_yielded": pos * bs,
+                                          "num_workers": workers, "batch_size": bs})
+            for batch in loader:
+                yield batch
+                step += 1
+                if step >= self.total or step % self.spe == 0:
+                    break
+
+    def metrics(self) -> dict[str, float]:
+        return self.dataset.metrics()

@@ -173,6 +173,9 @@ class DinoCellModule(L.LightningModule):
             pass
         if hasattr(self.source, "metrics"):
             metrics.update({k: float(v) for k, v in self.source.metrics().items() if k.startswith("s3/")})
+        loader = getattr(self.trainer, "train_dataloader", None)
+        if hasattr(loader, "metrics"):
+            metrics.update({k: float(v) for k, v in loader.metrics().items()})
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self.cfg.data.batch_size)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -146,7 +146,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     import lightning as L
 
     from dinocell.data.sources import open_source
-    from dinocell.train.data import steps_per_epoch
+    from dinocell.train.data import steps_per_epoch, stream_steps_per_epoch, use_stream
     from dinocell.train.module import DinoCellModule
 
     if not log.isEnabledFor(logging.DEBUG):  # Lightning's banners drown the progress bar
@@ -172,7 +172,10 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     )
     # A throw-away Trainer tells the world size (devices x nodes) before the schedules are built.
     world_size = _world_size(trainer_kwargs)
-    spe = steps_per_epoch(cfg, len(source), world_size)
+    if use_stream(cfg, source):
+        spe = stream_steps_per_epoch(cfg, source, world_size)
+    else:
+        spe = steps_per_epoch(cfg, len(source), world_size)
     total = spe * cfg.train.epochs
     if cfg.train.max_steps:
         total = min(total, cfg.train.max_steps)

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import torch
+
+from dinocell.config import load_config
+from dinocell.data.sources import open_source
+from dinocell.train.data import StreamSampler, build_loader, steps_per_epoch
+from dinocell.train.run import resolve_precision
+from tests_tiny import TINY
+
+
+def test_stream_is_deterministic_and_resumable() -> None:
+    full = list(StreamSampler(10, 2, samples_per_epoch=16, total_samples=48, seed=3))
+    assert full == list(StreamSampler(10, 2, samples_per_epoch=16, total_samples=48, seed=3))
+    assert len(full) == 48
+    resumed = list(StreamSampler(10, 2, samples_per_epoch=16, total_samples=48, seed=3, start=20))
+    assert resumed == full[20:]
+    n = 20  # 10 fields x 2 repeats
+    positions = [s // n for s in full]
+    assert positions == list(range(48))
+    # each virtual epoch draws distinct samples, and a field's repeats come back to back
+    epoch0 = [s % n for s in full[:16]]
+    assert len(set(epoch0)) == 16 and epoch0[0] // 2 == epoch0[1] // 2
+
+
+def test_ranks_split_global_batches_disjointly() -> None:
+    kw = dict(n_fields=12, repeats=1, samples_per_epoch=12, total_samples=24, seed=0, batch_size=3, world_size=2)
+    r0 = list(StreamSampler(**kw, rank=0))
+    r1 = list(StreamSampler(**kw, rank=1))
+    single = list(StreamSampler(**{**kw, "world_size": 1, "batch_size": 6}, rank=0))
+    assert len(r0) == len(r1) == 12 and not set(r0) & set(r1)
+    assert sorted(r0 + r1) == sorted(single)
+    assert r0[:3] == single[:3] and r1[:3] == single[3:6]
+
+
+def test_loader_yields_collated_multiview_batches() -> None:
+    cfg = load_config(None, TINY)
+    src = open_source(cfg.data)
+    spe = steps_per_epoch(cfg, len(src))
+    assert spe == 16 // 4
+    loader = build_loader(cfg, src, total_steps=2, spe=spe)
+    batch = next(iter(loader))
+    assert batch["global_crops"].shape == (8, 1, 32, 32)
+    assert batch["local_crops"].shape == (2 * 4, 1, 16, 16)
+    assert batch["masks"].shape == (8, 16) and batch["masks"].any()
+    assert (batch["global_channels"][:4] == -1).all()  # global 0 = mean of fluorescent channels
+    assert len(loader) == 2
+
+
+def test_high_res_stage_switches_crop_size() -> None:
+    cfg = load_config(None, TINY + ["train.epochs=2", "train.run_high_res_stage=true", "train.high_res_epochs=1",
+                                    "train.high_global_crop_size=48", "train.high_local_crop_size=24"])
+    src = open_source(cfg.data)
+    spe = steps_per_epoch(cfg, len(src))
+    sizes = [b["global_crops"].shape[-1] for b in build_loader(cfg, src, total_steps=2 * spe, spe=spe)]
+    assert sizes == [32] * spe + [48] * spe
+
+
+def test_same_position_same_crops() -> None:
+    cfg = load_config(None, TINY)
+    src = open_source(cfg.data)
+    a = next(iter(build_loader(cfg, src, total_steps=4, spe=4, start_step=2)))
+    b = list(build_loader(cfg, src, total_steps=4, spe=4))[2]
+    assert torch.equal(a["global_crops"], b["global_crops"]) and torch.equal(a["masks"], b["masks"])
+
+
+def test_precision_auto_on_cpu() -> None:
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto") == "32-true"
+    assert resolve_precision("bf16-mixed") == "bf16-mixed" and resolve_precision("32") == "32-true"
