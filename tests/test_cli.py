@@ -54,3 +54,19 @@ def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "data" in capsys.readouterr().out
+
+
+def test_data_ls_reports_unreadable_tiff(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dinocell.data.jump import format_name
+
+    for site in (1, 2):
+        for ch in (2, 5):
+            tifffile.imwrite(tmp_path / format_name(1, 1, site, ch), np.ones((8, 8), np.uint16), compression="lzw")
+    (tmp_path / format_name(1, 1, 2, 5)).write_bytes(b"II*\x00corrupt")
+    assert main(["data", "ls", str(tmp_path), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fields"] == 1 and len(out["skipped"]) == 1 and "r01c01f02p01-ch5" in out["skipped"][0]
+    (tmp_path / format_name(1, 1, 1, 2)).write_bytes(b"garbage")
+    assert main(["data", "ls", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no readable field" in err and len(err.strip().splitlines()) == 1

@@ -21,6 +21,7 @@ def register(sub: Any) -> None:
     ls.add_argument("--pattern", default=None, help="regex with named groups channel[, plate, well, site]")
     ls.add_argument("--channels", default=None, help="comma-separated channel names")
     ls.add_argument("--endpoint-url", default=None, help="S3 endpoint (local S3, MinIO)")
+    ls.add_argument("--no-verify", action="store_true", help="skip the TIFF header check of local files")
     add_config_arguments(ls)
     ls.set_defaults(func=_ls)
 
@@ -44,7 +45,10 @@ def _ls(args: argparse.Namespace) -> int:
     if args.endpoint_url:
         extra.append(f"data.s3.endpoint_url={args.endpoint_url}")
     cfg = config_from_args(args, extra)
-    info = open_source(cfg.data, args.path).describe()
+    source = open_source(cfg.data, args.path)
+    if not args.no_verify:
+        source.verify()
+    info = source.describe()
     if args.json:
         print(json.dumps(info))
     else:

@@ -45,6 +45,28 @@ def read_image(src: str | os.PathLike[str] | bytes) -> np.ndarray:
     return arr
 
 
+def check_image(path: str | os.PathLike[str]) -> str | None:
+    """Cheap readability check (header and first IFD only, no decode): None if fine, else the reason."""
+    import tifffile
+
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        return "file not found"
+    if not name.lower().endswith((".tif", ".tiff")):
+        return None
+    try:
+        with tifffile.TiffFile(name) as tf:
+            if not tf.pages or tf.pages[0].shape == () or 0 in tf.pages[0].shape:
+                return "no image data"
+            page = tf.pages[0]
+            end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False)), default=0)
+            if end > os.path.getsize(name):
+                return "truncated file"
+    except Exception as e:
+        return f"unreadable TIFF ({type(e).__name__})"
+    return None
+
+
 def _read_with_cv2(path: str) -> np.ndarray:
     import cv2
 

@@ -81,6 +81,26 @@ class FieldSource:
             "skipped": list(self.skipped),
         }
 
+    def verify(self) -> list[str]:
+        """Check every local file's TIFF header (no decoding); unreadable fields are dropped from
+        ``records``, reported in ``skipped`` and returned.  All fields unreadable -> DataError."""
+        from dinocell.data.decode import check_image
+
+        bad: list[str] = []
+        good = []
+        for rec in self.records:
+            problems = [f"{os.path.basename(p)}: {why}" for c in self.channels
+                        if (p := rec.channels.get(c)) and not p.startswith("s3://") and (why := check_image(p))]
+            if problems:
+                bad.append(f"{rec.key}: {'; '.join(problems)}")
+            else:
+                good.append(rec)
+        if self.records and not good:
+            raise DataError(f"no readable field in {self.name}: {bad[0]}")
+        self.records = good
+        self.skipped.extend(bad)
+        return bad
+
     def __len__(self) -> int:
         return len(self.records)
 
