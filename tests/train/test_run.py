@@ -154,3 +154,18 @@ def test_sigkill_resume_matches_uninterrupted(tmp_path: Path) -> None:
     assert step == ref_step == steps
     for k, v in expected.items():
         assert torch.equal(resumed[k], v), k
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    """Lightning DDP (gloo, 2 CPU processes): ranks read disjoint samples, Sinkhorn sums are all-reduced,
+    and rank 0 writes the checkpoint and summary."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    cmd = [*_train_cmd(tmp_path, 4), "train.strategy=ddp", "train.devices=2", "train.accelerator=cpu",
+           "train.eval_fields=16"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 4
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 4

@@ -202,7 +202,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
         warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         trainer.fit(module, ckpt_path=ckpt_path)
-    if trainer.global_rank == 0 and trainer.global_step > 0:
+    if trainer.global_step > 0:  # collective under DDP/FSDP: every rank calls it, rank 0 writes
         trainer.save_checkpoint(last, weights_only=False)
     summary = evaluator.after(module, before, trainer.global_step) if trainer.global_rank == 0 else {}
     if logger is not None:
