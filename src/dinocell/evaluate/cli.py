@@ -1,0 +1,126 @@
+"""``dinocell evaluate``, ``dinocell embed`` and ``dinocell preview``.
+
+Each subcommand only parses its arguments and calls one library function; torch and friends are
+imported inside the functions so ``dinocell --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from dinocell.config import add_config_arguments
+
+DATA_HELP = "synthetic (held-out fields; default) | folder | load_data .csv/.parquet | s3://bucket/prefix"
+
+
+def _allow_intermixed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Let ``key=value`` overrides come after options (``evaluate RUN --limit 8 data.x=1``).
+
+    Plain argparse stops filling positionals once an option follows them; intermixed parsing does not.
+    The subparser's class is swapped for a subclass so the top-level ``dinocell`` parser is unchanged.
+    """
+    base = type(parser)
+
+    class Intermixed(base):  # type: ignore[misc, valid-type]
+        _inside = False
+
+        def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+            if self._inside:  # parse_known_intermixed_args calls parse_known_args itself
+                return super().parse_known_args(args, namespace)
+            self._inside = True
+            try:
+                return self.parse_known_intermixed_args(args, namespace)
+            finally:
+                self._inside = False
+
+    parser.__class__ = Intermixed
+    return parser
+
+
+def register(sub: Any) -> None:
+    """Add ``evaluate``, ``embed`` and ``preview``."""
+    ev = sub.add_parser("evaluate", help="channel consistency, retrieval, kNN/linear probes, transfer, copairs mAP")
+    ev.add_argument("model", nargs="?", default=None,
+                    help="run folder (export/*.safetensors or checkpoints/last.ckpt), .ckpt or .safetensors")
+    ev.add_argument("--data", default=None, help=DATA_HELP)
+    ev.add_argument("--labelled", default=None, metavar="DIR", help="labelled images as DIR/<class>/*.tif")
+    ev.add_argument("--labels-csv", default=None, metavar="CSV", help="labelled images: CSV with path,label")
+    ev.add_argument("--profiles", default=None, metavar="FILE",
+                    help="profile table (Parquet/CSV from 'dinocell embed'): copairs replicate mAP")
+    ev.add_argument("--limit", type=int, default=None, help="at most N fields, spread over the source")
+    ev.add_argument("--size", type=int, default=None, help="image size fed to the model (default: training crop)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--null-size", type=int, default=10000, help="copairs null distribution size")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--out-dir", default=None, help="output folder (default <run>/eval)")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.channels=[DNA,RNA]")
+    ev.set_defaults(func=_evaluate)
+    _allow_intermixed(ev)
+
+    em = sub.add_parser("embed", help="fields -> per-field and per-well Parquet profiles")
+    em.add_argument("model", help="run folder, .ckpt or .safetensors")
+    em.add_argument("--data", default=None, help=DATA_HELP)
+    em.add_argument("--out", required=True, metavar="DIR", help="output folder (fields.parquet, wells.parquet)")
+    em.add_argument("--view", default="concat", choices=("concat", "mean_image", "channel_mean"),
+                    help="field profile: channel embeddings concatenated (default), mean image, or their mean")
+    em.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="feature precision on disk")
+    em.add_argument("--size", type=int, default=None, help="image size fed to the model (default: training crop)")
+    em.add_argument("--batch-size", type=int, default=32)
+    em.add_argument("--limit", type=int, default=None, help="at most N fields, spread over the source")
+    em.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    em.set_defaults(func=_embed)
+    _allow_intermixed(em)
+
+    pv = sub.add_parser("preview", help="grids of fields before/after scaling and of the training views")
+    group = pv.add_mutually_exclusive_group(required=True)
+    group.add_argument("--dir", default=None, help="data source: folder, load_data file, s3:// prefix, synthetic")
+    group.add_argument("--csv", default=None, help="CSV of image tiles (with --tile-col)")
+    pv.add_argument("--tile-col", default=None, help="CSV column holding the tile paths")
+    pv.add_argument("--n", type=int, default=12, help="number of fields/tiles")
+    pv.add_argument("--seed", type=int, default=0)
+    pv.add_argument("--out-dir", default="preview", help="output folder (default ./preview)")
+    add_config_arguments(pv)
+    pv.set_defaults(func=_preview)
+    _allow_intermixed(pv)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from dinocell.evaluate.run import evaluate, summary_line
+
+    res = evaluate(model=args.model, out_dir=args.out_dir, data=args.data, overrides=args.overrides,
+                   labelled=args.labelled, labels_csv=args.labels_csv, limit=args.limit, size=args.size,
+                   batch_size=args.batch_size, profiles=args.profiles, null_size=args.null_size, seed=args.seed)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(summary_line(res))
+        print(f"wrote {res['out_dir']}/evaluation.json and evaluation.md")
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from dinocell.evaluate.embed import run_embed
+
+    info = run_embed(args.model, args.out, data=args.data, overrides=args.overrides, view=args.view,
+                     dtype=args.dtype, size=args.size, batch_size=args.batch_size, limit=args.limit, progress=True)
+    print(f"embedded {info['fields']} fields ({info['wells']} wells, {info['features']} features, "
+          f"{args.dtype}) -> {info['paths']['fields']}, {info['paths']['wells']}")
+    if info["skipped"]:
+        print(f"skipped {len(info['skipped'])} field(s); first: {info['skipped'][0]}")
+    return 0
+
+
+def _preview(args: argparse.Namespace) -> int:
+    from dinocell.config import config_from_args
+    from dinocell.evaluate.preview import preview
+
+    cfg = config_from_args(args)
+    info = preview(cfg, args.out_dir, source=args.dir, csv=args.csv, tile_col=args.tile_col, n=args.n,
+                   seed=args.seed)
+    print(f"wrote {', '.join(info['files'])} ({info['n']} images)")
+    if info["skipped"]:
+        print(f"skipped {len(info['skipped'])}; first: {info['skipped'][0]}")
+    return 0

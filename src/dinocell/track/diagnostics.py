@@ -1,0 +1,364 @@
+"""Training diagnostics: gradient, collapse and system statistics, attention maps, feature PCA.
+
+The scalar functions (:func:`grad_stats`, :func:`collapse_stats`, :func:`system_stats`) are pure: the
+LightningModule calls them and logs the returned ``{name: float}`` dicts itself, so they know nothing
+about loggers or ranks.  The figure functions render with matplotlib's Agg backend into a ``Figure``
+that :mod:`dinocell.track.callbacks` saves and hands to the attached logger.
+
+Why these numbers: self-distillation fails silently.  A collapsed teacher (every image mapped to one
+prototype) keeps the DINO loss low and stable; the symptoms are a teacher entropy near 0 (one
+prototype) or near ``log K`` (uniform output), a student embedding variance across the batch that goes
+to 0, and CLS/patch token norms that drift (Caron et al. 2021, arXiv:2104.14294, Sec. 5.3;
+Oquab et al. 2023, arXiv:2304.07193).  Gradient norms per part catch exploding heads early.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# --------------------------------------------------------------------------------------------------
+# Scalars
+# --------------------------------------------------------------------------------------------------
+
+
+def _group_of(name: str) -> str:
+    """``backbone`` or ``head`` from a parameter name (``meta.student.dino_head.mlp.0.weight`` ...)."""
+    parts = name.split(".")
+    if "backbone" in parts:
+        return "backbone"
+    if any("head" in p for p in parts):
+        return "head"
+    return "backbone"
+
+
+@torch.no_grad()
+def grad_stats(named_params: Iterable[tuple[str, torch.nn.Parameter | torch.Tensor]]) -> dict[str, float]:
+    """Per-tensor gradient L2 norms summarised per part: mean, std and max, plus the global norm.
+
+    Keys: ``gradients/{backbone,head}_{mean,std,max}`` (over the parameter tensors of that part that
+    have a gradient) and ``gradients/global_norm`` (L2 norm of all gradients together, the quantity
+    gradient clipping acts on).  Parts without gradients are omitted.  One device sync in total.
+    """
+    groups: dict[str, list[torch.Tensor]] = {"backbone": [], "head": []}
+    for name, p in named_params:
+        g = getattr(p, "grad", None)
+        if g is None:
+            continue
+        groups[_group_of(name)].append(torch.linalg.vector_norm(g.detach().float()))
+    out: dict[str, float] = {}
+    all_norms: list[torch.Tensor] = []
+    stacked: dict[str, torch.Tensor] = {}
+    for key, norms in groups.items():
+        if norms:
+            stacked[key] = torch.stack(norms)
+            all_norms.extend(norms)
+    if not all_norms:
+        return out
+    summary = []
+    for v in stacked.values():
+        summary.append(torch.stack([v.mean(), v.std(unbiased=False), v.max()]))
+    total = torch.linalg.vector_norm(torch.stack(all_norms))
+    values = torch.cat([torch.cat(summary), total.reshape(1)]).cpu().tolist()
+    i = 0
+    for key in stacked:
+        out[f"gradients/{key}_mean"], out[f"gradients/{key}_std"], out[f"gradients/{key}_max"] = values[i:i + 3]
+        i += 3
+    out["gradients/global_norm"] = values[-1]
+    return out
+
+
+@torch.no_grad()
+def collapse_stats(
+    teacher_probs: torch.Tensor | None = None,
+    student_cls: torch.Tensor | None = None,
+    cls_tokens: torch.Tensor | None = None,
+    patch_tokens: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Collapse indicators; any argument may be ``None`` (its key is then omitted).
+
+    * ``diag/teacher_entropy``: mean over images of ``-sum_k p_k log p_k`` of the teacher's centred
+      (Sinkhorn-Knopp) probabilities (B, K), in nats.  ~0: one-prototype collapse; ~log K: uniform.
+    * ``diag/student_var``: variance over the batch of the student's CLS embedding (B, D), averaged over
+      dimensions; -> 0 means every image gets the same embedding.
+    * ``diag/cls_norm`` / ``diag/patch_norm``: mean L2 norm of CLS tokens (B, D) / patch tokens (..., D).
+    """
+    out: dict[str, float] = {}
+    vals: list[tuple[str, torch.Tensor]] = []
+    if teacher_probs is not None:
+        p = teacher_probs.detach().float().reshape(-1, teacher_probs.shape[-1])
+        ent = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+        vals.append(("diag/teacher_entropy", ent))
+    if student_cls is not None:
+        s = student_cls.detach().float().reshape(-1, student_cls.shape[-1])
+        var = s.var(dim=0, unbiased=False).mean() if s.shape[0] > 1 else s.new_zeros(())
+        vals.append(("diag/student_var", var))
+    if cls_tokens is not None:
+        c = cls_tokens.detach().float()
+        vals.append(("diag/cls_norm", torch.linalg.vector_norm(c, dim=-1).mean()))
+    if patch_tokens is not None:
+        t = patch_tokens.detach().float()
+        vals.append(("diag/patch_norm", torch.linalg.vector_norm(t, dim=-1).mean()))
+    if vals:
+        numbers = torch.stack([v for _, v in vals]).cpu().tolist()
+        out = {k: float(x) for (k, _), x in zip(vals, numbers, strict=True)}
+    return out
+
+
+def _cpu_rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+    except Exception:  # psutil is a wandb/distributed dependency, but do not require it
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+
+def system_stats() -> dict[str, float]:
+    """Process memory (always) and GPU memory/utilisation (when CUDA is in use).
+
+    ``system/cpu_rss_gb``; on GPU ``system/gpu_memory_gb`` (peak allocated by this process on the
+    current device since the last call, then reset) and ``system/gpu_utilization`` (percent, when NVML
+    is available).
+    """
+    out = {"system/cpu_rss_gb": _cpu_rss_bytes() / 1024**3}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        dev = torch.cuda.current_device()
+        out["system/gpu_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 1024**3
+        torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            out["system/gpu_utilization"] = float(torch.cuda.utilization(dev))
+        except Exception:  # needs pynvml / amdsmi; not essential
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Computations behind the figures
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def attention_maps(backbone: Any, images: torch.Tensor) -> torch.Tensor:
+    """CLS -> patch attention of the last block, (B, heads, h, w), each map summing to 1 over patches.
+
+    ``images`` (B, 1, H, W) with H, W multiples of the patch size.  Register tokens are dropped and the
+    remaining patch attention renormalised, so maps are comparable between models with and without
+    registers (Darcet et al. 2024, arXiv:2309.16588).
+    """
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        device = next(backbone.parameters()).device
+        attn = backbone.get_last_selfattention(images.to(device, torch.float32)).cpu()
+    finally:
+        backbone.train(was_training)
+    npt = int(backbone.num_prefix_tokens)
+    p = int(backbone.patch_size)
+    h, w = images.shape[-2] // p, images.shape[-1] // p
+    cls_to_patch = attn[:, :, 0, npt:].float()
+    cls_to_patch = cls_to_patch / cls_to_patch.sum(-1, keepdim=True).clamp_min(1e-12)
+    return cls_to_patch.reshape(images.shape[0], attn.shape[1], h, w)
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """Project rows of ``x`` (N, D) onto their first two principal components (N, 2), via SVD.
+
+    The sign of each component is fixed (largest |loading| positive) so figures do not flip between
+    steps.  Fewer than 2 samples or dimensions give zero-padded output.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    out = np.zeros((n, 2))
+    if n < 2:
+        return out
+    xc = x - x.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    k = min(2, vt.shape[0])
+    comps = vt[:k]
+    signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(1)])
+    signs[signs == 0] = 1
+    out[:, :k] = xc @ (comps * signs[:, None]).T
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Figures (matplotlib, Agg)
+# --------------------------------------------------------------------------------------------------
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A Figure not attached to pyplot (no global state, thread-safe, Agg canvas)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _upsample(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a patch map to the image size (patch boundaries stay visible)."""
+    ry, rx = shape[0] // m.shape[0], shape[1] // m.shape[1]
+    return np.kron(m, np.ones((max(ry, 1), max(rx, 1))))[: shape[0], : shape[1]]
+
+
+def _norm01(m: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(m)), float(np.max(m))
+    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+
+
+def overlay_figure(
+    images: np.ndarray,
+    maps: Sequence[Sequence[np.ndarray | None]],
+    row_labels: Sequence[str],
+    col_labels: Sequence[str],
+    title: str | None = None,
+    cell: float = 1.5,
+) -> Figure:
+    """Grid of attention overlays: ``images[r][k]`` (H, W) in [0, 1] under ``maps[r][k]`` (h, w).
+
+    A ``None`` map shows the plain input.  Each map is min-max normalised on its own (the shape of the
+    attention matters here, not its scale) and upsampled by nearest neighbour, so patch boundaries
+    stay visible.
+    """
+    rows, cols = len(maps), len(maps[0]) if len(maps) else 0
+    fig = new_figure(cell * cols + 0.4, cell * rows + (0.5 if title else 0.1))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i in range(rows):
+        for j in range(cols):
+            ax = axes[i, j]
+            img = np.asarray(images[i][j], dtype=np.float32)
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            m = maps[i][j]
+            if m is not None:
+                ax.imshow(_norm01(_upsample(np.asarray(m, dtype=np.float64), img.shape)), cmap="inferno",
+                          alpha=0.55, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0 and j < len(col_labels):
+                ax.set_title(col_labels[j], fontsize=8)
+        if i < len(row_labels):
+            axes[i, 0].set_ylabel(row_labels[i], fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _palette(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(max(n, 1))]
+
+
+def pca_figure(
+    points: np.ndarray,
+    colourings: dict[str, Sequence[Any]],
+    title: str | None = None,
+) -> Figure:
+    """2-D scatter of ``points`` (N, 2), one panel per colouring (e.g. channel, label, plate)."""
+    panels = list(colourings.items())
+    fig = new_figure(3.6 * len(panels), 3.4)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, values) in zip(axes, panels, strict=True):
+        vals = [str(v) for v in values]
+        cats = list(dict.fromkeys(vals))  # order of first appearance (channel order) ...
+        if all(c.lstrip("-").isdigit() for c in cats):
+            cats.sort(key=int)  # ... except numeric labels
+        colours = _palette(len(cats))
+        for c, cat in enumerate(cats):
+            sel = np.array([v == cat for v in vals])
+            ax.scatter(points[sel, 0], points[sel, 1], s=12, color=colours[c], label=cat, alpha=0.8,
+                       edgecolors="none")
+        ax.set_title(f"by {name}", fontsize=9)
+        ax.set_xlabel("PC 1", fontsize=8)
+        ax.set_ylabel("PC 2", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if len(cats) <= 12:
+            ax.legend(fontsize=6, markerscale=0.8, loc="best", frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def matrix_figure(matrix: np.ndarray, labels: Sequence[str], title: str, vmin: float = -1.0,
+                  vmax: float = 1.0, fmt: str = "{:.2f}", xlabel: str | None = None,
+                  ylabel: str | None = None) -> Figure:
+    """A C×C heatmap (e.g. channel-consistency cosines) with each value written in its cell."""
+    m = np.asarray(matrix, dtype=np.float64)
+    n = m.shape[0]
+    size = max(3.0, 0.55 * n + 1.6)
+    fig = new_figure(size + 0.6, size)
+    ax = fig.subplots()
+    im = ax.imshow(m, cmap="viridis", vmin=vmin, vmax=vmax)
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticklabels(labels, fontsize=8)
+    span = vmax - vmin if vmax > vmin else 1.0
+    for i in range(n):
+        for j in range(m.shape[1]):
+            v = m[i, j]
+            if math.isnan(v):
+                continue
+            dark = (v - vmin) / span < 0.6
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=8)
+    if ylabel:
+        ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> None:
+    """Write ``fig`` as PNG atomically (temp name, then rename)."""
+    from pathlib import Path
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """The rendered figure as an (H, W, 3) uint8 array (for TensorBoard ``add_image``)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+__all__ = [
+    "attention_maps",
+    "collapse_stats",
+    "figure_to_array",
+    "grad_stats",
+    "matrix_figure",
+    "overlay_figure",
+    "pca_2d",
+    "pca_figure",
+    "save_figure",
+    "system_stats",
+]

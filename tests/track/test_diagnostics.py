@@ -1,0 +1,128 @@
+"""Scalar diagnostics against direct formulas; figures decode and are not blank."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dinocell.track import diagnostics as dg
+
+
+def _named_with_grads() -> list[tuple[str, nn.Parameter]]:
+    a = nn.Parameter(torch.zeros(2))
+    a.grad = torch.tensor([3.0, 4.0])  # norm 5
+    b = nn.Parameter(torch.zeros(1))
+    b.grad = torch.tensor([12.0])  # norm 12
+    h = nn.Parameter(torch.zeros(2))
+    h.grad = torch.tensor([0.0, 2.0])  # norm 2
+    no_grad = nn.Parameter(torch.zeros(3))
+    return [
+        ("meta.student.backbone.model.blocks.0.attn.qkv.weight", a),
+        ("meta.student.backbone.mask_token", b),
+        ("meta.student.dino_head.mlp.0.weight", h),
+        ("meta.student.ibot_head.last_layer.weight", no_grad),
+    ]
+
+
+def test_grad_stats_matches_hand_computed_norms() -> None:
+    s = dg.grad_stats(_named_with_grads())
+    assert s["gradients/backbone_mean"] == pytest.approx(8.5)
+    assert s["gradients/backbone_std"] == pytest.approx(3.5)  # population std of (5, 12)
+    assert s["gradients/backbone_max"] == pytest.approx(12.0)
+    assert s["gradients/head_mean"] == pytest.approx(2.0)
+    assert s["gradients/head_std"] == pytest.approx(0.0)
+    assert s["gradients/head_max"] == pytest.approx(2.0)
+    assert s["gradients/global_norm"] == pytest.approx(math.sqrt(25 + 144 + 4))
+
+
+def test_grad_stats_empty_and_head_only() -> None:
+    assert dg.grad_stats([("w", nn.Parameter(torch.zeros(2)))]) == {}
+    p = nn.Parameter(torch.zeros(1))
+    p.grad = torch.tensor([-2.0])
+    s = dg.grad_stats([("dino_head.w", p)])
+    assert set(s) == {"gradients/head_mean", "gradients/head_std", "gradients/head_max", "gradients/global_norm"}
+    assert s["gradients/global_norm"] == pytest.approx(2.0)
+
+
+def test_collapse_stats_formulas() -> None:
+    probs = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    student = torch.tensor([[1.0, 0.0], [3.0, 2.0]])  # per-dim var: 1, 1 -> mean 1
+    cls = torch.tensor([[3.0, 4.0], [0.0, 1.0]])  # norms 5, 1
+    patches = torch.tensor([[[1.0, 0.0], [0.0, 2.0]], [[0.0, 3.0], [0.0, 0.0]]])  # 1,2,3,0
+    s = dg.collapse_stats(probs, student, cls, patches)
+    assert s["diag/teacher_entropy"] == pytest.approx((math.log(2) + math.log(4)) / 2)
+    assert s["diag/student_var"] == pytest.approx(1.0)
+    assert s["diag/cls_norm"] == pytest.approx(3.0)
+    assert s["diag/patch_norm"] == pytest.approx(1.5)
+
+
+def test_collapse_stats_detects_collapse_and_skips_missing() -> None:
+    same = torch.ones(8, 4)
+    s = dg.collapse_stats(teacher_probs=torch.eye(4)[[0] * 8], student_cls=same)
+    assert s == {"diag/teacher_entropy": pytest.approx(0.0, abs=1e-6), "diag/student_var": 0.0}
+    assert dg.collapse_stats() == {}
+
+
+def test_system_stats_reports_process_memory() -> None:
+    s = dg.system_stats()
+    assert 0.001 < s["system/cpu_rss_gb"] < 1024
+    if not torch.cuda.is_available():
+        assert "system/gpu_memory_gb" not in s
+
+
+def test_pca_2d_recovers_dominant_axis() -> None:
+    rng = np.random.default_rng(0)
+    t = np.linspace(-5, 5, 50)
+    x = np.stack([t, 0.1 * rng.standard_normal(50), 0.01 * rng.standard_normal(50)], 1)
+    p = dg.pca_2d(x)
+    assert p.shape == (50, 2)
+    assert abs(np.corrcoef(p[:, 0], t)[0, 1]) > 0.999
+    assert np.allclose(dg.pca_2d(x[:1]), 0)
+
+
+def test_attention_maps_are_distributions_over_patches() -> None:
+    from dinocell.config import ModelConfig
+    from dinocell.models.backbone import build_backbone
+
+    torch.manual_seed(0)
+    bb = build_backbone(ModelConfig(embed_dim=32, depth=2, num_heads=2, patch_size=8), img_size=32)
+    bb.train()
+    maps = dg.attention_maps(bb, torch.rand(3, 1, 32, 40))
+    assert maps.shape == (3, 2, 4, 5)
+    assert torch.allclose(maps.sum((-1, -2)), torch.ones(3, 2), atol=1e-5)
+    assert bb.training  # mode restored
+
+
+def _decode(path) -> np.ndarray:
+    import matplotlib.image as mpimg
+
+    return mpimg.imread(path)
+
+
+def test_figures_render_to_non_blank_pngs(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    images = rng.random((2, 32, 32))
+    maps = rng.random((2, 3, 4, 4))
+    grid = [[None, maps[0, 0], maps[0, 1]], [None, maps[1, 0], maps[1, 2]]]
+    fig = dg.overlay_figure(np.repeat(images[:, None], 3, 1), grid, ["a", "b"], ["in", "h0", "h1"], title="t")
+    dg.save_figure(fig, tmp_path / "att.png")
+    img = _decode(tmp_path / "att.png")
+    w_in, h_in = fig.get_size_inches() * fig.dpi
+    assert img.shape[:2] == (round(h_in), round(w_in))
+    assert img[..., :3].std() > 0.05
+
+    fig = dg.matrix_figure(np.array([[1.0, 0.5], [0.5, 1.0]]), ["DNA", "ER"], "consistency")
+    dg.save_figure(fig, tmp_path / "m.png")
+    assert _decode(tmp_path / "m.png")[..., :3].std() > 0.05
+    arr = dg.figure_to_array(fig)
+    assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
+
+    pts = rng.standard_normal((20, 2))
+    fig = dg.pca_figure(pts, {"channel": ["DNA", "ER"] * 10, "label": [0, 1, 2, 3] * 5})
+    dg.save_figure(fig, tmp_path / "p.png")
+    assert _decode(tmp_path / "p.png")[..., :3].std() > 0.05
+    assert not list(tmp_path.glob("*.tmp*"))
