@@ -10,33 +10,9 @@ import argparse
 import json
 from typing import Any
 
-from dinocell.config import add_config_arguments
+from dinocell.config import add_config_arguments, allow_intermixed
 
 DATA_HELP = "synthetic (held-out fields; default) | folder | load_data .csv/.parquet | s3://bucket/prefix"
-
-
-def _allow_intermixed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Let ``key=value`` overrides come after options (``evaluate RUN --limit 8 data.x=1``).
-
-    Plain argparse stops filling positionals once an option follows them; intermixed parsing does not.
-    The subparser's class is swapped for a subclass so the top-level ``dinocell`` parser is unchanged.
-    """
-    base = type(parser)
-
-    class Intermixed(base):  # type: ignore[misc, valid-type]
-        _inside = False
-
-        def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
-            if self._inside:  # parse_known_intermixed_args calls parse_known_args itself
-                return super().parse_known_args(args, namespace)
-            self._inside = True
-            try:
-                return self.parse_known_intermixed_args(args, namespace)
-            finally:
-                self._inside = False
-
-    parser.__class__ = Intermixed
-    return parser
 
 
 def register(sub: Any) -> None:
@@ -58,7 +34,7 @@ def register(sub: Any) -> None:
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.channels=[DNA,RNA]")
     ev.set_defaults(func=_evaluate)
-    _allow_intermixed(ev)
+    allow_intermixed(ev)
 
     em = sub.add_parser("embed", help="fields -> per-field and per-well Parquet profiles")
     em.add_argument("model", help="run folder, .ckpt or .safetensors")
@@ -72,7 +48,7 @@ def register(sub: Any) -> None:
     em.add_argument("--limit", type=int, default=None, help="at most N fields, spread over the source")
     em.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     em.set_defaults(func=_embed)
-    _allow_intermixed(em)
+    allow_intermixed(em)
 
     pv = sub.add_parser("preview", help="grids of fields before/after scaling and of the training views")
     group = pv.add_mutually_exclusive_group(required=True)
@@ -84,7 +60,7 @@ def register(sub: Any) -> None:
     pv.add_argument("--out-dir", default="preview", help="output folder (default ./preview)")
     add_config_arguments(pv)
     pv.set_defaults(func=_preview)
-    _allow_intermixed(pv)
+    allow_intermixed(pv)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

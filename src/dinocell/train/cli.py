@@ -24,12 +24,18 @@ def register(sub: Any) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from dinocell.train.run import pretrain
 
     cfg = config_from_args(args)
-    out = args.output_dir or str(Path("runs") / (Path(args.config).stem if args.config else "default"))
+    out = args.output_dir
+    if out is None and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
+        # each sweep trial gets its own folder, so parallel agents never share checkpoints
+        out = str(Path("runs") / "sweeps" / os.environ["WANDB_SWEEP_ID"] / os.environ["WANDB_RUN_ID"])
+    if out is None:
+        out = str(Path("runs") / (Path(args.config).stem if args.config else "default"))
     pretrain(cfg, out, max_steps=args.max_steps, resume=not args.no_resume)
     return 0
 

@@ -86,7 +86,9 @@ class DinoCellModule(L.LightningModule):
         """A few fixed fields for diagnostics (attention maps, PCA), at the global crop size."""
         import torch.nn.functional as F
 
-        recs = self.source.records[: max(1, min(n, len(self.source)))]
+        # spread over the source: neighbouring records are sites of one well (one phenotype)
+        picks = np.unique(np.linspace(0, len(self.source) - 1, max(1, min(n, len(self.source)))).astype(int))
+        recs = [self.source.records[i] for i in picks]
         size = self.cfg.data.views.global_crop_size
         out, labels = [], []
         for r in recs:

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dinocell.config import Config, save_config
@@ -243,14 +244,17 @@ class _Evaluator:
         n = max(0, self.cfg.train.eval_fields)
         if n == 0:
             return None
-        if data.source == "synthetic":
-            syn = replace(data.synthetic, seed=data.synthetic.seed + 10_007, n_fields=n)
+        if data.source == "synthetic":  # unseen fields: another seed of the generator
+            per_well = data.synthetic.sites_per_well * data.synthetic.n_plates
+            syn = replace(data.synthetic, seed=data.synthetic.seed + 10_007, n_fields=n * per_well)
             src = open_source(replace(data, synthetic=syn))
         else:
             src = open_source(data)
+        # spread the picks: neighbouring records are sites of one well (one phenotype)
+        picks = np.unique(np.linspace(0, len(src) - 1, min(n, len(src))).astype(int))
         size = data.views.global_crop_size
         fields, labels = [], []
-        for rec in src.records[-n:]:
+        for rec in (src.records[i] for i in picks):
             try:
                 x = torch.from_numpy(src.load(rec)).float()
             except UserError:
