@@ -142,6 +142,7 @@ class ModelConfig:
     depth: int | None = None
     num_heads: int | None = None
     drop_path_rate: float = 0.0
+    layerscale_init: float | None = None  # None: DINOv3's 1e-5; from-scratch short runs learn faster at ~0.1
     act_checkpointing: bool = False
 
 

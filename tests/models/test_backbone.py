@@ -332,3 +332,14 @@ def test_load_backbone_errors(tmp_path):
     Path(f"{out}.json").unlink()
     with pytest.raises(UserError, match="has no sidecar b.safetensors.json"):
         load_backbone(out)
+
+
+def test_layerscale_init_override() -> None:
+    """DINOv3's LayerScale starts at 1e-5; a from-scratch demo may start it larger."""
+    from dinocell.config import load_config
+
+    base = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8"]
+    default = build_backbone(load_config(None, base).model, 32)
+    assert torch.allclose(default.model.blocks[0].gamma_1, torch.full((32,), 1e-5))
+    bigger = build_backbone(load_config(None, base + ["model.layerscale_init=0.1"]).model, 32)
+    assert torch.allclose(bigger.model.blocks[1].gamma_2, torch.full((32,), 0.1))

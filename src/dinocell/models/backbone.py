@@ -198,6 +198,7 @@ def _create(
     num_heads: int | None = None,
     img_size: int = 224,
     drop_path_rate: float = 0.0,
+    layerscale_init: float | None = None,
 ) -> DinoBackbone:
     """Build an untrained backbone from architecture arguments (shared by config build and export load)."""
     import timm
@@ -210,6 +211,7 @@ def _create(
         raise ConfigError(f"config key 'model.patch_size' must be >= 1, got {patch_size}")
     overrides = {k: v for k, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads))
                  if v is not None}
+    extra = {} if layerscale_init is None else {"init_values": float(layerscale_init)}
     for k, v in overrides.items():
         if v < 1:
             raise ConfigError(f"config key 'model.{k}' must be >= 1, got {v}")
@@ -226,6 +228,7 @@ def _create(
         dynamic_img_size=True,
         drop_path_rate=drop_path_rate,
         **overrides,
+        **extra,
     )
     if model.pos_embed is not None or not isinstance(model.rope, RotaryEmbeddingDinoV3) or model.cls_token is None:
         raise ConfigError(f"timm model '{timm_name}' is not a DINOv3-style ViT (RoPE, CLS, no abs. pos. embed)")
@@ -258,6 +261,7 @@ def build_backbone(cfg: Any, img_size: int = 224) -> DinoBackbone:
         num_heads=cfg.num_heads,
         img_size=img_size,
         drop_path_rate=cfg.drop_path_rate,
+        layerscale_init=getattr(cfg, "layerscale_init", None),
     )
     if cfg.act_checkpointing:
         bb.model.set_grad_checkpointing(True)
