@@ -123,3 +123,22 @@ def test_missing_copy_of_fixture_is_counted(tmp_path: Path, cpg0000_site: Path) 
     src = open_source(load_config().data, str(tmp_path))
     info = src.describe()
     assert info["fields"] == 1 and len(info["skipped"]) == 1 and "missing channel(s) RNA" in info["skipped"][0]
+
+
+def test_stain_normalisation_runs_before_scaling(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for ch, base in (("R", 200), ("G", 120), ("B", 180)):
+        img = np.clip(rng.normal(base, 20, (32, 32)), 0, 255).astype(np.uint8)
+        tifffile.imwrite(tmp_path / f"A01_s1_{ch}.tif", img)
+    pattern = r"data.pattern=(?P<well>[A-Z]\d+)_s(?P<site>\d+)_(?P<channel>[RGB])\.tif"
+    plain = open_source(load_config(None, [pattern, "data.channels=[R,G,B]"]).data, str(tmp_path))
+    stained = open_source(load_config(None, [pattern, "data.channels=[R,G,B]", "data.stain.use_stain_norm=true",
+                                             "data.scaling.low_percentile=0", "data.scaling.high_percentile=100"]).data,
+                          str(tmp_path))
+    a, b = plain.load(plain.records[0]), stained.load(stained.records[0])
+    assert a.shape == b.shape == (3, 32, 32) and b.dtype == np.float32
+    assert 0.0 <= b.min() and b.max() <= 1.0 and not np.allclose(a, b)
+    two = open_source(load_config(None, [pattern, "data.channels=[R,G]", "data.stain.use_stain_norm=true"]).data,
+                      str(tmp_path))
+    with pytest.raises(DataError, match="needs RGB"):
+        two.load(two.records[0])
