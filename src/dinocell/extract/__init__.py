@@ -1,0 +1,20 @@
+"""Feature extraction: encoders, 3-D volume features in TensorStore, resumable runners, fast loaders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["FeatureVolumeDataset", "create_feature_dataloader", "encode_features"]
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: importing the CLI must not pull in tensorstore and torch
+    if name in ("FeatureVolumeDataset", "create_feature_dataloader"):
+        from dinocell.extract import dataset
+
+        return getattr(dataset, name)
+    if name == "encode_features":
+        from dinocell.extract.encode import encode_features
+
+        return encode_features
+    raise AttributeError(name)

@@ -1,0 +1,197 @@
+"""P4/P5/P6: cached volume features — read speed, cache vs on-the-fly, extraction overhead.
+
+    python benchmarks/bench_features.py [--quick] [--reps N] [--dim D]
+
+* P4: MB/s of reading one cached volume through ``FeatureVolumeDataset`` (features + gt + mask,
+  TensorStore zarr v3, warm page cache) ÷ MB/s of ``numpy.fromfile`` of a raw file holding the same
+  number of bytes.  Storage variants: uncompressed without checksum (the P4 figure), uncompressed
+  + crc32c, blosc-lz4 + crc32c, zstd (+ frame checksum, the default).  Interleaved repetitions,
+  medians.
+* P5: seconds to extract the same volume on the fly (raw crop read + per-slice ViT + upsampling,
+  model already loaded) ÷ seconds to load it from the cache (default zstd storage; the table also
+  shows uncompressed storage).
+* P6: slices/s of the extraction's encoder stage (``encode_features(pool="patch")`` on the volume's
+  slices, as ``compute_volume_features`` calls it) ÷ slices/s of a bare timm ``forward_features``
+  loop over the same tensors and batch size.  The table also shows the whole per-slice stage
+  including bilinear upsampling to every voxel, which the bare loop does not do.
+
+Model: ViT-S/16 (DINOv3 small, random init: weights do not change timing), 128^3 crops; ``--quick``:
+the tiny test ViT (embed 32, patch 8) on 64^3.  The last three lines are
+``P4 ratio=... target>=0.5``, ``P5 ratio=... target>=100``, ``P6 ratio=... target>=0.9``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dinocell.extract.dataset import FeatureVolumeDataset
+from dinocell.extract.encode import encode_features
+from dinocell.extract.synthetic_volumes import write_synthetic_dataset
+from dinocell.extract.volumes import (
+    ExtractionConfig,
+    ModelSpec,
+    RandomInitWarning,
+    compute_volume_features,
+    extract_volume,
+    load_manifest,
+    load_model,
+    sample_crop,
+)
+
+
+def _median_interleaved(fns: dict[str, Any], reps: int) -> dict[str, float]:
+    """Run every function once per round (A B C A B C ...) and return the median seconds of each."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():  # warm-up: page cache, allocator, handles
+        f()
+    for _ in range(reps):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _rewrite(src: Path, dst: Path, compression: str, checksum: bool) -> dict[str, Any]:
+    """Copy volume 0 of ``src`` into ``dst`` with other codecs (same chunks), metadata last."""
+    import json
+
+    import tensorstore as ts
+
+    from dinocell.extract.volumes import ARRAYS, array_spec, dir_size_bytes, volume_paths, write_json_atomic
+
+    meta = json.loads(volume_paths(src, 0)["metadata"].read_text())
+    dst.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    for name in ARRAYS:
+        data = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(volume_paths(src, 0)[name])}}
+                       ).result().read().result()
+        spec = array_spec(volume_paths(dst, 0)[name], data.shape, meta["dtypes"][name], meta["chunks"][name],
+                          compression, None, checksum)
+        ts.open(spec, create=True, delete_existing=True).result().write(data).result()
+    meta["timing"]["write_seconds"] = time.perf_counter() - t0
+    meta["configuration"].update(compression=compression, checksum=checksum)
+    meta["storage"] = {f"{n}_gb": dir_size_bytes(volume_paths(dst, 0)[n]) / 1e9 for n in ARRAYS}
+    meta["storage"]["total_gb"] = sum(meta["storage"].values())
+    write_json_atomic(volume_paths(dst, 0)["metadata"], meta)
+    return meta
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny ViT, 64^3 crop (seconds)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--dim", type=int, default=None, help="crop side in voxels")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = ap.parse_args()
+    dim = args.dim or (64 if args.quick else 128)
+    reps = args.reps or 5
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = ModelSpec() if args.quick else ModelSpec(model_name="vit_small_patch16_dinov3")
+    warnings.simplefilter("ignore", RandomInitWarning)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_features_"))
+    rows: list[tuple[str, str]] = []
+    try:
+        manifest = write_synthetic_dataset(tmp / "src", n_volumes=1, shape=(dim + 16,) * 3, seed=0)
+        model, info = load_model(spec, dim, "cpu")
+        rows.append(("model", f"{info['name']} embed {info['embed_dim']} patch {info['patch_size']} "
+                              f"blocks {info['n_blocks']} (random init), {torch.get_num_threads()} threads"))
+
+        # ---- cached volumes in three storage variants (same crop, same model)
+        variants = {"none": ("none", False), "none+crc32c": ("none", True),
+                    "blosc-lz4+crc32c": ("blosc-lz4", True), "zstd": ("zstd", True)}
+        dirs = {}
+        for name, (comp, checksum) in variants.items():
+            d = tmp / name
+            cfg = ExtractionConfig(output_dir=str(d), manifest=str(manifest), output_image_dim=dim,
+                                   compression=comp, checksum=checksum, model=spec)
+            if not dirs:
+                meta = extract_volume(cfg, 0, model=model, model_info=info)
+                rows.append(("extraction (features)", f"{meta['timing']['extraction_seconds']:.2f} s"))
+            else:  # same volume, other storage: rewrite the arrays instead of recomputing them
+                meta = _rewrite(next(iter(dirs.values())), d, comp, checksum)
+            dirs[name] = d
+            rows.append((f"write {name}", f"{meta['timing']['write_seconds']:.2f} s, "
+                                          f"{meta['storage']['total_gb'] * 1e3:.1f} MB on disk"))
+        datasets = {k: FeatureVolumeDataset(d) for k, d in dirs.items()}
+        nbytes = datasets["none"].nbytes(0)
+        raw = tmp / "raw.bin"
+        np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8).tofile(raw)
+
+        # ---- P4: read MB/s vs numpy.fromfile of the same number of bytes
+        fns = {"fromfile": lambda: np.fromfile(raw, dtype=np.uint8)}
+        fns.update({k: (lambda ds=ds: ds[0]) for k, ds in datasets.items()})
+        t = _median_interleaved(fns, reps)
+        mbs = {k: nbytes / 1e6 / v for k, v in t.items()}
+        rows.append(("volume bytes (decoded)", f"{nbytes / 1e6:.1f} MB (features + gt + mask)"))
+        for k in ("fromfile", *variants):
+            ratio = "" if k == "fromfile" else f"  ratio {mbs[k] / mbs['fromfile']:.2f}"
+            rows.append((f"read {k}", f"{mbs[k]:8.0f} MB/s  ({t[k] * 1e3:.1f} ms){ratio}"))
+        p4 = mbs["none"] / mbs["fromfile"]
+
+        # ---- P5: on-the-fly extraction vs cached load (default zstd storage)
+        cfg = ExtractionConfig(output_dir=str(tmp / "otf"), manifest=str(manifest), output_image_dim=dim, model=spec)
+        entries = load_manifest(manifest)
+
+        def on_the_fly() -> np.ndarray:
+            crop = sample_crop(entries, 0, cfg)
+            return compute_volume_features(crop.raw, model, cfg.axes, cfg.batch_size, cfg.feature_dtype)
+
+        t5 = _median_interleaved({"otf": on_the_fly, "zstd": lambda: datasets["zstd"][0],
+                                  "none": lambda: datasets["none"][0]}, max(3, reps // 2))
+        rows.append(("on-the-fly extraction", f"{t5['otf']:.3f} s per volume"))
+        rows.append(("cached load (zstd, default)", f"{t5['zstd'] * 1e3:.1f} ms per volume  "
+                                                    f"ratio {t5['otf'] / t5['zstd']:.1f}"))
+        rows.append(("cached load (none)", f"{t5['none'] * 1e3:.1f} ms per volume  "
+                                           f"ratio {t5['otf'] / t5['none']:.1f}"))
+        p5 = t5["otf"] / t5["zstd"]
+
+        # ---- P6: encoder stage vs bare timm loop on the same slices
+        crop = sample_crop(entries, 0, cfg)
+        slices = torch.from_numpy(crop.raw)[:, None].contiguous()
+        bs = cfg.batch_size
+        timm_model = model.model
+
+        def ours() -> None:
+            for s in range(0, len(slices), bs):
+                encode_features(model, slices[s:s + bs], pool="patch", batch_size=bs)
+
+        def bare() -> None:
+            with torch.no_grad():
+                for s in range(0, len(slices), bs):
+                    timm_model.forward_features(slices[s:s + bs])
+
+        def full() -> None:
+            compute_volume_features(crop.raw, model, "z", bs, "float16")
+
+        t6 = _median_interleaved({"ours": ours, "bare": bare, "full": full}, reps)
+        ips = {k: len(slices) / v for k, v in t6.items()}
+        rows.append(("bare timm forward_features", f"{ips['bare']:8.1f} slices/s"))
+        rows.append(("extraction encoder stage", f"{ips['ours']:8.1f} slices/s"))
+        rows.append(("  + upsampling to voxels", f"{ips['full']:8.1f} slices/s (ratio {ips['full'] / ips['bare']:.2f})"))
+        p6 = ips["ours"] / ips["bare"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    width = max(len(k) for k, _ in rows)
+    print(f"bench_features ({'quick' if args.quick else 'full'}: {dim}^3 crop, {reps} reps, medians)")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    print(f"P4 ratio={p4:.2f} target>=0.5")
+    print(f"P5 ratio={p5:.1f} target>=100")
+    print(f"P6 ratio={p6:.2f} target>=0.9")
+
+
+if __name__ == "__main__":
+    main()

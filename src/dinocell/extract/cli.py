@@ -1,0 +1,262 @@
+"""Subcommands ``extract-volumes``, ``check``, ``bench-load`` and ``extract-fields``.
+
+Each handler only turns arguments into a library call (heavy imports happen inside the handler),
+so ``dinocell --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def _ints(text: str) -> list[int]:
+    """"0 2 5-7" / "0,2,5-7" -> [0, 2, 5, 6, 7]."""
+    out: list[int] = []
+    for tok in text.replace(",", " ").split():
+        if "-" in tok[1:]:
+            a, b = tok.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        else:
+            out.append(int(tok))
+    return out
+
+
+def _index_list(values: list[str] | None) -> list[int] | None:
+    if not values:
+        return None
+    try:
+        return [i for v in values for i in _ints(v)]
+    except ValueError:
+        from dinocell.errors import ConfigError
+
+        raise ConfigError(f"indices must be integers or ranges like 3-7; got {' '.join(values)}") from None
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.replace(",", " ").split()]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (default: a tiny random-initialised ViT, with a warning)")
+    g.add_argument("--backbone", help="dinocell export .safetensors, or a run folder (export/ or "
+                                      "checkpoints/last.ckpt + config.yaml)")
+    g.add_argument("--model-name", help="timm DINOv3 name, e.g. vit_small_patch16_dinov3")
+    g.add_argument("--weights", help="local official DINOv3 .pth for --model-name")
+
+
+def _model_spec(args: argparse.Namespace) -> Any:
+    from dinocell.extract.volumes import ModelSpec
+
+    return ModelSpec(backbone=args.backbone, model_name=args.model_name, weights=args.weights)
+
+
+# --------------------------------------------------------------------------------------------------
+# extract-volumes
+# --------------------------------------------------------------------------------------------------
+
+
+def _cmd_extract_volumes(args: argparse.Namespace) -> int:
+    from dinocell.extract.runner import ClusterOptions, plan_indices, run_extraction
+    from dinocell.extract.volumes import ExtractionConfig, S3Options
+
+    cfg = ExtractionConfig(
+        output_dir=args.output_dir, manifest=args.manifest,
+        base_resolution=_floats(args.base_resolution) if args.base_resolution else None,
+        output_image_dim=args.output_image_dim, min_label_fraction=args.min_label_fraction,
+        min_unique_ids=args.min_unique_ids, min_ground_truth_fraction=args.min_ground_truth_fraction,
+        max_tries=args.max_tries, seed=args.seed, axes=args.axes, batch_size=args.batch_size,
+        compression=args.compression, compression_level=args.compression_level, checksum=args.checksum,
+        chunks=[int(v) for v in _floats(args.chunks)] if args.chunks else None,
+        feature_dtype=args.feature_dtype, gpu=args.gpu, model=_model_spec(args),
+        s3=S3Options(endpoint=args.s3_endpoint, region=args.s3_region, anonymous=args.s3_anonymous))
+    opts = ClusterOptions(
+        cluster=args.cluster, num_processors=args.num_processors, memory_gb=args.memory_gb,
+        walltime=args.walltime, queue=args.queue, project=args.project, gpu=args.gpu,
+        max_jobs=args.max_jobs, local_workers=args.local_workers, interface=args.interface,
+        prologue=list(args.prologue or []))
+    indices = plan_indices(args.num_volumes, args.start_index, _index_list(args.indices))
+    summary = run_extraction(cfg, indices, opts, dry_run=args.dry_run, progress=not args.no_progress)
+    if args.dry_run:
+        return 0
+    print(f"extracted {len(summary.completed)}, skipped {len(summary.skipped)} (already complete), "
+          f"failed {len(summary.failed)} of {len(summary.requested)} volume(s) in "
+          f"{summary.elapsed_seconds:.1f} s -> {cfg.output_dir}")
+    for i, line in sorted(summary.failed.items()):
+        print(f"  volume {i} failed: {line} (see logs/volume_{i:06d}.err)", file=sys.stderr)
+    return 1 if summary.failed else 0
+
+
+def _register_extract_volumes(sub: Any) -> None:
+    p = sub.add_parser("extract-volumes", help="pre-extract DINOv3 features of 3-D volumes to zarr",
+                       description="Extract per-voxel features of 3-D volumes listed in a manifest (default: "
+                                   "built-in synthetic volumes) into OUTPUT_DIR, resumably, locally or on "
+                                   "LSF/SLURM via Dask.")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--manifest", help="YAML/CSV listing raw (+ label) arrays; default: synthetic volumes")
+    sel = p.add_argument_group("which volumes")
+    sel.add_argument("--num-volumes", type=int, help="number of volumes (indices START..START+N-1)")
+    sel.add_argument("--start-index", type=int, default=0)
+    sel.add_argument("--indices", nargs="+", help="explicit indices/ranges, e.g. 0 3 10-19")
+    sel.add_argument("--volume-index", dest="indices_single", type=int,
+                     help="extract exactly this index (it is also the crop's seed)")
+    crop = p.add_argument_group("crop sampling")
+    crop.add_argument("--base-resolution", help="output voxel size in nm: one value or 'z,y,x' "
+                                                "(default: the raw array's finest level)")
+    crop.add_argument("--output-image-dim", type=int, default=128, help="crop side in voxels (default 128)")
+    crop.add_argument("--min-label-fraction", type=float, default=0.0)
+    crop.add_argument("--min-unique-ids", type=int, default=0)
+    crop.add_argument("--min-ground-truth-fraction", type=float, default=0.0)
+    crop.add_argument("--max-tries", type=int, default=100)
+    crop.add_argument("--seed", type=int, default=0, help="combined with the volume index")
+    feat = p.add_argument_group("features and storage")
+    feat.add_argument("--axes", choices=("z", "zyx"), default="z",
+                      help="slice along z only, or along z, y and x and average")
+    feat.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    feat.add_argument("--compression", choices=("none", "zstd", "blosc-lz4"), default="zstd")
+    feat.add_argument("--compression-level", type=int)
+    feat.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
+                      help="per-chunk checksum so --verify detects corruption (zstd: free; none/blosc: crc32c)")
+    feat.add_argument("--chunks", help="feature chunk shape 'C,D,H,W' (default 16,64,64,64)")
+    feat.add_argument("--feature-dtype", choices=("float16", "float32"), default="float16")
+    _add_model_args(p)
+    cl = p.add_argument_group("cluster")
+    cl.add_argument("--cluster", choices=("local", "lsf", "slurm", "serial"), default="local")
+    cl.add_argument("--num-processors", type=int,
+                    help="cores per worker/job (default: all local cores; 4 per cluster job)")
+    cl.add_argument("--memory-gb", type=float, default=16.0)
+    cl.add_argument("--walltime", default="04:00", help="HH:MM")
+    cl.add_argument("--queue")
+    cl.add_argument("--project", help="LSF project / SLURM account")
+    cl.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                    help="request/use one GPU per job (default: use one if visible locally)")
+    cl.add_argument("--max-jobs", type=int, help="adaptive maximum of cluster jobs")
+    cl.add_argument("--local-workers", type=int, default=1, help="concurrent volumes on --cluster local")
+    cl.add_argument("--interface", help="network interface for the Dask scheduler/workers (e.g. ib0)")
+    cl.add_argument("--prologue", action="append", help="job-script line before the worker starts "
+                                                        "(repeatable), e.g. 'source venv/bin/activate'")
+    cl.add_argument("--dry-run", action="store_true", help="print the plan / job script, extract nothing")
+    s3 = p.add_argument_group("s3 inputs")
+    s3.add_argument("--s3-endpoint", help="S3 endpoint override (e.g. http://127.0.0.1:9000)")
+    s3.add_argument("--s3-region", default="us-east-1")
+    s3.add_argument("--s3-anonymous", action="store_true", help="unsigned requests (public buckets)")
+    p.add_argument("--no-progress", action="store_true")
+
+    def func(args: argparse.Namespace) -> int:
+        if args.indices_single is not None:
+            args.indices = [str(args.indices_single)] + list(args.indices or [])
+        return _cmd_extract_volumes(args)
+
+    p.set_defaults(func=func)
+
+
+# --------------------------------------------------------------------------------------------------
+# check
+# --------------------------------------------------------------------------------------------------
+
+
+def _register_check(sub: Any) -> None:
+    p = sub.add_parser("check", help="progress, gaps, failures, timing and storage of an extraction",
+                       description="Report on an extract-volumes output folder; --verify re-reads chunks. "
+                                   "Exit code 0 when everything requested is complete and healthy, else 1.")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--verify", action="store_true", help="read every chunk of the checked volumes")
+    p.add_argument("--sample-size", type=int, help="verify a random sample of K completed volumes")
+    p.add_argument("--verify-indices", nargs="+", help="verify exactly these indices/ranges")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    def func(args: argparse.Namespace) -> int:
+        from dinocell.extract.check import check_output, format_report
+
+        verify_indices = _index_list(args.verify_indices)
+        report = check_output(args.output_dir, verify=args.verify or bool(verify_indices),
+                              sample_size=args.sample_size, verify_indices=verify_indices)
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
+        return 0 if report["ok"] else 1
+
+    p.set_defaults(func=func)
+
+
+# --------------------------------------------------------------------------------------------------
+# bench-load
+# --------------------------------------------------------------------------------------------------
+
+
+def _register_bench_load(sub: Any) -> None:
+    p = sub.add_parser("bench-load", help="time cold and warm loading of cached volume features")
+    p.add_argument("--preprocessed-dir", required=True)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--num-batches", type=int, default=20)
+    p.add_argument("--num-threads", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+
+    def func(args: argparse.Namespace) -> int:
+        from dinocell.extract.dataset import bench_load
+
+        res = bench_load(args.preprocessed_dir, args.batch_size, args.num_batches, args.num_threads,
+                         printer=None if args.json else print)
+        if args.json:
+            print(json.dumps(res, indent=2))
+        return 0
+
+    p.set_defaults(func=func)
+
+
+# --------------------------------------------------------------------------------------------------
+# extract-fields
+# --------------------------------------------------------------------------------------------------
+
+
+def _register_extract_fields(sub: Any) -> None:
+    p = sub.add_parser("extract-fields", help="per-field embeddings (Parquet) of 2-D Cell Painting fields",
+                       description="Embed every field of a data source (config data section; default "
+                                   "synthetic) channel by channel; resumable in chunks of fields.")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--config", help="experiment YAML (its data section selects the fields)")
+    p.add_argument("--source", help="shortcut for data.source (folder, load_data file, s3://, synthetic)")
+    p.add_argument("--pool", choices=("cls", "mean"), default="cls")
+    p.add_argument("--combine", choices=("mean", "concat"), default="mean",
+                   help="combine per-channel embeddings by mean (default) or concatenation")
+    p.add_argument("--no-mean-image", action="store_true", help="do not add the channel-mean view")
+    p.add_argument("--chunk-size", type=int, default=256, help="fields per resumable part file")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--resize", type=int, help="resize fields to this square size first")
+    p.add_argument("--patch-maps", action="store_true", help="also write patch-feature maps per plate")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier parts in OUTPUT_DIR")
+    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    _add_model_args(p)
+    p.add_argument("overrides", nargs="*", help="config overrides key=value")
+
+    def func(args: argparse.Namespace) -> int:
+        from dinocell.config import load_config
+        from dinocell.extract.fields import FieldExtractionOptions, extract_fields
+
+        overrides = list(args.overrides or [])
+        if args.source:
+            overrides.append(f"data.source={args.source}")
+        cfg = load_config(args.config, overrides)
+        opts = FieldExtractionOptions(pool=args.pool, combine=args.combine,
+                                      include_mean_image=not args.no_mean_image, chunk_size=args.chunk_size,
+                                      batch_size=args.batch_size, patch_maps=args.patch_maps, resize=args.resize)
+        device = None
+        if args.gpu is not False:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else None
+        path = extract_fields(args.output_dir, data_cfg=cfg.data, model_spec=_model_spec(args), options=opts,
+                              device=device, overwrite=args.overwrite, progress=not args.no_progress)
+        print(f"wrote {path}")
+        return 0
+
+    p.set_defaults(func=func)
+
+
+def register(subparsers: Any) -> None:
+    """Add the extraction subcommands to ``dinocell``'s subparsers."""
+    _register_extract_volumes(subparsers)
+    _register_check(subparsers)
+    _register_bench_load(subparsers)
+    _register_extract_fields(subparsers)

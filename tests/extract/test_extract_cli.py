@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from dinocell.extract.cli import _ints, register
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dinocell")
+    register(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_register_adds_the_four_commands():
+    p = _parser()
+    a = p.parse_args(["extract-volumes", "--output-dir", "o", "--num-volumes", "4"])
+    assert a.cluster == "local" and a.output_image_dim == 128 and a.compression == "zstd" and a.checksum
+    assert a.gpu is None and a.axes == "z" and callable(a.func)
+    assert p.parse_args(["check", "--output-dir", "o", "--verify", "--json"]).verify
+    assert p.parse_args(["bench-load", "--preprocessed-dir", "o"]).num_batches == 20
+    f = p.parse_args(["extract-fields", "--output-dir", "o", "--combine", "concat", "data.batch_size=2"])
+    assert f.combine == "concat" and f.overrides == ["data.batch_size=2"]
+    assert p.parse_args(["extract-volumes", "--output-dir", "o", "--no-gpu", "--num-volumes", "1"]).gpu is False
+
+
+def test_index_ranges():
+    assert _ints("0 3-5,9") == [0, 3, 4, 5, 9]
+
+
+def test_done_criterion_local_then_check(tmp_path, capsys):
+    """extract-volumes --num-volumes 4 --cluster local on synthetic volumes; check --verify --json."""
+    from dinocell.cli import main
+
+    out = str(tmp_path / "run")
+    assert main(["extract-volumes", "--output-dir", out, "--num-volumes", "4", "--cluster", "local",
+                 "--output-image-dim", "16", "--num-processors", "1", "--no-progress"]) == 0
+    assert "extracted 4, skipped 0" in capsys.readouterr().out
+    assert main(["check", "--output-dir", out, "--verify", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["completed"] == 4 and report["missing_indices"] == [] and report["gaps"] == []
+    assert report["verify"]["ok"] and report["ok"]
+    # a second run skips everything; --volume-index adds exactly one more
+    assert main(["extract-volumes", "--output-dir", out, "--num-volumes", "4", "--output-image-dim", "16",
+                 "--no-progress"]) == 0
+    assert "extracted 0, skipped 4" in capsys.readouterr().out
+    assert main(["extract-volumes", "--output-dir", out, "--volume-index", "9", "--output-image-dim", "16",
+                 "--cluster", "serial", "--no-progress"]) == 0
+    assert main(["check", "--output-dir", out]) == 0  # 4-8 were never requested: gaps, not missing
+    text = capsys.readouterr().out
+    assert "completed: 5 of 5 requested  [0-3,9]" in text and "gaps in the completed range: [4-8]" in text
+    assert main(["bench-load", "--preprocessed-dir", out, "--batch-size", "2", "--num-batches", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("cold:") and lines[2].startswith("warm:")
+
+
+@pytest.mark.parametrize("cluster,marker", [("lsf", "#BSUB"), ("slurm", "#SBATCH")])
+def test_dry_run_prints_job_script(tmp_path, capsys, cluster, marker):
+    from dinocell.cli import main
+
+    assert main(["extract-volumes", "--output-dir", str(tmp_path / "o"), "--num-volumes", "8",
+                 "--cluster", cluster, "--dry-run", "--queue", "q1", "--walltime", "02:00"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("#!/usr/bin/env bash") and marker in captured.out
+    assert "8 volume(s) to extract" in captured.err
+    assert not (tmp_path / "o").exists()
+
+
+def test_user_errors_exit_2(tmp_path, capsys):
+    from dinocell.cli import main
+
+    assert main(["extract-volumes", "--output-dir", str(tmp_path), "--num-volumes", "1",
+                 "--manifest", str(tmp_path / "missing.yaml"), "--no-progress"]) == 2
+    assert "manifest not found" in capsys.readouterr().err
+    assert main(["check", "--output-dir", str(tmp_path / "none")]) == 2
+    assert main(["extract-volumes", "--output-dir", str(tmp_path)]) == 2  # neither --num-volumes nor --indices
