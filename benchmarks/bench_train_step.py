@@ -23,7 +23,7 @@ import torch
 from dinocell.config import load_config
 from dinocell.data.masking import collate_multiview
 from dinocell.train.meta_arch import MultiViewDINO
-from dinocell.train.module import param_groups
+from dinocell.train.module import build_optimizer
 
 MODELS = {
     "vit_small_patch16 (224/96, K=65536)": [
@@ -53,7 +53,7 @@ def make_batch(cfg: Any) -> dict[str, Any]:
 class FullStep:
     def __init__(self, cfg: Any) -> None:
         self.meta = MultiViewDINO(cfg).train()
-        self.opt = torch.optim.AdamW(param_groups(self.meta, cfg), betas=(0.9, 0.999))
+        self.opt = build_optimizer(self.meta, cfg)  # the trainer's own optimiser (fused AdamW)
         for grp in self.opt.param_groups:
             grp["lr"], grp["weight_decay"] = 1e-4 * grp["lr_multiplier"], 0.04 * grp["wd_multiplier"]
         self.clip = cfg.optim.clip_grad

@@ -59,6 +59,16 @@ def param_groups(meta: MultiViewDINO, cfg: Config) -> list[dict[str, Any]]:
     ]
 
 
+def build_optimizer(meta: MultiViewDINO, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`; the fused kernel (CPU and CUDA) when this torch has it."""
+    b1, b2 = cfg.optim.betas
+    groups = param_groups(meta, cfg)
+    try:
+        return torch.optim.AdamW(groups, betas=(b1, b2), fused=True)
+    except (RuntimeError, TypeError, ValueError):  # e.g. a device/dtype without a fused kernel
+        return torch.optim.AdamW(groups, betas=(b1, b2), foreach=True)
+
+
 class DinoCellModule(L.LightningModule):
     """Continued multi-view DINOv3 pretraining."""
 
@@ -113,11 +123,7 @@ class DinoCellModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = param_groups(self.meta, self.cfg)
-        b1, b2 = self.cfg.optim.betas
-        fused = torch.cuda.is_available() and self.device.type == "cuda"
-        kwargs: dict[str, Any] = {"fused": True} if fused else {}
-        return torch.optim.AdamW(groups, betas=(b1, b2), **kwargs)
+        return build_optimizer(self.meta, self.cfg)
 
     def _apply_schedules(self, step: int) -> dict[str, float]:
         values = self.schedules.at(min(step, self.total_steps - 1))
