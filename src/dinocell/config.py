@@ -156,6 +156,7 @@ class HeadConfig:
     n_layers: int = 3
     ibot_prototypes: int | None = None  # None: same as prototypes
     ibot_separate_head: bool = True
+    norm_last_layer: bool = True  # DINO/DINOv2 weight-normed prototypes; false = DINOv3's plain linear
 
 
 @dataclass

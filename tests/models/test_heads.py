@@ -86,3 +86,14 @@ def test_deepcopy_and_state_dict_for_teacher():
     fresh.load_state_dict(student.state_dict())
     torch.testing.assert_close(fresh(x), student(x))
     assert not fresh.last_layer.parametrizations.weight.original0.requires_grad
+
+
+def test_plain_linear_last_layer_option() -> None:
+    """DINOv3 dropped weight norm: with norm_last_layer=False the prototypes are a plain linear layer
+    whose logits are not bounded by 1 (they can sharpen), and every parameter trains."""
+    head = DINOHead(16, 32, hidden_dim=24, bottleneck_dim=8, nlayers=3, norm_last_layer=False)
+    assert isinstance(head.last_layer, torch.nn.Linear) and head.last_layer.bias is None
+    assert all(p.requires_grad for p in head.parameters())
+    with torch.no_grad():
+        head.last_layer.weight.mul_(100.0)
+    assert head(torch.randn(4, 16)).abs().max() > 1.0

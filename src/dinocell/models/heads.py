@@ -46,6 +46,7 @@ class DINOHead(nn.Module):
         bottleneck_dim: int = 256,
         nlayers: int = 3,
         mlp_bias: bool = True,
+        norm_last_layer: bool = True,
     ) -> None:
         super().__init__()
         if min(in_dim, out_dim, hidden_dim, bottleneck_dim) < 1 or nlayers < 1:
@@ -55,6 +56,9 @@ class DINOHead(nn.Module):
         self.mlp.apply(self._init_weights)
         last = nn.Linear(bottleneck_dim, out_dim, bias=False)
         nn.init.trunc_normal_(last.weight, std=0.02)
+        if not norm_last_layer:  # DINOv3: a plain linear prototype layer, free to sharpen its logits
+            self.last_layer = last
+            return
         self.last_layer = weight_norm(last)  # dim=0: one norm per prototype row
         g = self.last_layer.parametrizations.weight.original0
         with torch.no_grad():
