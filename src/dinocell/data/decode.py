@@ -78,16 +78,33 @@ def _read_with_cv2(path: str) -> np.ndarray:
     return arr
 
 
-def percentile_scale(channel: np.ndarray, low: float, high: float) -> np.ndarray:
+#: Above this many pixels, percentiles are estimated from every other row and column: 0.1/99.9
+#: percentiles of a 1080x1080 image from 290k samples differ from the exact ones by a grey level or two,
+#: and the histogram costs a quarter.
+PERCENTILE_SUBSAMPLE_ABOVE = 512 * 512
+
+
+def percentile_scale(channel: np.ndarray, low: float, high: float,
+                     out: np.ndarray | None = None) -> np.ndarray:
     """Clip one channel to its [low, high] percentiles and map to [0, 1] as float32.
 
     Percentiles come from a histogram for integer images (exact, and ~10x faster than
     ``np.percentile`` on a 1080x1080 uint16 image, which sorts).
     """
-    lo, hi = _percentiles(channel, low, high)
-    out = channel.astype(np.float32)
+    sample = channel[::2, ::2] if channel.ndim == 2 and channel.size > PERCENTILE_SUBSAMPLE_ABOVE else channel
+    lo, hi = _percentiles(sample, low, high)
+    if out is None:
+        out = np.empty(channel.shape, dtype=np.float32)
     if hi <= lo:
-        return np.zeros_like(out)
+        out[...] = 0.0
+        return out
+    if channel.dtype in (np.uint8, np.uint16):
+        # one gather through a 256/65536-entry table instead of four passes over the image
+        levels = np.arange(256 if channel.dtype == np.uint8 else 65536, dtype=np.float32)
+        lut = np.clip((levels - lo) * (1.0 / (hi - lo)), 0.0, 1.0).astype(np.float32)
+        np.take(lut, channel, out=out)
+        return out
+    out[...] = channel
     out -= lo
     out *= 1.0 / (hi - lo)
     np.clip(out, 0.0, 1.0, out=out)
@@ -124,8 +141,7 @@ def scale_field(raw: np.ndarray, cfg: Any) -> np.ndarray:
         raise DataError(f"expected a (C,H,W) field, got shape {raw.shape}")
     out = np.empty(raw.shape, dtype=np.float32)
     for c in range(raw.shape[0]):
-        ch = percentile_scale(raw[c], cfg.low_percentile, cfg.high_percentile)
+        percentile_scale(raw[c], cfg.low_percentile, cfg.high_percentile, out=out[c])
         if cfg.clahe:
-            ch = clahe(ch, cfg.clahe_clip, cfg.clahe_tiles)
-        out[c] = ch
+            out[c] = clahe(out[c], cfg.clahe_clip, cfg.clahe_tiles)
     return out
