@@ -133,8 +133,7 @@ def test_trained_model_beats_untrained_on_replicate_map(tmp_path) -> None:
     from dinocell.config import load_config
     from dinocell.evaluate.embed import LoadedModel, run_embed
     from dinocell.models.backbone import build_backbone
-
-    pretrain = pytest.importorskip("dinocell.train.run").pretrain
+    from dinocell.train.run import pretrain
     tiny = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
             "head.prototypes=64", "head.hidden_dim=64", "head.bottleneck_dim=32",
             "data.views.global_crop_size=32", "data.views.local_crop_size=16", "data.views.n_local_crops=2",

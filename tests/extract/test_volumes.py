@@ -370,8 +370,8 @@ def test_backbone_from_export_and_run_folder(tmp_path, monkeypatch):
 
 def test_s3_volume_via_local_moto(tmp_path, monkeypatch, make_cfg):
     """Raw + labels read through TensorStore's S3 kvstore from a moto server on 127.0.0.1."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
+    import boto3
+    import moto.server as moto_server
     for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
                  "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(k, v)

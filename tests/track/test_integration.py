@@ -6,22 +6,20 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_OVERRIDES
 from dinocell.config import load_config
 
 FAKE_KEY = "fakekey0123456789abcdef0123456789abcdef"
-TINY = [
-    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
-    "head.prototypes=64", "head.hidden_dim=64", "head.bottleneck_dim=32",
-    "data.views.global_crop_size=32", "data.views.local_crop_size=16", "data.views.n_local_crops=2",
-    "data.synthetic.n_fields=16", "data.synthetic.size=48", "data.batch_size=4",
-    "train.progress_bar=false", "train.eval_fields=8", "track.log_interval=1",
+# the shared tiny run, with a real logger and figures at every few steps
+TINY = [o for o in TINY_OVERRIDES if not o.startswith(("track.logger", "data.synthetic.size", "train.eval_fields"))] + [
+    "data.synthetic.size=48", "train.eval_fields=8", "track.log_interval=1",
     "track.attention_log_interval=2", "track.pca_log_interval=3", "train.checkpoint_every_steps=2",
 ]
 
 
 @pytest.fixture
 def pretrain():
-    run = pytest.importorskip("dinocell.train.run")
+    from dinocell.train import run
     return run.pretrain
 
 
