@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests_tiny import TINY_OVERRIDES
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("DINOCELL_SHARED_DATA", REPO.parent / "shared" / "data"))
 
@@ -41,13 +43,6 @@ def cpg0016_load_data(shared_data: Path) -> Path:
     return p
 
 
-TINY_OVERRIDES = [
-    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
-    "head.prototypes=64", "head.hidden_dim=64", "head.bottleneck_dim=32",
-    "data.views.global_crop_size=32", "data.views.local_crop_size=16", "data.views.n_local_crops=2",
-    "data.synthetic.n_fields=16", "data.synthetic.size=64", "data.batch_size=4",
-    "track.logger=none", "train.progress_bar=false", "train.eval_fields=8",
-]
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_OVERRIDES
 from dinocell.config import load_config
+from tests_tiny import TINY_OVERRIDES
 
 FAKE_KEY = "fakekey0123456789abcdef0123456789abcdef"
 # the shared tiny run, with a real logger and figures at every few steps
