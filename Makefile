@@ -8,7 +8,7 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(VENV)/.installed
 
@@ -25,8 +25,8 @@ demo: install
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-test-all: install
-	$(VENV)/bin/pytest -m "slow or not slow" $(PYTEST_ARGS)
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
