@@ -6,28 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorstore as ts
-import torch
-import torch.nn.functional as F
+from extract_stubs import MeanPatchModel
 
 from dinocell.data.field import FieldRecord
 from dinocell.errors import ConfigError, DataError
 from dinocell.extract.fields import FieldExtractionOptions, _fit, extract_fields, field_views
-
-
-class MeanPatchModel(torch.nn.Module):
-    """Stand-in backbone: token = (patch mean, 1); CLS = mean of the tokens."""
-
-    patch_size = 4
-    embed_dim = 2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-
-    def forward_features(self, x):
-        tokens = F.avg_pool2d(x, self.patch_size).flatten(2).transpose(1, 2)
-        tokens = torch.cat([tokens, torch.ones_like(tokens)], -1)
-        return {"x_norm_clstoken": tokens.mean(1), "x_norm_patchtokens": tokens}
 
 
 class FakeSource:

@@ -11,6 +11,7 @@ import tifffile
 import torch
 import torch.nn.functional as F
 import yaml
+from extract_stubs import MeanPatchModel
 
 from dinocell.errors import ConfigError, DataError
 from dinocell.extract import volumes as V
@@ -35,23 +36,6 @@ from dinocell.extract.volumes import (
     sample_raw,
     volume_paths,
 )
-
-
-class MeanPatchModel(torch.nn.Module):
-    """Stand-in backbone: patch feature 0 = mean intensity of the patch, feature 1 = 1."""
-
-    patch_size = 4
-    embed_dim = 2
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-
-    def forward_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = F.avg_pool2d(x, self.patch_size).flatten(2).transpose(1, 2)
-        tokens = torch.cat([tokens, torch.ones_like(tokens)], -1)
-        return {"x_norm_clstoken": tokens.mean(1), "x_norm_patchtokens": tokens}
-
 
 # ------------------------------------------------------------------------------------------ URIs
 

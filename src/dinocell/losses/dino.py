@@ -16,9 +16,8 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from dinocell.losses.sinkhorn import sinkhorn_knopp
+from dinocell.losses.sinkhorn import SinkhornCrossEntropy, sinkhorn_knopp
 
 __all__ = ["DINOLoss", "multiview_pairs"]
 
@@ -38,20 +37,13 @@ def multiview_pairs(n_global: int = 2, n_local: int = 0) -> list[tuple[int, int]
     return pairs
 
 
-class DINOLoss(nn.Module):
+class DINOLoss(SinkhornCrossEntropy):
     """Mean over (student, teacher) crop pairs of the batch-mean cross-entropy to the teacher targets.
 
     Teacher temperature never enters :meth:`forward`: targets are made by :meth:`teacher_probs`, which
     takes ``teacher_temp`` as an argument, because the temperature follows a schedule owned by the
     trainer (:mod:`dinocell.train.schedules`) while this module stays stateless.
     """
-
-    def __init__(self, student_temp: float = 0.1, sinkhorn_iterations: int = 3) -> None:
-        super().__init__()
-        if not student_temp > 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        self.student_temp = student_temp
-        self.sinkhorn_iterations = sinkhorn_iterations
 
     def teacher_probs(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         """Sinkhorn-centred teacher targets, with the same shape as ``teacher_logits``.

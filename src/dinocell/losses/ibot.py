@@ -14,22 +14,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from dinocell.losses.sinkhorn import sinkhorn_knopp
+from dinocell.losses.sinkhorn import SinkhornCrossEntropy, sinkhorn_knopp
 
 __all__ = ["iBOTPatchLoss"]
 
 
-class iBOTPatchLoss(nn.Module):
+class iBOTPatchLoss(SinkhornCrossEntropy):
     """Per-image-averaged cross-entropy between teacher and student on masked patches."""
-
-    def __init__(self, student_temp: float = 0.1, sinkhorn_iterations: int = 3) -> None:
-        super().__init__()
-        if not student_temp > 0:
-            raise ValueError(f"student_temp must be > 0, got {student_temp}")
-        self.student_temp = student_temp
-        self.sinkhorn_iterations = sinkhorn_iterations
 
     def teacher_probs(
         self,
@@ -84,12 +76,5 @@ class iBOTPatchLoss(nn.Module):
         per_patch = (t.float() * log_p).sum(dim=-1)
         return -(per_patch * w.float()).sum() / n_images
 
-    def forward(
-        self,
-        student_patch_logits_masked: torch.Tensor,
-        teacher_probs_masked: torch.Tensor,
-        masks_weight: torch.Tensor,
-        n_images: int,
-    ) -> torch.Tensor:
-        """Same as :meth:`forward_masked` (the only form: losses on unmasked patches are not used)."""
-        return self.forward_masked(student_patch_logits_masked, teacher_probs_masked, masks_weight, n_images)
+    #: the only form: losses on unmasked patches are not used
+    forward = forward_masked

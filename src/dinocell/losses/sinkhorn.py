@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 __all__ = ["sinkhorn_knopp"]
 
@@ -112,3 +113,14 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         # ... then every sample total mass 1/B (a purely local operation)
         x = x - torch.logsumexp(x, dim=1, keepdim=True) - log_b
     return torch.exp(x + log_b)
+
+
+class SinkhornCrossEntropy(nn.Module):
+    """Shared settings of the DINO and iBOT losses: student temperature and Sinkhorn iterations."""
+
+    def __init__(self, student_temp: float = 0.1, sinkhorn_iterations: int = 3) -> None:
+        super().__init__()
+        if not student_temp > 0:
+            raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        self.student_temp = student_temp
+        self.sinkhorn_iterations = sinkhorn_iterations
