@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from dinocell.config import load_config
-from dinocell.data.sources import FieldDataset, RepeatSampler, open_source
+from dinocell.data.sources import FieldDataset, open_source
 from dinocell.errors import DataError
 
 
@@ -102,17 +102,6 @@ def test_dataset_skips_corrupt_fields(tmp_path: Path, caplog: pytest.LogCaptureF
     ds2 = FieldDataset(open_source(load_config().data, str(tmp_path)), None)
     with pytest.raises(DataError, match="every field .* failed to load"):
         ds2[0]
-
-
-def test_repeat_sampler_is_epoch_deterministic() -> None:
-    s = RepeatSampler(5, repeats=3, seed=1)
-    a = list(s)
-    assert len(a) == 15 and sorted(x % 15 for x in a) == list(range(15))
-    assert [x // 3 for x in a[:3]] == [a[0] // 3] * 3  # a field's repeats come back to back
-    assert a == list(RepeatSampler(5, repeats=3, seed=1))
-    s.set_epoch(1)
-    b = list(s)
-    assert min(b) >= 15 and [x - 15 for x in b] != a
 
 
 def test_missing_copy_of_fixture_is_counted(tmp_path: Path, cpg0000_site: Path) -> None:

@@ -12,18 +12,18 @@ import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from dinocell.data import jump
 from dinocell.data.decode import read_image, scale_field
 from dinocell.data.field import FieldRecord, is_fluorescent
-from dinocell.errors import DataError
+from dinocell.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def open_source(data_cfg: Any, source: str | None = None) -> FieldSource:
 class FieldDataset(Dataset):
     """Map-style dataset of multi-view samples; index ``i`` is field ``i // repeats``.
 
-    Samples drawn from the same field back to back (``repeats`` > 1 with :class:`RepeatSampler`) reuse
+    Samples drawn from the same field back to back (``repeats`` > 1 with :class:`dinocell.train.data.StreamSampler`) reuse
     the decoded field, so decode cost is paid once per field.  A corrupt or missing field is skipped
     (logged once, counted in ``skipped``) and the next field is used instead; if every field fails the
     dataset raises :class:`DataError`.
@@ -310,7 +310,7 @@ class FieldDataset(Dataset):
         return x
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        """``idx`` may exceed ``len(self)``: :class:`RepeatSampler` adds ``epoch * len`` so that the
+        """``idx`` may exceed ``len(self)``: :class:`dinocell.train.data.StreamSampler` adds ``stream_pos * len`` so that the
         augmentation seed is a pure function of (seed, epoch, sample), which makes resumed runs
         bit-identical to uninterrupted ones."""
         n = len(self.source)
@@ -343,26 +343,23 @@ class FieldDataset(Dataset):
         return sample
 
 
-class RepeatSampler(Sampler[int]):
-    """Shuffle fields each epoch and yield each field's ``repeats`` sample indices back to back."""
+def load_resized_fields(source: FieldSource, n: int, size: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Up to ``n`` fields spread evenly over ``source``, resized to ``size``, with their labels (-1 if
+    none).  Spread, because neighbouring records are sites of one well (one phenotype); fields that
+    fail to load are left out.  Used for diagnostics examples and held-out evaluation."""
+    import torch.nn.functional as F
 
-    def __init__(self, n_fields: int, repeats: int = 1, seed: int = 0, shuffle: bool = True) -> None:
-        self.n_fields, self.repeats, self.seed, self.shuffle = n_fields, max(1, repeats), seed, shuffle
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            order = torch.randperm(self.n_fields, generator=g).tolist()
-        else:
-            order = list(range(self.n_fields))
-        offset = self.epoch * len(self)
-        for f in order:
-            for r in range(self.repeats):
-                yield offset + f * self.repeats + r
-
-    def __len__(self) -> int:
-        return self.n_fields * self.repeats
+    if n < 1 or len(source) == 0:
+        return [], []
+    picks = np.unique(np.linspace(0, len(source) - 1, min(n, len(source))).astype(int))
+    fields, labels = [], []
+    for i in picks:
+        rec = source.records[i]
+        try:
+            x = torch.from_numpy(source.load(rec)).float()
+        except UserError:  # DataError, or an S3 error surfaced to the user
+            continue
+        fields.append(F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
+                                    align_corners=False)[0])
+        labels.append(int(rec.metadata.get("label", -1)))
+    return fields, labels

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dinocell.config import Config, to_dict
-from dinocell.data.sources import FieldSource
+from dinocell.data.sources import FieldSource, load_resized_fields
 from dinocell.errors import UserError
 from dinocell.train import schedules as sched
 from dinocell.train.data import build_loader
@@ -94,24 +94,11 @@ class DinoCellModule(L.LightningModule):
     # ------------------------------------------------------------------ data
     def _examples(self, n: int) -> tuple[torch.Tensor, list[int]]:
         """A few fixed fields for diagnostics (attention maps, PCA), at the global crop size."""
-        import torch.nn.functional as F
-
-        # spread over the source: neighbouring records are sites of one well (one phenotype)
-        picks = np.unique(np.linspace(0, len(self.source) - 1, max(1, min(n, len(self.source)))).astype(int))
-        recs = [self.source.records[i] for i in picks]
         size = self.cfg.data.views.global_crop_size
-        out, labels = [], []
-        for r in recs:
-            try:
-                x = torch.from_numpy(self.source.load(r)).float()
-            except UserError:
-                continue
-            out.append(F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
-                                     align_corners=False)[0])
-            labels.append(int(r.metadata.get("label", -1)))
-        if not out:
+        fields, labels = load_resized_fields(self.source, n, size)
+        if not fields:
             return torch.zeros(0, len(self.channel_names), size, size), []
-        return torch.stack(out), labels
+        return torch.stack(fields), labels
 
     def train_dataloader(self) -> DataLoader:
         """Built here so the restored ``global_step`` and the DDP rank are known: a resumed run

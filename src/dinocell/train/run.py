@@ -16,7 +16,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dinocell.config import Config, save_config
@@ -232,37 +231,32 @@ class _Evaluator:
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        self._held: tuple[torch.Tensor, list[int]] | tuple[()] | None = None
 
     def _held_out(self) -> tuple[torch.Tensor, list[int]] | None:
+        """Held-out fields, loaded once per run (``before`` and ``after`` measure the same tensor)."""
+        if self._held is None:
+            self._held = self._load_held_out()
+        return self._held or None
+
+    def _load_held_out(self) -> tuple[torch.Tensor, list[int]] | tuple[()]:
         from dataclasses import replace
 
-        import torch.nn.functional as F
-
-        from dinocell.data.sources import open_source
+        from dinocell.data.sources import load_resized_fields, open_source
 
         data = self.cfg.data
         n = max(0, self.cfg.train.eval_fields)
         if n == 0:
-            return None
+            return ()
         if data.source == "synthetic":  # unseen fields: another seed of the generator
             per_well = data.synthetic.sites_per_well * data.synthetic.n_plates
             syn = replace(data.synthetic, seed=data.synthetic.seed + 10_007, n_fields=n * per_well)
             src = open_source(replace(data, synthetic=syn))
         else:
             src = open_source(data)
-        # spread the picks: neighbouring records are sites of one well (one phenotype)
-        picks = np.unique(np.linspace(0, len(src) - 1, min(n, len(src))).astype(int))
-        size = data.views.global_crop_size
-        fields, labels = [], []
-        for rec in (src.records[i] for i in picks):
-            try:
-                x = torch.from_numpy(src.load(rec)).float()
-            except UserError:
-                continue
-            fields.append(F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True)[0])
-            labels.append(int(rec.metadata.get("label", -1)))
+        fields, labels = load_resized_fields(src, n, data.views.global_crop_size)
         if len(fields) < 2:
-            return None
+            return ()
         return torch.stack(fields), labels
 
     def _measure(self, module: Any, held: tuple[torch.Tensor, list[int]]) -> dict[str, Any]:
