@@ -29,10 +29,10 @@ from dinocell.models.heads import DINOHead
 def _heads(cfg: Config, embed_dim: int) -> nn.ModuleDict:
     h = cfg.head
     dino = DINOHead(embed_dim, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.n_layers,
-                    norm_last_layer=h.norm_last_layer)
+                    norm_last_layer=h.norm_last_layer, use_bn=h.use_bn)
     if h.ibot_separate_head:
         ibot = DINOHead(embed_dim, h.ibot_prototypes or h.prototypes, h.hidden_dim, h.bottleneck_dim, h.n_layers,
-                        norm_last_layer=h.norm_last_layer)
+                        norm_last_layer=h.norm_last_layer, use_bn=h.use_bn)
     else:
         ibot = dino
     return nn.ModuleDict({"dino_head": dino, "ibot_head": ibot})
@@ -69,7 +69,7 @@ class MultiViewDINO(nn.Module):
     # ------------------------------------------------------------------------------------ EMA
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher <- m * teacher + (1 - m) * student, fused over all tensors (``torch._foreach``)."""
+        """teacher <- m * teacher + (1 - m) * student, fused over all tensors (``torch._foreach_lerp_``)."""
         if self._student_params is None:
             pairs = [
                 (s, t)
@@ -80,8 +80,8 @@ class MultiViewDINO(nn.Module):
             self._teacher_params = [t for _, t in pairs]
         assert self._teacher_params is not None
         s_params = [s.detach().to(t.dtype) for s, t in zip(self._student_params, self._teacher_params, strict=True)]
-        torch._foreach_mul_(self._teacher_params, momentum)
-        torch._foreach_add_(self._teacher_params, s_params, alpha=1.0 - momentum)
+        # t + (1 - m) (s - t): one read-modify-write pass over the teacher instead of two
+        torch._foreach_lerp_(self._teacher_params, s_params, 1.0 - momentum)
 
     # ------------------------------------------------------------------------------------ forward
     @torch.no_grad()
