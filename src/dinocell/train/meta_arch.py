@@ -29,10 +29,10 @@ from dinocell.models.heads import DINOHead
 def _heads(cfg: Config, embed_dim: int) -> nn.ModuleDict:
     h = cfg.head
     dino = DINOHead(embed_dim, h.prototypes, h.hidden_dim, h.bottleneck_dim, h.n_layers,
-                    norm_last_layer=h.norm_last_layer, use_bn=h.use_bn)
+                    norm_last_layer=h.norm_last_layer)
     if h.ibot_separate_head:
         ibot = DINOHead(embed_dim, h.ibot_prototypes or h.prototypes, h.hidden_dim, h.bottleneck_dim, h.n_layers,
-                        norm_last_layer=h.norm_last_layer, use_bn=h.use_bn)
+                        norm_last_layer=h.norm_last_layer)
     else:
         ibot = dino
     return nn.ModuleDict({"dino_head": dino, "ibot_head": ibot})
