@@ -126,3 +126,14 @@ def test_figures_render_to_non_blank_pngs(tmp_path) -> None:
     dg.save_figure(fig, tmp_path / "p.png")
     assert _decode(tmp_path / "p.png")[..., :3].std() > 0.05
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_uniform_teacher_message_flags_uniform_targets_only() -> None:
+    k = 16
+    uniform = torch.full((8, k), 1.0 / k)
+    msg = dg.uniform_teacher_message(uniform, step=40, teacher_temp=0.04)
+    assert msg is not None
+    assert "step 40" in msg and "loss.teacher_temp" in msg and f"{math.log(k):.2f}" in msg
+    peaked = torch.eye(k)[:8] * 0.9 + 0.1 / k  # rows sum to 1, entropy well below log K
+    assert dg.uniform_teacher_message(peaked, step=40, teacher_temp=0.04) is None
+    assert dg.uniform_teacher_message(torch.ones(4, 1), step=1, teacher_temp=0.04) is None

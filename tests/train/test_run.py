@@ -169,3 +169,13 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
     assert last["global_step"] == 4
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 4
+
+
+def test_uniform_teacher_is_reported_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A tiny random head at teacher temperature 0.2 gives uniform Sinkhorn targets: the run says so
+    (once, at the check step) instead of silently training on a loss that cannot move."""
+    cfg = load_config(None, TINY + ["loss.teacher_temp=0.2", "loss.warmup_teacher_temp=0.2", "train.eval_fields=0"])
+    with caplog.at_level("WARNING", logger="dinocell.train.module"):
+        pretrain(cfg, tmp_path, max_steps=22)
+    msgs = [r.getMessage() for r in caplog.records if "teacher targets are still uniform" in r.getMessage()]
+    assert len(msgs) == 1 and "at step 20" in msgs[0]

@@ -113,6 +113,28 @@ def collapse_stats(
     return out
 
 
+def uniform_teacher_message(teacher_probs: torch.Tensor, step: int, teacher_temp: float,
+                            threshold: float = 0.98) -> str | None:
+    """A warning when the teacher's Sinkhorn targets are still (nearly) uniform, else ``None``.
+
+    Sinkhorn-Knopp removes what all samples share, so when the teacher's logits differ across the
+    batch by much less than ``teacher_temp`` (a randomly initialised head on a small model), every
+    target is ~uniform, the DINO/iBOT cross-entropy is ~log K whatever the student does and the run
+    learns nothing from it -- silently, since the loss looks converged.  ``threshold`` is the fraction
+    of log K above which the targets count as uniform.
+    """
+    k = teacher_probs.shape[-1]
+    if k < 2 or teacher_probs.numel() == 0:
+        return None
+    p = teacher_probs.detach().float().reshape(-1, k)
+    entropy = float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
+    if entropy < threshold * math.log(k):
+        return None
+    return (f"teacher targets are still uniform at step {step} (entropy {entropy:.2f} nats, log K = "
+            f"{math.log(k):.2f}): the DINO loss carries no signal. Lower loss.teacher_temp and "
+            f"loss.warmup_teacher_temp (now {teacher_temp:g}; a from-scratch tiny model needs ~0.01).")
+
+
 def _cpu_rss_bytes() -> int:
     try:
         import psutil
@@ -361,4 +383,5 @@ __all__ = [
     "pca_figure",
     "save_figure",
     "system_stats",
+    "uniform_teacher_message",
 ]

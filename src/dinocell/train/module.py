@@ -7,6 +7,7 @@ schedules, the frozen last layer during the first epoch, and the EMA teacher upd
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import defaultdict
@@ -23,6 +24,8 @@ from dinocell.errors import UserError
 from dinocell.train import schedules as sched
 from dinocell.train.data import build_loader
 from dinocell.train.meta_arch import MultiViewDINO
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(UserError):
@@ -90,6 +93,8 @@ class DinoCellModule(L.LightningModule):
         self._t_data: float = 0.0
         self._last_values: dict[str, float] = {}
         self.loss_history: list[float] = []
+        # Step at which a still-uniform teacher is reported (once): past the first tenth of the run.
+        self._uniform_check_step = max(20, total_steps // 10)
 
     # ------------------------------------------------------------------ data
     def _examples(self, n: int) -> tuple[torch.Tensor, list[int]]:
@@ -141,9 +146,18 @@ class DinoCellModule(L.LightningModule):
         self.loss_history.append(float(total.detach()))
         # ModelCheckpoint keeps the newest N checkpoints by this value (not sent to the loggers)
         self.log("ckpt_step", float(step + 1), logger=False, prog_bar=False, batch_size=1)
+        if step == self._uniform_check_step:
+            self._check_teacher_targets(out["_teacher_probs"], step, values["teacher_temp"])
         if self._should_log(step):
             self._log_step(out, values, batch)
         return total
+
+    def _check_teacher_targets(self, probs: torch.Tensor, step: int, teacher_temp: float) -> None:
+        from dinocell.track.diagnostics import uniform_teacher_message
+
+        msg = uniform_teacher_message(probs, step, teacher_temp)
+        if msg is not None and self.trainer.global_rank == 0:
+            log.warning(msg)
 
     def _should_log(self, step: int) -> bool:
         interval = max(1, self.cfg.track.log_interval)
