@@ -77,6 +77,12 @@ def grad_stats(named_params: Iterable[tuple[str, torch.nn.Parameter | torch.Tens
 
 
 @torch.no_grad()
+def teacher_entropy(teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-sum_k p_k log p_k`` (nats) of (..., K) probabilities, as a 0-d tensor."""
+    p = teacher_probs.detach().float().reshape(-1, teacher_probs.shape[-1])
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+
+
 def collapse_stats(
     teacher_probs: torch.Tensor | None = None,
     student_cls: torch.Tensor | None = None,
@@ -94,9 +100,7 @@ def collapse_stats(
     out: dict[str, float] = {}
     vals: list[tuple[str, torch.Tensor]] = []
     if teacher_probs is not None:
-        p = teacher_probs.detach().float().reshape(-1, teacher_probs.shape[-1])
-        ent = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
-        vals.append(("diag/teacher_entropy", ent))
+        vals.append(("diag/teacher_entropy", teacher_entropy(teacher_probs)))
     if student_cls is not None:
         s = student_cls.detach().float().reshape(-1, student_cls.shape[-1])
         var = s.var(dim=0, unbiased=False).mean() if s.shape[0] > 1 else s.new_zeros(())
@@ -126,8 +130,7 @@ def uniform_teacher_message(teacher_probs: torch.Tensor, step: int, teacher_temp
     k = teacher_probs.shape[-1]
     if k < 2 or teacher_probs.numel() == 0:
         return None
-    p = teacher_probs.detach().float().reshape(-1, k)
-    entropy = float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
+    entropy = float(teacher_entropy(teacher_probs))
     if entropy < threshold * math.log(k):
         return None
     return (f"teacher targets are still uniform at step {step} (entropy {entropy:.2f} nats, log K = "
@@ -383,5 +386,6 @@ __all__ = [
     "pca_figure",
     "save_figure",
     "system_stats",
+    "teacher_entropy",
     "uniform_teacher_message",
 ]
