@@ -83,6 +83,7 @@ def teacher_entropy(teacher_probs: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
 
 
+@torch.no_grad()
 def collapse_stats(
     teacher_probs: torch.Tensor | None = None,
     student_cls: torch.Tensor | None = None,
