@@ -6,10 +6,11 @@ the teacher's soft assignments of a batch to the K prototypes are rescaled so th
 receives the same total mass (1/K) and every sample the same (1/B).  That equipartition is what stops one
 prototype from absorbing the whole batch.  DINOv3 (Siméoni et al., 2025) keeps it unchanged (3 steps).
 
-We run the iterations in the log domain.  The arithmetic is the same as DINOv2's ``exp`` version (the
-scalar pre-normalisation only guards against overflow there and cancels out), but ``logsumexp`` cannot
-overflow or underflow to an all-zero prototype, which would turn the next division into NaN when the
-logits are large relative to the temperature.
+Two paths with the same arithmetic as DINOv2's ``exp`` version.  When the logit spread is small enough
+that ``exp(x - max)`` cannot underflow (always, for cosine logits at the usual temperatures), one exp is
+taken and the iterations only update row and column scaling vectors (two matrix-vector products each).
+Otherwise the iterations run in the log domain, where ``logsumexp`` cannot underflow to an all-zero
+prototype, which would turn the next division into NaN.
 """
 
 from __future__ import annotations
