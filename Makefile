@@ -23,6 +23,7 @@ demo: install
 	$(VENV)/bin/dinocell pretrain --config configs/demo_synthetic.yaml --output-dir $(DEMO_DIR)
 
 test: install
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: install
@@ -30,6 +31,7 @@ test-fast: install
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) benchmarks/bench_views.py
