@@ -62,7 +62,9 @@ class SyntheticConfig:
 class ViewsConfig:
     """Multi-view multi-crop augmentation (see ``data/views.py``)."""
 
-    policy: str = "multiview"  # multiview | single_view
+    policy: str = "multiview"  # multiview | single_view | channel_pairs | all_channels
+    aligned_globals: bool = False  # all global crops share one box and flips (all_channels: always)
+    mean_global: bool = False  # channel_pairs: the fluorescent mean as a third global crop
     global_crop_size: int = 224
     local_crop_size: int = 96
     n_local_crops: int = 8
@@ -411,7 +413,8 @@ def load_config(
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express."""
     choices = {
-        "data.views.policy": (cfg.data.views.policy, ("multiview", "single_view")),
+        "data.views.policy": (cfg.data.views.policy, ("multiview", "single_view", "channel_pairs",
+                                                      "all_channels")),
         "train.precision": (cfg.train.precision, ("auto", "32", "bf16-mixed", "16-mixed", "32-true")),
         "train.strategy": (cfg.train.strategy, ("auto", "ddp", "fsdp")),
         "track.logger": (cfg.track.logger, ("wandb", "tensorboard", "csv", "none")),

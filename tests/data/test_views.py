@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from dinocell.config import ViewsConfig
 from dinocell.data.views import MEAN_VIEW, MultiViewAugmentation, gaussian_blur, random_resized_crop_box
-from dinocell.errors import DataError
+from dinocell.errors import ConfigError, DataError
 
 
 def small_cfg(**kw) -> ViewsConfig:
@@ -36,7 +36,8 @@ def field(c: int, h: int = 48, w: int = 48, seed: int = 0) -> torch.Tensor:
 def test_output_shapes_and_dtypes(c: int) -> None:
     aug = MultiViewAugmentation(small_cfg(), [True] * c)
     out = aug(field(c), torch.Generator().manual_seed(1))
-    assert set(out) == {"global_crops", "local_crops", "global_channels", "local_channels"}
+    assert set(out) == {"global_crops", "local_crops", "global_channels", "local_channels", "aligned"}
+    assert out["aligned"] is False
     assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == 4
     for t in out["global_crops"]:
         assert t.shape == (1, 32, 32) and t.dtype == torch.float32 and t.is_contiguous()
@@ -214,3 +215,84 @@ def test_channel_count_mismatch_is_an_error() -> None:
         aug(field(5))
     with pytest.raises(DataError, match="C×H×W"):
         aug(torch.rand(32, 32))
+
+
+# ------------------------------------------------------------------------------ policies of issue #12
+
+
+def _striped(c: int, h: int = 48, w: int = 48) -> torch.Tensor:
+    """Channel k is a ramp scaled by (k + 1): a crop's box and flips can be read back from any channel."""
+    ramp = torch.arange(h * w, dtype=torch.float32).view(h, w) / (h * w)
+    return torch.stack([ramp * (k + 1) / c for k in range(c)])
+
+
+def _plain(**kw: object) -> MultiViewAugmentation:
+    """No photometric jitter, so aligned crops must be exact rescalings of each other."""
+    return MultiViewAugmentation(small_cfg(jitter_prob=0.0, blur_prob_global1=0.0, blur_prob_global2=0.0,
+                                     solarize_prob_global2=0.0, **kw), [True] * 5)
+
+
+def test_channel_pairs_draws_two_different_fluorescent_channels() -> None:
+    aug = MultiViewAugmentation(small_cfg(policy="channel_pairs"), [True, True, False, True])
+    seen = set()
+    for seed in range(40):
+        out = aug(field(4), torch.Generator().manual_seed(seed))
+        a, b = out["global_channels"]
+        assert a != b and MEAN_VIEW not in (a, b) and 2 not in (a, b)
+        seen.add((a, b))
+    assert len(seen) == 6  # every ordered pair of the 3 fluorescent channels
+
+
+def test_channel_pairs_mean_global_adds_a_third_crop() -> None:
+    aug = MultiViewAugmentation(small_cfg(policy="channel_pairs", mean_global=True), [True] * 5)
+    out = aug(field(5), torch.Generator().manual_seed(0))
+    assert aug.n_global_crops == 3 and len(out["global_crops"]) == 3
+    assert out["global_channels"][2] == MEAN_VIEW and MEAN_VIEW not in out["global_channels"][:2]
+
+
+def test_all_channels_has_every_fluorescent_channel_and_the_mean_aligned() -> None:
+    aug = MultiViewAugmentation(small_cfg(policy="all_channels"), [True, False, True, True])
+    out = aug(field(4), torch.Generator().manual_seed(0))
+    assert out["global_channels"] == [0, 2, 3, MEAN_VIEW]
+    assert aug.n_global_crops == 4 and out["aligned"] is True
+
+
+@pytest.mark.parametrize("policy", ["multiview", "channel_pairs", "all_channels"])
+def test_aligned_globals_share_box_and_flips(policy: str) -> None:
+    """Channel k of the striped field is (k+1)/C × the same ramp: aligned crops of channels a and b
+    are exact multiples of each other (same box, same flips), the mean view likewise."""
+    aug = _plain(policy=policy, aligned_globals=True, hflip_prob=0.5, vflip_prob=0.5)
+    f = _striped(5)
+    for seed in range(8):
+        out = aug(f, torch.Generator().manual_seed(seed))
+        crops, chans = out["global_crops"], out["global_channels"]
+        ref = crops[0] / (chans[0] + 1 if chans[0] != MEAN_VIEW else 3.0)
+        for crop, ch in zip(crops, chans, strict=True):
+            scale = ch + 1 if ch != MEAN_VIEW else 3.0  # mean of (1..5)/5 = 3/5; ramps are /5
+            torch.testing.assert_close(crop / scale, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_unaligned_globals_use_different_boxes() -> None:
+    aug = _plain(policy="channel_pairs", global_scale=[0.3, 0.5])
+    f = _striped(5)
+    differ = 0
+    for seed in range(8):
+        out = aug(f, torch.Generator().manual_seed(seed))
+        (a, b), (ca, cb) = out["global_crops"], out["global_channels"]
+        differ += not torch.allclose(a / (ca + 1), b / (cb + 1), atol=1e-4)
+    assert differ >= 6
+
+
+def test_pair_policies_need_two_fluorescent_channels() -> None:
+    with pytest.raises(ConfigError, match="at least two fluorescent"):
+        MultiViewAugmentation(small_cfg(policy="channel_pairs"), [True, False])
+
+
+def test_seed_policy_draws_are_unchanged_by_the_new_options() -> None:
+    """aligned_globals=False keeps the seed's exact draw order (demo results stay reproducible)."""
+    base = MultiViewAugmentation(small_cfg(), [True] * 5)
+    again = MultiViewAugmentation(small_cfg(mean_global=True), [True] * 5)  # ignored outside channel_pairs
+    a = base(field(5), torch.Generator().manual_seed(3))
+    b = again(field(5), torch.Generator().manual_seed(3))
+    for x, y in zip(a["global_crops"] + a["local_crops"], b["global_crops"] + b["local_crops"], strict=True):
+        assert torch.equal(x, y)

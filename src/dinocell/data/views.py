@@ -11,6 +11,16 @@ The DINO loss then asks the student to map every view onto the teacher's predict
 global view, which is exactly a cross-channel consistency objective.  ``policy: single_view`` builds
 every crop from the mean image: the plain single-image DINO baseline used for comparison.
 
+Policies that aim at the field×channel residual (issue #12):
+
+* ``channel_pairs``: the two globals are two *different* single fluorescent channels (no mean
+  anchor); ``mean_global: true`` adds the fluorescent mean as a third global;
+* ``all_channels``: every fluorescent channel of one aligned box is a global crop, plus the mean,
+  each teaching all the others;
+* ``aligned_globals: true`` (implied by ``all_channels``): all globals share one crop box and one
+  flip, so they differ only in channel and photometric jitter.  Their patch grids then line up
+  position by position, which cross-channel iBOT needs.
+
 Every crop is one channel (``1×S×S`` float32), so the backbone runs with ``in_chans=1`` whatever the
 number of stains.  No RGB or ImageNet statistics are assumed: the input field is already scaled per
 channel to [0, 1] (``dinocell.data.decode.scale_field``).
@@ -40,7 +50,7 @@ from dinocell.errors import ConfigError, DataError
 #: Channel id of a crop made from the mean of the fluorescent channels.
 MEAN_VIEW = -1
 
-_POLICIES = ("multiview", "single_view")
+_POLICIES = ("multiview", "single_view", "channel_pairs", "all_channels")
 _CHANNEL_POOLS = ("fluorescent", "all")
 
 
@@ -132,9 +142,10 @@ class MultiViewAugmentation:
             the fluorescent channels; ``"all"`` draws among every channel, brightfield included.
         ratio: aspect-ratio range of the random resized crops.
 
-    Returns from ``__call__`` a dict with ``global_crops`` (2 tensors ``1×G×G``), ``local_crops``
-    (``n_local_crops`` tensors ``1×L×L``), ``global_channels`` and ``local_channels`` (channel index of
-    each crop, ``-1`` for the mean view).
+    Returns from ``__call__`` a dict with ``global_crops`` (``n_global_crops`` tensors ``1×G×G``: 2, or
+    3 for ``channel_pairs`` with ``mean_global``, or fluorescent channels + 1 for ``all_channels``),
+    ``local_crops`` (``n_local_crops`` tensors ``1×L×L``), ``global_channels`` and ``local_channels``
+    (channel index of each crop, ``-1`` for the mean view) and ``aligned`` (the globals share a box).
     """
 
     def __init__(
@@ -170,6 +181,20 @@ class MultiViewAugmentation:
         self._fluo_slice = slice(lo, hi) if hi - lo == len(self._fluo_idx) else None
         self._fluo_tensor = torch.tensor(self._fluo_idx, dtype=torch.long)
         self._pool = self._fluo_idx if single_channel_from == "fluorescent" else list(range(len(flags)))
+        if cfg.policy in ("channel_pairs", "all_channels") and len(self._fluo_idx) < 2:
+            raise ConfigError(f"data.views.policy={cfg.policy} needs at least two fluorescent channels; "
+                              f"this source has {len(self._fluo_idx)}")
+        self.aligned = cfg.aligned_globals or cfg.policy == "all_channels"
+
+    @property
+    def n_global_crops(self) -> int:
+        """Global crops per sample under this policy (fixed: a batch stacks them crop-major)."""
+        c = self.cfg
+        if c.policy == "all_channels":
+            return len(self._fluo_idx) + 1
+        if c.policy == "channel_pairs" and c.mean_global:
+            return 3
+        return 2
 
     # ----------------------------------------------------------------------------------------------
     def __repr__(self) -> str:
@@ -181,28 +206,70 @@ class MultiViewAugmentation:
     def _pick_channel(self, g: torch.Generator | None) -> int:
         return self._pool[_randint(g, 0, len(self._pool))]
 
+    def _global_channels(self, g: torch.Generator | None) -> list[int]:
+        """The channel of each global crop under the policy (``MEAN_VIEW`` for the mean)."""
+        c = self.cfg
+        if c.policy == "single_view":
+            return [MEAN_VIEW, MEAN_VIEW]
+        if c.policy == "multiview":
+            return [MEAN_VIEW, self._pick_channel(g)]
+        if c.policy == "all_channels":
+            return [*self._fluo_idx, MEAN_VIEW]
+        a = self._fluo_idx[_randint(g, 0, len(self._fluo_idx))]
+        others = [i for i in self._fluo_idx if i != a]
+        pair = [a, others[_randint(g, 0, len(others))]]
+        return [*pair, MEAN_VIEW] if c.mean_global else pair
+
+    def _photometric(self, k: int) -> tuple[float, float]:
+        """(blur, solarize) probabilities of global crop ``k``: DINO's asymmetric pair, repeated."""
+        c = self.cfg
+        return (c.blur_prob_global1, 0.0) if k % 2 == 0 else (c.blur_prob_global2, c.solarize_prob_global2)
+
+    def _channel_image(self, box: torch.Tensor, channel: int) -> torch.Tensor:
+        if channel != MEAN_VIEW:
+            return box[channel]
+        if self._fluo_slice is not None:
+            return box[self._fluo_slice].mean(0)
+        return box.index_select(0, self._fluo_tensor).mean(0)
+
+    def _aligned_globals(self, field: torch.Tensor, channels: list[int],
+                         g: torch.Generator | None) -> list[torch.Tensor]:
+        """Global crops that share one box and one flip: they differ only in channel and photometry,
+        so patch ``p`` of every crop shows the same cells."""
+        c = self.cfg
+        _, height, width = field.shape
+        top, left, h, w = random_resized_crop_box(height, width, c.global_scale, self.ratio, g)
+        hflip = c.hflip_prob > 0 and _uniform(g, 0, 1) < c.hflip_prob
+        vflip = c.vflip_prob > 0 and _uniform(g, 0, 1) < c.vflip_prob
+        box = field[:, top:top + h, left:left + w]
+        crops = []
+        for k, ch in enumerate(channels):
+            img = _resize(self._channel_image(box, ch), c.global_crop_size)
+            if hflip:
+                img = img.flip(-1)
+            if vflip:
+                img = img.flip(-2)
+            blur_p, solarize_p = self._photometric(k)
+            img = self._augment(img, blur_p, solarize_p, g, flips=False)
+            crops.append(img.to(torch.float32).contiguous().unsqueeze(0))
+        return crops
+
     def _crop(self, field: torch.Tensor, channel: int, scale: Sequence[float], size: int,
               g: torch.Generator | None) -> torch.Tensor:
         """Cut a random box from the needed channel(s) only, then resize the small crop."""
         _, height, width = field.shape
         top, left, h, w = random_resized_crop_box(height, width, scale, self.ratio, g)
         box = field[:, top:top + h, left:left + w]
-        if channel == MEAN_VIEW:
-            if self._fluo_slice is not None:
-                img = box[self._fluo_slice].mean(0)
-            else:
-                img = box.index_select(0, self._fluo_tensor).mean(0)
-        else:
-            img = box[channel]
-        return _resize(img, size)
+        return _resize(self._channel_image(box, channel), size)
 
     def _augment(self, img: torch.Tensor, blur_p: float, solarize_p: float,
-                 g: torch.Generator | None) -> torch.Tensor:
-        """Flips, brightness/contrast jitter, blur and solarisation on one S×S crop (values in [0,1])."""
+                 g: torch.Generator | None, flips: bool = True) -> torch.Tensor:
+        """Flips (unless the caller applied shared ones), brightness/contrast jitter, blur and
+        solarisation on one S×S crop (values in [0,1])."""
         c = self.cfg
-        if c.hflip_prob > 0 and _uniform(g, 0, 1) < c.hflip_prob:
+        if flips and c.hflip_prob > 0 and _uniform(g, 0, 1) < c.hflip_prob:
             img = img.flip(-1)
-        if c.vflip_prob > 0 and _uniform(g, 0, 1) < c.vflip_prob:
+        if flips and c.vflip_prob > 0 and _uniform(g, 0, 1) < c.vflip_prob:
             img = img.flip(-2)
         if c.jitter_prob > 0 and (c.brightness > 0 or c.contrast > 0) and _uniform(g, 0, 1) < c.jitter_prob:
             b = _uniform(g, max(0.0, 1 - c.brightness), 1 + c.brightness)
@@ -241,18 +308,26 @@ class MultiViewAugmentation:
         if field.dtype != torch.float32:
             field = field.to(torch.float32)
         c, g = self.cfg, generator
-        multiview = c.policy == "multiview"
-
-        ch1 = MEAN_VIEW
-        global1 = self._view(field, ch1, c.global_scale, c.global_crop_size, c.blur_prob_global1, 0.0, g)
-        ch2 = self._pick_channel(g) if multiview else MEAN_VIEW
-        global2 = self._view(field, ch2, c.global_scale, c.global_crop_size, c.blur_prob_global2,
-                             c.solarize_prob_global2, g)
-        global_crops = [global1, global2]
+        mixed_locals = c.policy != "single_view"
+        if c.policy in ("multiview", "single_view") and not self.aligned:
+            # The seed's draw order, kept exactly so seeded runs reproduce earlier results.
+            ch1 = MEAN_VIEW
+            global1 = self._view(field, ch1, c.global_scale, c.global_crop_size, c.blur_prob_global1, 0.0, g)
+            ch2 = self._pick_channel(g) if c.policy == "multiview" else MEAN_VIEW
+            global2 = self._view(field, ch2, c.global_scale, c.global_crop_size, c.blur_prob_global2,
+                                 c.solarize_prob_global2, g)
+            global_crops, global_channels = [global1, global2], [ch1, ch2]
+        else:
+            global_channels = self._global_channels(g)
+            if self.aligned:
+                global_crops = self._aligned_globals(field, global_channels, g)
+            else:
+                global_crops = [self._view(field, ch, c.global_scale, c.global_crop_size, *self._photometric(k), g)
+                                for k, ch in enumerate(global_channels)]
         local_crops: list[torch.Tensor] = []
         local_channels: list[int] = []
         for _ in range(c.n_local_crops):
-            if multiview and _uniform(g, 0, 1) >= c.local_mean_prob:
+            if mixed_locals and _uniform(g, 0, 1) >= c.local_mean_prob:
                 ch = self._pick_channel(g)
             else:
                 ch = MEAN_VIEW
@@ -262,6 +337,7 @@ class MultiViewAugmentation:
         return {
             "global_crops": global_crops,
             "local_crops": local_crops,
-            "global_channels": [ch1, ch2],
+            "global_channels": global_channels,
             "local_channels": local_channels,
+            "aligned": self.aligned,
         }
