@@ -153,7 +153,7 @@ class _ChunkEncoder:
     def flush(self) -> None:
         import torch
 
-        from dinocell.extract.encode import encode_features
+        from dinocell.models.encode import encode_features
 
         if not self.pending:
             return
