@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from dinocell.errors import DataError, UserError
-from dinocell.evaluate.embed import LoadedModel, data_config, load_fields, load_model, spread_indices
+from dinocell.evaluate.embed import data_config, load_fields, spread_indices
+from dinocell.models.loading import LoadedModel, load_model
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
