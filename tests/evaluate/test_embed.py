@@ -12,6 +12,7 @@ import torch
 from dinocell.config import ModelConfig, load_config
 from dinocell.errors import DataError, UserError
 from dinocell.evaluate import embed as E
+from dinocell.evaluate import profile_table as T
 from dinocell.evaluate.tiling import field_tiles, tile_starts
 from dinocell.models.loading import LoadedModel, Preprocess
 
@@ -67,14 +68,14 @@ def test_channel_plan_keeps_brightfield_out_of_means() -> None:
 
 
 def test_aggregate_wells_means_and_constant_metadata() -> None:
-    fields = E.profiles_frame(
+    fields = T.profiles_frame(
         [{"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "1", "Metadata_Label": "x"},
          {"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "2", "Metadata_Label": "x"},
          {"Metadata_Plate": "P", "Metadata_Well": "B01", "Metadata_Site": "1", "Metadata_Label": "y"}],
         np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 5.0]]))
     assert list(fields.columns) == ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label",
                                     "emb_0", "emb_1"]
-    wells = E.aggregate_wells(fields)
+    wells = T.aggregate_wells(fields)
     assert list(wells.columns) == ["Metadata_Plate", "Metadata_Well", "Metadata_Label", "Metadata_Count",
                                    "emb_0", "emb_1"]
     assert wells[["emb_0", "emb_1"]].to_numpy().tolist() == [[2.0, 4.0], [5.0, 5.0]]
@@ -82,13 +83,13 @@ def test_aggregate_wells_means_and_constant_metadata() -> None:
 
 
 def test_write_profiles_fp16_atomic(tmp_path: Path) -> None:
-    df = E.profiles_frame([{"Metadata_Plate": "P", "Metadata_Well": "A01"}], np.array([[0.1, 2.5]]))
-    out = E.write_profiles(df, tmp_path / "p.parquet", dtype="fp16")
+    df = T.profiles_frame([{"Metadata_Plate": "P", "Metadata_Well": "A01"}], np.array([[0.1, 2.5]]))
+    out = T.write_profiles(df, tmp_path / "p.parquet", dtype="fp16")
     back = pd.read_parquet(out)
     assert back["emb_0"].dtype == np.float16 and back["emb_1"].tolist() == [2.5]
     assert [p.name for p in tmp_path.iterdir()] == ["p.parquet"]
     with pytest.raises(UserError, match="dtype"):
-        E.write_profiles(df, tmp_path / "q.parquet", dtype="int8")
+        T.write_profiles(df, tmp_path / "q.parquet", dtype="int8")
 
 
 def test_run_embed_from_export(export_path: Path, tmp_path: Path) -> None:
@@ -128,12 +129,13 @@ def test_tiles_are_mean_pooled_and_full_geometry_sees_the_whole_field(export_pat
     over = [o.replace("size=32", "size=64") for o in SYNTH]
     tiles = E.run_embed(m, tmp_path / "t", data="synthetic", overrides=over, view="mean_image")
     full = E.run_embed(m, tmp_path / "f", data="synthetic", overrides=over, view="mean_image", geometry="full")
-    assert tiles["tile"] == 32
+    assert tiles["tile"] == 32 and full["geometry"] == "full"
     t = pd.read_parquet(tmp_path / "t" / "fields.parquet").filter(like="emb_").to_numpy()
     f = pd.read_parquet(tmp_path / "f" / "fields.parquet").filter(like="emb_").to_numpy()
     assert t.shape == f.shape == (8, 32) and not np.allclose(t, f, atol=1e-3)
-    src = __import__("dinocell.data.sources", fromlist=["open_source"]).open_source(
-        E.data_config(m, "synthetic", over).data)
+    from dinocell.data.sources import open_source
+
+    src = open_source(E.data_config(m, "synthetic", over).data)
     x = torch.from_numpy(np.asarray(src.load(src.records[0]), np.float32))
     img = x[np.flatnonzero(src.fluorescent)].mean(0)
     quads = torch.stack([img[i:i + 32, j:j + 32] for i in (0, 32) for j in (0, 32)])[:, None]

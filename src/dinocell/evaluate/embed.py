@@ -38,6 +38,7 @@ import yaml
 
 from dinocell.config import Config, config_from_dict, to_dict
 from dinocell.errors import ConfigError, DataError, UserError
+from dinocell.evaluate.profile_table import DTYPES, aggregate_wells, profiles_frame, write_profiles
 from dinocell.evaluate.tiling import GEOMETRIES, field_tiles
 from dinocell.models.encode import encode_features
 from dinocell.models.loading import LoadedModel, load_model
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 
 VIEWS = ("concat", "channel_mean", "mean_image")
 POOLS = ("cls", "mean")
-DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16}
 HELD_OUT_SEED_OFFSET = 10_007  # same offset as the training summary's held-out synthetic fields
 RUN_FILE = "embed_run.json"
 
@@ -196,19 +196,6 @@ def _embed_chunk(model: LoadedModel, source: Any, records: Sequence[tuple[int, A
     return (profiles_frame(rows, np.stack(vecs)) if vecs else None), skipped
 
 
-def embed_source(model: LoadedModel, source: Any, options: EmbedOptions | None = None,
-                 progress: bool = False) -> tuple[pd.DataFrame, list[str]]:
-    """Per-field profiles of a :class:`~dinocell.data.sources.FieldSource` in memory (no parts)."""
-    opts = options or EmbedOptions()
-    opts.validate()
-    idx = spread_indices(len(source.records), opts.limit)
-    frame, skipped = _embed_chunk(model, source, [(int(i), source.records[int(i)]) for i in idx], opts,
-                                  opts.tile or model.crop_size, None)
-    if frame is None:
-        raise DataError(f"no field of {getattr(source, 'name', 'the source')} could be embedded")
-    return frame, skipped
-
-
 # --------------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------------
@@ -281,56 +268,6 @@ def spread_indices(n_total: int, limit: int | None) -> np.ndarray:
     if limit is None or limit >= n_total:
         return np.arange(n_total)
     return np.unique(np.linspace(0, n_total - 1, max(1, limit)).round().astype(int))
-
-
-# --------------------------------------------------------------------------------------------------
-# Profiles
-# --------------------------------------------------------------------------------------------------
-
-
-def profiles_frame(metas: Sequence[dict[str, Any]], vectors: np.ndarray) -> pd.DataFrame:
-    """``Metadata_*`` columns (sorted, plate/well/site first) + ``emb_0..emb_{K-1}``."""
-    meta = pd.DataFrame(list(metas))
-    first = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site") if c in meta.columns]
-    meta = meta[first + sorted(c for c in meta.columns if c not in first)]
-    feats = pd.DataFrame(np.asarray(vectors, dtype=np.float32),
-                         columns=[f"emb_{i}" for i in range(vectors.shape[1])])
-    return pd.concat([meta.reset_index(drop=True), feats], axis=1)
-
-
-def aggregate_wells(fields: pd.DataFrame) -> pd.DataFrame:
-    """Mean profile per (plate, well); metadata constant within a well is kept, ``Metadata_Count`` added."""
-    feat_cols = [c for c in fields.columns if c.startswith("emb_")]
-    meta_cols = [c for c in fields.columns if c.startswith("Metadata_")]
-    keys = [c for c in ("Metadata_Plate", "Metadata_Well") if c in fields.columns]
-    if not keys:
-        raise DataError("per-well profiles need Metadata_Plate/Metadata_Well columns")
-    grouped = fields.groupby(keys, sort=True, dropna=False)
-    constant = [c for c in meta_cols if c not in keys and (grouped[c].nunique(dropna=False) <= 1).all()]
-    meta = grouped[constant].first() if constant else grouped.size().to_frame().iloc[:, :0]
-    meta["Metadata_Count"] = grouped.size()
-    feats = grouped[feat_cols].mean()
-    out = pd.concat([meta, feats], axis=1).reset_index()
-    return out[keys + [c for c in out.columns if c.startswith("Metadata_") and c not in keys] + feat_cols]
-
-
-def write_profiles(df: pd.DataFrame, path: str | os.PathLike[str], dtype: str = "fp32") -> Path:
-    """Write a profile table as Parquet (features in fp16/fp32) atomically."""
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype '{dtype}'; choose fp32 or fp16")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    feat_cols = [c for c in df.columns if c.startswith("emb_")]
-    table = df.copy()
-    table[feat_cols] = table[feat_cols].astype(DTYPES[dtype])
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,16 +379,12 @@ def run_embed(
 
 __all__ = [
     "EmbedOptions",
-    "aggregate_wells",
     "channel_plan",
     "combine_views",
     "data_config",
-    "embed_source",
     "field_views",
     "load_fields",
-    "profiles_frame",
     "record_metadata",
     "run_embed",
     "spread_indices",
-    "write_profiles",
 ]
