@@ -211,8 +211,8 @@ def data_config(model: LoadedModel | None, source: str | None, overrides: Sequen
     """
     cfg = base or (model.cfg if model is not None and model.cfg is not None else Config())
     data = to_dict(cfg)
-    if model is not None and base is None:
-        data["data"]["scaling"] = asdict(model.preprocess.scaling)  # the scaling the weights expect
+    if model is not None:  # the scaling the weights expect, whatever the base config says (overrides win)
+        data["data"]["scaling"] = asdict(model.preprocess.scaling)
     if source is not None:
         data["data"]["source"] = str(source)
     if data["data"]["source"] == "synthetic" and model is not None and model.cfg is not None:
