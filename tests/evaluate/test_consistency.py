@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dinocell.config import ModelConfig
 from dinocell.errors import DataError
 from dinocell.evaluate import consistency as cons
-from dinocell.extract.encode import encode_features
+from dinocell.models.encode import encode_features
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Profiles: field vectors, well aggregation, Parquet output and model loading."""
+"""The one 2-D embedder: channel policy, tiling policy, profiles, resumable parts, CLI."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from dinocell.config import ModelConfig, load_config, save_config
-from dinocell.errors import UserError
+from dinocell.config import ModelConfig, load_config
+from dinocell.errors import DataError, UserError
 from dinocell.evaluate import embed as E
+from dinocell.evaluate import profile_table as T
+from dinocell.evaluate.tiling import field_tiles, tile_starts
+from dinocell.models.loading import LoadedModel, Preprocess
 
 SYNTH = ["data.synthetic.n_fields=8", "data.synthetic.size=32", "data.synthetic.sites_per_well=2",
          "data.synthetic.wells_per_plate=4"]
@@ -22,31 +25,57 @@ def export_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dinocell.models.backbone import build_backbone, save_backbone
 
     torch.manual_seed(0)
-    bb = build_backbone(ModelConfig(embed_dim=32, depth=2, num_heads=2, patch_size=8), img_size=32)
+    bb = build_backbone(ModelConfig(embed_dim=32, depth=2, num_heads=2, patch_size=8, layerscale_init=0.5),
+                        img_size=32)  # LayerScale 0.5: the embedding depends on the input
     out = tmp_path_factory.mktemp("model") / "export" / "backbone.safetensors"
-    save_backbone(bb, out, {"channel_names": ["DNA", "ER", "RNA", "AGP", "Mito"],
-                            "views": {"global_crop_size": 32}})
+    save_backbone(bb, out, {"preprocess": Preprocess(patch_size=8, crop_size=32,
+                                                     channel_names=["DNA", "ER", "RNA", "AGP", "Mito"]).to_dict()})
     return out
 
 
-def test_field_vectors_views() -> None:
-    emb = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2)  # 2 channels + mean image
-    assert E.field_vectors(emb, "concat").tolist() == [[0, 1, 2, 3], [6, 7, 8, 9]]
-    assert E.field_vectors(emb, "mean_image").tolist() == [[4, 5], [10, 11]]
-    assert E.field_vectors(emb, "channel_mean").tolist() == [[1, 2], [7, 8]]
+def test_tile_starts_cover_exactly_or_with_even_overlap() -> None:
+    assert tile_starts(96, 32) == [0, 32, 64]  # exact tiling
+    assert tile_starts(100, 32) == [0, 23, 45, 68]  # 4 tiles, last one flush with the edge
+    assert tile_starts(20, 32) == [0]
+
+
+def test_field_tiles_never_resize_and_keep_non_square() -> None:
+    views = torch.arange(2 * 40 * 72, dtype=torch.float32).reshape(2, 1, 40, 72)
+    tiles = field_tiles(views, "tiles", 32, 8)
+    assert tiles.shape == (2, 2 * 3, 1, 32, 32)  # rows at 0, 8; columns at 0, 20, 40
+    assert torch.equal(tiles[0, 5], views[0, :, 8:40, 40:72])
+    full = field_tiles(views, "full", 32, 8)
+    assert full.shape == (2, 1, 1, 40, 72)
+    small = field_tiles(views[..., :20, :], "tiles", 32, 8)  # side shorter than a tile: used whole
+    assert small.shape == (2, 3, 1, 16, 32)
+
+
+def test_channel_plan_keeps_brightfield_out_of_means() -> None:
+    fluo = [True, True, False]
+    assert E.channel_plan("concat", fluo) == ([0, 1, 2], False)
+    assert E.channel_plan("channel_mean", fluo) == ([0, 1], False)
+    assert E.channel_plan("mean_image", fluo) == ([], True)
+    with pytest.raises(DataError, match="no.*fluorescent|has none"):
+        E.channel_plan("mean_image", [False])
+    field = torch.stack([torch.full((4, 4), v) for v in (1.0, 3.0, 100.0)])
+    v = E.field_views(field, [2], fluo, mean_image=True)
+    assert v[:, 0, 0, 0].tolist() == [100.0, 2.0]  # brightfield alone; mean image = DNA/ER only
+    per_view = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    assert E.combine_views(per_view, "concat").tolist() == [0, 1, 2, 3, 4, 5]
+    assert E.combine_views(per_view, "channel_mean").tolist() == [2, 3]
     with pytest.raises(UserError, match="unknown view"):
-        E.field_vectors(emb, "max")
+        E.combine_views(per_view, "max")
 
 
 def test_aggregate_wells_means_and_constant_metadata() -> None:
-    fields = E.profiles_frame(
+    fields = T.profiles_frame(
         [{"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "1", "Metadata_Label": "x"},
          {"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "2", "Metadata_Label": "x"},
          {"Metadata_Plate": "P", "Metadata_Well": "B01", "Metadata_Site": "1", "Metadata_Label": "y"}],
         np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 5.0]]))
     assert list(fields.columns) == ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label",
                                     "emb_0", "emb_1"]
-    wells = E.aggregate_wells(fields)
+    wells = T.aggregate_wells(fields)
     assert list(wells.columns) == ["Metadata_Plate", "Metadata_Well", "Metadata_Label", "Metadata_Count",
                                    "emb_0", "emb_1"]
     assert wells[["emb_0", "emb_1"]].to_numpy().tolist() == [[2.0, 4.0], [5.0, 5.0]]
@@ -54,69 +83,86 @@ def test_aggregate_wells_means_and_constant_metadata() -> None:
 
 
 def test_write_profiles_fp16_atomic(tmp_path: Path) -> None:
-    df = E.profiles_frame([{"Metadata_Plate": "P", "Metadata_Well": "A01"}], np.array([[0.1, 2.5]]))
-    out = E.write_profiles(df, tmp_path / "p.parquet", dtype="fp16")
+    df = T.profiles_frame([{"Metadata_Plate": "P", "Metadata_Well": "A01"}], np.array([[0.1, 2.5]]))
+    out = T.write_profiles(df, tmp_path / "p.parquet", dtype="fp16")
     back = pd.read_parquet(out)
     assert back["emb_0"].dtype == np.float16 and back["emb_1"].tolist() == [2.5]
     assert [p.name for p in tmp_path.iterdir()] == ["p.parquet"]
     with pytest.raises(UserError, match="dtype"):
-        E.write_profiles(df, tmp_path / "q.parquet", dtype="int8")
+        T.write_profiles(df, tmp_path / "q.parquet", dtype="int8")
 
 
 def test_run_embed_from_export(export_path: Path, tmp_path: Path) -> None:
+    from dinocell.models.loading import load_model
+
     info = E.run_embed(export_path, tmp_path / "prof", data="synthetic", overrides=SYNTH, dtype="fp32")
     fields = pd.read_parquet(tmp_path / "prof" / "fields.parquet")
     wells = pd.read_parquet(tmp_path / "prof" / "wells.parquet")
-    assert info["fields"] == 8 and len(fields) == 8 and info["size"] == 32
+    assert info["fields"] == 8 and len(fields) == 8 and info["tile"] == 32 and info["geometry"] == "tiles"
     assert info["features"] == 5 * 32 and fields.filter(like="emb_").shape[1] == 160
-    for col in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label", "Metadata_Control"):
+    for col in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label", "Metadata_Control",
+                "Metadata_FieldIndex"):
         assert col in fields.columns
     assert len(wells) == fields.groupby(["Metadata_Plate", "Metadata_Well"]).ngroups == 4
     assert (wells["Metadata_Count"] == 2).all()
-    # the well profile is the mean of its fields
     g = fields.groupby(["Metadata_Plate", "Metadata_Well"])["emb_7"].mean().to_numpy()
-    assert np.allclose(wells["emb_7"].to_numpy(), g, atol=1e-6)
-    # mean_image view: D features, equal to encoding the mean image directly
+    assert np.allclose(wells["emb_7"].to_numpy(), g, atol=1e-6)  # the well profile is the mean of its fields
+    # mean_image view: D features, equal to encoding the fluorescent mean image directly
     E.run_embed(export_path, tmp_path / "mean", data="synthetic", overrides=SYNTH, view="mean_image")
-    assert pd.read_parquet(tmp_path / "mean" / "fields.parquet").filter(like="emb_").shape[1] == 32
+    mean = pd.read_parquet(tmp_path / "mean" / "fields.parquet")
+    m = load_model(export_path)
+    cfg = E.data_config(m, "synthetic", SYNTH)
+    from dinocell.data.sources import open_source
+
+    src = open_source(cfg.data)
+    x = torch.from_numpy(np.asarray(src.load(src.records[0]), np.float32))
+    with torch.no_grad():
+        want = m.backbone(x[np.flatnonzero(src.fluorescent)].mean(0)[None, None])[0]
+    got = mean.filter(like="emb_").to_numpy()[0]
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
 
 
-def test_load_model_from_checkpoint_and_errors(tmp_path: Path) -> None:
-    from dinocell.models.backbone import build_backbone
+def test_tiles_are_mean_pooled_and_full_geometry_sees_the_whole_field(export_path: Path, tmp_path: Path) -> None:
+    from dinocell.models.loading import load_model
 
-    cfg = load_config(None, ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
-                             "data.views.global_crop_size=32"])
-    run = tmp_path / "run"
-    save_config(cfg, run)
-    torch.manual_seed(3)
-    teacher = build_backbone(cfg.model, img_size=32)
-    state = {f"meta.teacher.backbone.{k}": v for k, v in teacher.state_dict().items()}
-    state["meta.student.backbone.mask_token"] = torch.ones(1, 32)
-    (run / "checkpoints").mkdir()
-    torch.save({"state_dict": state, "dinocell": {"channel_names": ["DNA", "ER"]}}, run / "checkpoints" / "last.ckpt")
-    m = E.load_model(run)
-    assert m.crop_size == 32 and m.channel_names == ["DNA", "ER"] and m.run_dir == run
-    x = torch.rand(2, 1, 32, 32)
-    assert torch.allclose(m.backbone(x), teacher.eval()(x))
+    m = load_model(export_path)
+    over = [o.replace("size=32", "size=64") for o in SYNTH]
+    tiles = E.run_embed(m, tmp_path / "t", data="synthetic", overrides=over, view="mean_image")
+    full = E.run_embed(m, tmp_path / "f", data="synthetic", overrides=over, view="mean_image", geometry="full")
+    assert tiles["tile"] == 32 and full["geometry"] == "full"
+    t = pd.read_parquet(tmp_path / "t" / "fields.parquet").filter(like="emb_").to_numpy()
+    f = pd.read_parquet(tmp_path / "f" / "fields.parquet").filter(like="emb_").to_numpy()
+    assert t.shape == f.shape == (8, 32) and not np.allclose(t, f, atol=1e-3)
+    from dinocell.data.sources import open_source
 
-    with pytest.raises(UserError, match="model not found"):
-        E.load_model(tmp_path / "missing")
-    with pytest.raises(UserError, match="neither export"):
-        E.load_model(tmp_path)
-    (tmp_path / "weights.bin").write_bytes(b"x")
-    with pytest.raises(UserError, match="cannot tell"):
-        E.load_model(tmp_path / "weights.bin")
-    torch.save({"state_dict": {"other.w": torch.zeros(1)}}, tmp_path / "bad.ckpt")
-    (tmp_path / "config.yaml").write_text((run / "config.yaml").read_text())
-    with pytest.raises(UserError, match="no teacher backbone"):
-        E.load_model(tmp_path / "bad.ckpt")
+    src = open_source(E.data_config(m, "synthetic", over).data)
+    x = torch.from_numpy(np.asarray(src.load(src.records[0]), np.float32))
+    img = x[np.flatnonzero(src.fluorescent)].mean(0)
+    quads = torch.stack([img[i:i + 32, j:j + 32] for i in (0, 32) for j in (0, 32)])[:, None]
+    with torch.no_grad():
+        np.testing.assert_allclose(t[0], m.backbone(quads).mean(0).numpy(), atol=1e-5)
+        np.testing.assert_allclose(f[0], m.backbone(img[None, None])[0].numpy(), atol=1e-5)
 
 
-def test_data_config_uses_held_out_synthetic_seed(export_path: Path) -> None:
+def test_data_config_uses_held_out_seed_and_model_scaling() -> None:
     cfg = load_config(None, ["data.synthetic.seed=5"])
-    m = E.LoadedModel(backbone=None, cfg=cfg, crop_size=32, channel_names=[], description="x")
+    pre = Preprocess(scaling=cfg.data.scaling.__class__(low_percentile=2.0))
+    m = LoadedModel(backbone=None, preprocess=pre, cfg=cfg, description="x")
     d = E.data_config(m, "synthetic", ["data.synthetic.n_fields=3"])
     assert d.data.synthetic.seed == 5 + E.HELD_OUT_SEED_OFFSET and d.data.synthetic.n_fields == 3
+    assert d.data.scaling.low_percentile == 2.0
     assert cfg.data.synthetic.seed == 5  # the model's config is not modified
     with pytest.raises(UserError, match="did you mean"):
         E.data_config(m, None, ["data.synthetc.n_fields=3"])
+
+
+def test_load_fields_crops_to_square_before_resizing() -> None:
+    class Src:
+        def load(self, rec):
+            x = np.zeros((1, 8, 16), np.float32)
+            x[..., 4:12] = 1.0  # the centred 8x8 square is all ones
+            return x
+
+    rec = type("R", (), {"key": "k"})()
+    out, kept, skipped = E.load_fields(Src(), [rec], 4)
+    assert out.shape == (1, 1, 4, 4) and torch.allclose(out, torch.ones(1, 1, 4, 4))

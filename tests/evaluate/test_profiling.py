@@ -131,8 +131,9 @@ def test_trained_model_beats_untrained_on_replicate_map(tmp_path) -> None:
 
     from dinocell.cli import main
     from dinocell.config import load_config
-    from dinocell.evaluate.embed import LoadedModel, run_embed
+    from dinocell.evaluate.embed import run_embed
     from dinocell.models.backbone import build_backbone
+    from dinocell.models.loading import LoadedModel, preprocess_from_config
     from dinocell.train.run import pretrain
     tiny = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
             "head.prototypes=64", "head.hidden_dim=64", "head.bottleneck_dim=32",
@@ -148,8 +149,9 @@ def test_trained_model_beats_untrained_on_replicate_map(tmp_path) -> None:
     assert main(["embed", str(run), "--out", str(tmp_path / "trained"), *plates]) == 0
 
     L.seed_everything(cfg.train.seed, verbose=False)
-    untrained = LoadedModel(build_backbone(cfg.model, img_size=32).eval(), load_config(run / "config.yaml"), 32,
-                            [], "untrained")
+    run_cfg = load_config(run / "config.yaml")
+    untrained = LoadedModel(build_backbone(cfg.model, img_size=32).eval(), preprocess_from_config(run_cfg), run_cfg,
+                            "untrained")
     run_embed(untrained, tmp_path / "untrained", data="synthetic", overrides=plates)
 
     scores = {}

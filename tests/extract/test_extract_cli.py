@@ -14,15 +14,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def test_register_adds_the_four_commands():
+def test_register_adds_the_three_commands():  # extract-fields is embed's alias (evaluate/cli.py)
     p = _parser()
     a = p.parse_args(["extract-volumes", "--output-dir", "o", "--num-volumes", "4"])
     assert a.cluster == "local" and a.output_image_dim == 128 and a.compression == "zstd" and a.checksum
     assert a.gpu is None and a.axes == "z" and callable(a.func)
     assert p.parse_args(["check", "--output-dir", "o", "--verify", "--json"]).verify
     assert p.parse_args(["bench-load", "--preprocessed-dir", "o"]).num_batches == 20
-    f = p.parse_args(["extract-fields", "--output-dir", "o", "--combine", "concat", "data.batch_size=2"])
-    assert f.combine == "concat" and f.overrides == ["data.batch_size=2"]
     assert p.parse_args(["extract-volumes", "--output-dir", "o", "--no-gpu", "--num-volumes", "1"]).gpu is False
 
 

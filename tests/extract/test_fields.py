@@ -1,3 +1,5 @@
+"""``extract-fields`` is ``dinocell embed``: resumable parts, skipped fields, patch maps, the CLI alias."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +12,8 @@ from extract_stubs import MeanPatchModel
 
 from dinocell.data.field import FieldRecord
 from dinocell.errors import ConfigError, DataError
-from dinocell.extract.fields import FieldExtractionOptions, _fit, extract_fields, field_views
+from dinocell.evaluate.embed import run_embed
+from dinocell.models.loading import LoadedModel, Preprocess
 
 
 class FakeSource:
@@ -18,6 +21,7 @@ class FakeSource:
 
     channels = ["DNA", "ER", "Brightfield"]
     fluorescent = [True, True, False]
+    name = "fake"
 
     def __init__(self, n: int = 5, bad: int | None = None, size: int = 8) -> None:
         self.records = [FieldRecord(plate=f"P{i % 2}", well=f"A0{i}", site=1,
@@ -38,82 +42,59 @@ class FakeSource:
         return self.image(i)
 
 
-def test_field_views_use_fluorescent_mean():
-    img = np.stack([np.full((4, 4), v, np.float32) for v in (1.0, 3.0, 100.0)])
-    v = field_views(img, [True, True, False])
-    assert v.shape == (4, 1, 4, 4)
-    np.testing.assert_allclose(v[:, 0, 0, 0], [1.0, 3.0, 100.0, 2.0])  # mean image ignores brightfield
-    assert field_views(img, [True] * 3, include_mean=False).shape == (3, 1, 4, 4)
+def stub() -> LoadedModel:
+    return LoadedModel(MeanPatchModel(), Preprocess(patch_size=4, crop_size=8), None, "stub")
 
 
-def test_fit_crops_to_patch_multiple_and_resizes():
-    img = np.arange(2 * 10 * 13, dtype=np.float32).reshape(2, 10, 13)
-    out = _fit(img, 4, None)
-    assert out.shape == (2, 8, 12)
-    np.testing.assert_array_equal(out, img[:, 1:9, 0:12])
-    assert _fit(img, 4, 16).shape == (2, 16, 16)
-    with pytest.raises(DataError, match="smaller than the patch size"):
-        _fit(img[:, :2, :2], 4, None)
-
-
-def test_mean_and_concat_embeddings(tmp_path):
+def test_views_and_brightfield_policy(tmp_path):
     src = FakeSource(n=3)
-    path = extract_fields(tmp_path / "m", source=src, model=MeanPatchModel(),
-                          options=FieldExtractionOptions(chunk_size=2), progress=False)
-    df = pd.read_parquet(path)
+    run_embed(stub(), tmp_path / "m", source=src, view="channel_mean", chunk_size=2)
+    df = pd.read_parquet(tmp_path / "m" / "fields.parquet")
     assert list(df["Metadata_FieldIndex"]) == [0, 1, 2]
     assert {"Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label"} <= set(df.columns)
     assert "other" not in df.columns and [c for c in df.columns if c.startswith("emb_")] == ["emb_0", "emb_1"]
-    for i in range(3):
-        views = src.image(i)[:, 0, 0].tolist() + [src.image(i)[:2, 0, 0].mean()]
-        assert df.loc[i, "emb_0"] == pytest.approx(np.mean(views), abs=1e-6)
+    for i in range(3):  # mean over DNA and ER only: brightfield never enters a mean
+        assert df.loc[i, "emb_0"] == pytest.approx(src.image(i)[:2, 0, 0].mean(), abs=1e-6)
         assert df.loc[i, "emb_1"] == pytest.approx(1.0)
-    path = extract_fields(tmp_path / "c", source=FakeSource(n=3), model=MeanPatchModel(),
-                          options=FieldExtractionOptions(combine="concat", include_mean_image=False),
-                          progress=False)
-    df = pd.read_parquet(path)
-    emb = df[[f"emb_{d}" for d in range(6)]].to_numpy()
-    np.testing.assert_allclose(emb[2], [0.3, 1, 0.31, 1, 0.32, 1], atol=1e-6)  # (view mean, 1) per channel
+    run_embed(stub(), tmp_path / "c", source=FakeSource(n=3))
+    emb = pd.read_parquet(tmp_path / "c" / "fields.parquet").filter(like="emb_").to_numpy()
+    np.testing.assert_allclose(emb[2], [0.3, 1, 0.31, 1, 0.32, 1], atol=1e-6)  # concat: every channel, own slot
 
 
 def test_resume_redoes_only_missing_parts(tmp_path):
-    opts = FieldExtractionOptions(chunk_size=2)
-    first = pd.read_parquet(extract_fields(tmp_path, source=FakeSource(), model=MeanPatchModel(),
-                                           options=opts, progress=False))
-    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [
+    first = run_embed(stub(), tmp_path, source=FakeSource(), chunk_size=2)
+    assert sorted(p.name for p in (tmp_path / "parts").glob("*.parquet")) == [
         "part_000000.parquet", "part_000001.parquet", "part_000002.parquet"]
+    before = pd.read_parquet(first["paths"]["fields"])
     (tmp_path / "parts" / "part_000001.parquet").unlink()
-    (tmp_path / "embeddings.parquet").unlink()
+    (tmp_path / "fields.parquet").unlink()
     src = FakeSource()
-    again = pd.read_parquet(extract_fields(tmp_path, source=src, model=MeanPatchModel(), options=opts,
-                                           progress=False))
+    again = run_embed(stub(), tmp_path, source=src, chunk_size=2)
     assert src.loads == 2  # only fields 2 and 3 (part 1) were loaded again
-    pd.testing.assert_frame_equal(first, again)
+    pd.testing.assert_frame_equal(before, pd.read_parquet(again["paths"]["fields"]))
 
 
 def test_changed_configuration_needs_new_dir_or_overwrite(tmp_path):
-    extract_fields(tmp_path, source=FakeSource(), model=MeanPatchModel(), progress=False)
-    with pytest.raises(ConfigError, match="different extraction"):
-        extract_fields(tmp_path, source=FakeSource(), model=MeanPatchModel(),
-                       options=FieldExtractionOptions(combine="concat"), progress=False)
-    path = extract_fields(tmp_path, source=FakeSource(), model=MeanPatchModel(),
-                          options=FieldExtractionOptions(combine="concat"), overwrite=True, progress=False)
-    assert pd.read_parquet(path).shape[1] == 4 + 1 + 8  # metadata + label + 4 views x 2
+    run_embed(stub(), tmp_path, source=FakeSource())
+    with pytest.raises(ConfigError, match="different embedding"):
+        run_embed(stub(), tmp_path, source=FakeSource(), view="channel_mean")
+    info = run_embed(stub(), tmp_path, source=FakeSource(), view="channel_mean", overwrite=True)
+    assert info["features"] == 2
 
 
 def test_bad_field_is_skipped_and_recorded(tmp_path):
-    path = extract_fields(tmp_path, source=FakeSource(n=4, bad=2), model=MeanPatchModel(), progress=False)
-    assert list(pd.read_parquet(path)["Metadata_FieldIndex"]) == [0, 1, 3]
-    run = json.loads((tmp_path / "fields_run.json").read_text())
-    assert run["rows"] == 3 and run["skipped"] == ["P0/A02/1: corrupt TIFF"]
+    info = run_embed(stub(), tmp_path, source=FakeSource(n=4, bad=2))
+    assert list(pd.read_parquet(info["paths"]["fields"])["Metadata_FieldIndex"]) == [0, 1, 3]
+    run = json.loads((tmp_path / "embed_run.json").read_text())
+    assert run["fields"] == 3 and run["skipped"] == ["P0/A02/1: corrupt TIFF"]
 
 
 def test_patch_maps_per_plate(tmp_path):
-    src = FakeSource(n=5, size=8)
-    path = extract_fields(tmp_path, source=src, model=MeanPatchModel(),
-                          options=FieldExtractionOptions(patch_maps=True, pool="mean", chunk_size=2),
-                          progress=False)
-    df = pd.read_parquet(path)
+    with pytest.raises(ConfigError, match="--geometry full"):
+        run_embed(stub(), tmp_path, source=FakeSource(), patch_maps=True)
+    info = run_embed(stub(), tmp_path, source=FakeSource(n=5, size=8), patch_maps=True, geometry="full",
+                     pool="mean", view="channel_mean", chunk_size=2)
+    df = pd.read_parquet(info["paths"]["fields"])
     p0 = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "patch_maps" / "P0.zarr")}}
                  ).result().read().result()
     assert p0.shape == (3, 2, 2, 2)  # fields 0, 2, 4 of plate P0; D=2; 8/4 x 8/4 patches
@@ -122,13 +103,19 @@ def test_patch_maps_per_plate(tmp_path):
     np.testing.assert_allclose(p0[2, 0], row["emb_0"], atol=1e-3)  # constant image: map == pooled value
 
 
-def test_cli_on_synthetic_source(tmp_path, capsys):
+def test_extract_fields_alias_on_synthetic_source(tmp_path, capsys):
     from dinocell.cli import main
+    from dinocell.config import ModelConfig
+    from dinocell.models.backbone import build_backbone, save_backbone
 
+    model = tmp_path / "m.safetensors"
+    save_backbone(build_backbone(ModelConfig(embed_dim=32, depth=2, num_heads=2, patch_size=8), img_size=32),
+                  model, {"preprocess": Preprocess(patch_size=8, crop_size=32).to_dict()})
     out = tmp_path / "emb"
-    rc = main(["extract-fields", "--output-dir", str(out), "--chunk-size", "4", "--no-progress",
-               "data.synthetic.n_fields=6", "data.synthetic.size=32"])
-    assert rc == 0 and "embeddings.parquet" in capsys.readouterr().out
-    df = pd.read_parquet(out / "embeddings.parquet")
+    rc = main(["extract-fields", "--output-dir", str(out), "--backbone", str(model), "--chunk-size", "4",
+               "--view", "channel_mean", "--no-progress", "data.synthetic.n_fields=6", "data.synthetic.size=32"])
+    assert rc == 0 and "fields.parquet" in capsys.readouterr().out
+    df = pd.read_parquet(out / "fields.parquet")
     assert len(df) == 6 and sum(c.startswith("emb_") for c in df.columns) == 32
     assert df[[c for c in df.columns if c.startswith("emb_")]].notna().all().all()
+    assert main(["extract-fields", "--output-dir", str(tmp_path / "x")]) == 2  # a model is required

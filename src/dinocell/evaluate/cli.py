@@ -36,16 +36,35 @@ def register(sub: Any) -> None:
     ev.set_defaults(func=_evaluate)
     allow_intermixed(ev)
 
-    em = sub.add_parser("embed", help="fields -> per-field and per-well Parquet profiles")
-    em.add_argument("model", help="run folder, .ckpt or .safetensors")
-    em.add_argument("--data", default=None, help=DATA_HELP)
-    em.add_argument("--out", required=True, metavar="DIR", help="output folder (fields.parquet, wells.parquet)")
-    em.add_argument("--view", default="concat", choices=("concat", "mean_image", "channel_mean"),
-                    help="field profile: channel embeddings concatenated (default), mean image, or their mean")
+    em = sub.add_parser("embed", aliases=["extract-fields"],
+                        help="fields -> per-field and per-well Parquet profiles (alias: extract-fields)",
+                        description="Embed every field of a data source with a model: tiles at the training "
+                                    "magnification (or the whole field), each stain as its own image; "
+                                    "resumable in chunks. 'extract-fields' is the same command.")
+    em.add_argument("model", nargs="?", default=None,
+                    help="run folder, .ckpt, .safetensors export, timm export folder or official DINOv3 .pth")
+    em.add_argument("--backbone", default=None, help="same as MODEL (the extract-fields spelling)")
+    em.add_argument("--model-name", default=None, help="timm architecture of an official .pth with a custom name")
+    em.add_argument("--data", "--source", dest="data", default=None, help=DATA_HELP)
+    em.add_argument("--config", default=None, help="experiment YAML whose data section selects the fields")
+    em.add_argument("--out", "--output-dir", dest="out", required=True, metavar="DIR",
+                    help="output folder (fields.parquet, wells.parquet, parts/)")
+    em.add_argument("--view", default="concat", choices=("concat", "channel_mean", "mean_image"),
+                    help="field profile: channel embeddings side by side (default), mean of the fluorescent "
+                         "channel embeddings, or embedding of the fluorescent mean image")
+    em.add_argument("--pool", default="cls", choices=("cls", "mean"), help="CLS token or mean of patch tokens")
+    em.add_argument("--geometry", default="tiles", choices=("tiles", "full"),
+                    help="tiles of the training crop at native resolution, mean-pooled (default), or the "
+                         "whole field in one pass; fields are never resized")
+    em.add_argument("--tile", type=int, default=None, help="tile side in px (default: the training crop)")
     em.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="feature precision on disk")
-    em.add_argument("--size", type=int, default=None, help="image size fed to the model (default: training crop)")
-    em.add_argument("--batch-size", type=int, default=32)
+    em.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    em.add_argument("--chunk-size", type=int, default=256, help="fields per resumable part file")
     em.add_argument("--limit", type=int, default=None, help="at most N fields, spread over the source")
+    em.add_argument("--patch-maps", action="store_true", help="also write patch-feature maps per plate (full)")
+    em.add_argument("--overwrite", action="store_true", help="discard earlier parts in the output folder")
+    em.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    em.add_argument("--no-progress", action="store_true")
     em.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     em.set_defaults(func=_embed)
     allow_intermixed(em)
@@ -78,12 +97,36 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dinocell.errors import UserError
     from dinocell.evaluate.embed import run_embed
 
-    info = run_embed(args.model, args.out, data=args.data, overrides=args.overrides, view=args.view,
-                     dtype=args.dtype, size=args.size, batch_size=args.batch_size, limit=args.limit, progress=True)
+    overrides = list(args.overrides or [])
+    if args.model and "=" in args.model and not Path(args.model).exists():
+        overrides.insert(0, args.model)  # with --backbone, the first key=value lands in MODEL
+        args.model = None
+    model = args.model or args.backbone
+    if model is None:
+        raise UserError("give a model: a run folder, .ckpt, .safetensors, timm folder or DINOv3 .pth")
+    base = None
+    if args.config:
+        from dinocell.config import load_config
+
+        base = load_config(args.config)
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else None
+    info = run_embed(model, args.out, data=args.data, overrides=overrides, base_config=base,
+                     model_name=args.model_name, device=device, overwrite=args.overwrite,
+                     progress=not args.no_progress, view=args.view, pool=args.pool, geometry=args.geometry,
+                     tile=args.tile, dtype=args.dtype, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                     limit=args.limit, patch_maps=args.patch_maps)
     print(f"embedded {info['fields']} fields ({info['wells']} wells, {info['features']} features, "
-          f"{args.dtype}) -> {info['paths']['fields']}, {info['paths']['wells']}")
+          f"{args.dtype}, {info['geometry']} {info['tile']} px) -> {info['paths']['fields']}, "
+          f"{info['paths']['wells']}")
     if info["skipped"]:
         print(f"skipped {len(info['skipped'])} field(s); first: {info['skipped'][0]}")
     return 0

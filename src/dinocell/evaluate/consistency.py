@@ -12,7 +12,7 @@ per-channel images of one field similar embeddings.  Three read-outs, from weake
 * :func:`dinocell.evaluate.transfer.transfer_knn` — classify phenotypes on channel b with a kNN fitted
   on channel a.
 
-All embeddings come from :func:`dinocell.extract.encode.encode_features` (eval mode, no grad).
+All embeddings come from :func:`dinocell.models.encode.encode_features` (eval mode, no grad).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dinocell.errors import DataError
-from dinocell.extract.encode import encode_features
+from dinocell.models.encode import encode_features
 
 # --------------------------------------------------------------------------------------------------
 # Embedding every channel of every field

@@ -1,154 +1,199 @@
-"""``dinocell embed``: fields -> per-field and per-well profiles (Parquet), plus model loading.
+"""``dinocell embed`` (alias ``extract-fields``): fields -> per-field and per-well profiles (Parquet).
 
-A profile row is ``Metadata_*`` columns (plate, well, site and whatever the source knows: label,
-control flag, load_data metadata) followed by ``emb_0 .. emb_{D-1}``.  The field embedding is built
-from the per-channel embeddings of :func:`dinocell.evaluate.consistency.channel_embeddings` (each
-stain encoded as its own 1-channel image, as in training):
+One 2-D embedder with one policy for each choice:
 
-* ``concat`` (default): the C channel embeddings side by side (C·D features) — keeps what is specific
-  to each stain, which profiling needs (a compound may act on mitochondria only);
-* ``mean_image``: the embedding of the fluorescent-channel mean image (D);
-* ``channel_mean``: the average of the C channel embeddings (D).
+* **geometry** (:mod:`dinocell.evaluate.tiling`): tiles of the model's training crop over the field
+  at native resolution, mean-pooled (default), or the whole field in one pass (``full``).  Fields are
+  never resized, so non-square fields are never squashed.
+* **channels**: every stain is encoded as its own 1-channel image (as in training).  The field vector
+  is ``concat`` (default: the channel embeddings side by side, C·D — keeps what is specific to each
+  stain; brightfield channels get their own slot), ``channel_mean`` (mean of the *fluorescent*
+  channel embeddings, D) or ``mean_image`` (embedding of the mean of the *fluorescent* channels, D).
+  Brightfield never enters a mean.
+* **pool**: the normalised CLS token (default) or the mean of the patch tokens.
 
-Per-well profiles are the mean of the well's field profiles (the usual CellProfiler/JUMP
-aggregation).  Files are written to a temporary name and renamed, so a killed job never leaves a
-truncated Parquet behind.
-
-Models are given as a run folder (``export/*.safetensors`` if present, else ``checkpoints/last.ckpt``),
-a ``.ckpt`` file, or an exported ``.safetensors`` backbone (:func:`load_model`).
+A profile row is ``Metadata_*`` columns (plate, well, site, what the source knows: label, control
+flag, load_data metadata, and ``Metadata_FieldIndex``) followed by ``emb_0 .. emb_{K-1}``.  Fields
+are embedded in chunks, each written to ``parts/part_NNNNNN.parquet`` atomically; a rerun skips the
+parts that exist.  ``fields.parquet`` and ``wells.parquet`` (mean per well) are assembled at the end.
+With ``patch_maps`` (``full`` geometry) the patch-feature maps go to one zarr array per plate.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
+import shutil
+import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 import yaml
 
-from dinocell.config import Config, config_from_dict, load_config, to_dict
+from dinocell.config import Config, config_from_dict, to_dict
 from dinocell.errors import ConfigError, DataError, UserError
+from dinocell.evaluate.profile_table import DTYPES, aggregate_wells, profiles_frame, write_profiles
+from dinocell.evaluate.tiling import GEOMETRIES, field_tiles
+from dinocell.models.encode import encode_features
+from dinocell.models.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 
-VIEWS = ("concat", "mean_image", "channel_mean")
-DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16}
-TEACHER_PREFIX = "meta.teacher.backbone."
+VIEWS = ("concat", "channel_mean", "mean_image")
+POOLS = ("cls", "mean")
 HELD_OUT_SEED_OFFSET = 10_007  # same offset as the training summary's held-out synthetic fields
+RUN_FILE = "embed_run.json"
+
+
+@dataclass
+class EmbedOptions:
+    """How fields become profiles (saved in ``embed_run.json``; a resumed run must match)."""
+
+    view: str = "concat"  # concat | channel_mean | mean_image
+    pool: str = "cls"  # cls | mean
+    geometry: str = "tiles"  # tiles | full
+    tile: int | None = None  # tile side in px; None: the model's training global crop
+    dtype: str = "fp32"  # feature precision on disk
+    limit: int | None = None  # at most this many fields, spread over the source
+    chunk_size: int = 256  # fields per resumable part file
+    batch_size: int = 32  # images per forward pass
+    patch_maps: bool = False  # also write patch-feature maps (full geometry)
+
+    def validate(self) -> None:
+        for name, value, allowed in (("view", self.view, VIEWS), ("pool", self.pool, POOLS),
+                                     ("geometry", self.geometry, GEOMETRIES), ("dtype", self.dtype, DTYPES)):
+            if value not in allowed:
+                raise UserError(f"unknown {name} '{value}'; choose one of {', '.join(allowed)}")
+        if self.chunk_size < 1 or self.batch_size < 1 or (self.tile is not None and self.tile < 1):
+            raise ConfigError("--chunk-size, --batch-size and --tile must be >= 1")
+        if self.patch_maps and self.geometry != "full":
+            raise ConfigError("--patch-maps needs --geometry full (one map per field at native resolution)")
 
 
 # --------------------------------------------------------------------------------------------------
-# Models
+# Channel policy
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class LoadedModel:
-    """A backbone plus what is known about how it was trained."""
-
-    backbone: Any
-    cfg: Config | None
-    crop_size: int
-    channel_names: list[str]
-    description: str
-    run_dir: Path | None = None
+def channel_plan(view: str, fluorescent: Sequence[bool]) -> tuple[list[int], bool]:
+    """(channels encoded alone, whether the fluorescent mean image is encoded) for ``view``."""
+    fluo = [c for c, f in enumerate(fluorescent) if f]
+    if view == "concat":
+        return list(range(len(fluorescent))), False
+    if not fluo:
+        raise DataError(f"view '{view}' averages fluorescent channels, but the source has none")
+    return (fluo, False) if view == "channel_mean" else ([], True)
 
 
-def _load_ckpt(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"refusing to load {path}: not a plain weights file ({first})") from None
-    if not isinstance(obj, dict) or "state_dict" not in obj:
-        raise UserError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    return obj
+def field_views(field: torch.Tensor, channels: Sequence[int], fluorescent: Sequence[bool],
+                mean_image: bool) -> torch.Tensor:
+    """(C, H, W) -> (V, 1, H, W): the listed channels alone, then (optionally) the fluorescent mean."""
+    views = [field[c] for c in channels]
+    if mean_image:
+        views.append(field[[c for c, f in enumerate(fluorescent) if f]].mean(0))
+    return torch.stack(views)[:, None].float()
 
 
-def _config_for_checkpoint(ckpt: dict[str, Any], path: Path) -> Config:
-    """The run's config: ``<run>/config.yaml`` next to ``checkpoints/``, else the copy in the checkpoint."""
-    for cand in (path.parent.parent / "config.yaml", path.parent / "config.yaml"):
-        if cand.is_file():
-            return load_config(cand)
-    meta = ckpt.get("dinocell") or {}
-    if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
-        return config_from_dict(meta["config"])
-    raise UserError(f"no config.yaml found for {path} (expected it in the run folder)")
+def combine_views(per_view: torch.Tensor, view: str) -> torch.Tensor:
+    """(V, ...) per-view embeddings or maps -> the field's: concatenated (V·D, ...) or averaged (D, ...)."""
+    if view not in VIEWS:
+        raise UserError(f"unknown view '{view}'; choose one of {', '.join(VIEWS)}")
+    if view == "concat":
+        return per_view.reshape(-1, *per_view.shape[2:])
+    return per_view.mean(0)
 
 
-def load_checkpoint_backbone(path: str | os.PathLike[str]) -> LoadedModel:
-    """The EMA teacher backbone of a training checkpoint (``meta.teacher.backbone.*`` keys)."""
-    from dinocell.models.backbone import build_backbone
-
-    p = Path(path)
-    ckpt = _load_ckpt(p)
-    cfg = _config_for_checkpoint(ckpt, p)
-    cfg.model.pretrained = None  # the checkpoint holds the weights
-    crop = int(cfg.data.views.global_crop_size)
-    backbone = build_backbone(cfg.model, img_size=crop)
-    state = {k[len(TEACHER_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(TEACHER_PREFIX)}
-    if not state:
-        raise UserError(f"{p} holds no teacher backbone weights ({TEACHER_PREFIX}*)")
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{p}: weights do not fit the run's model config ({first})") from None
-    meta = ckpt.get("dinocell") or {}
-    names = list(meta.get("channel_names") or cfg.data.channels or [])
-    run_dir = p.parent.parent if p.parent.name == "checkpoints" else None
-    return LoadedModel(backbone.eval(), cfg, crop, names, f"checkpoint {p}", run_dir)
+# --------------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------------
 
 
-def load_export(path: str | os.PathLike[str]) -> LoadedModel:
-    """An exported backbone (``.safetensors`` + JSON sidecar)."""
-    from dinocell.config import ScalingConfig
-    from dinocell.models.backbone import load_backbone
+class _Batcher:
+    """Packs the tiles of consecutive same-shaped fields into forward passes of ~``batch_size`` images."""
 
-    bb = load_backbone(path)
-    side = dict(getattr(bb, "sidecar", {}) or {})
-    crop = int((side.get("views") or {}).get("global_crop_size") or bb.arch.get("img_size", 224))
-    cfg = Config()
-    scaling = side.get("scaling")
-    if isinstance(scaling, dict):
-        fields = {f.name for f in dataclasses.fields(ScalingConfig)}
-        cfg.data.scaling = ScalingConfig(**{k: v for k, v in scaling.items() if k in fields})
-    cfg.data.views.global_crop_size = crop
-    run_dir = Path(path).parent.parent if Path(path).parent.name == "export" else None
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        cfg = load_config(run_dir / "config.yaml")
-        cfg.model.pretrained = None
-    return LoadedModel(bb, cfg, crop, list(side.get("channel_names") or []), f"export {path}", run_dir)
+    def __init__(self, model: Any, opts: EmbedOptions) -> None:
+        self.model, self.opts = model, opts
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.done: list[tuple[int, np.ndarray, np.ndarray | None]] = []  # (index, vector, patch map)
+
+    def add(self, index: int, tiles: torch.Tensor) -> None:
+        if self.pending and tiles.shape[2:] != self.pending[-1][1].shape[2:]:
+            self.flush()
+        self.pending.append((index, tiles))
+        if sum(t.shape[0] * t.shape[1] for _, t in self.pending) >= self.opts.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        opts = self.opts
+        x = torch.cat([t.flatten(0, 1) for _, t in self.pending])
+        maps = None
+        if opts.patch_maps:
+            maps = encode_features(self.model, x, pool="patch", batch_size=opts.batch_size)
+            pooled = maps.float().mean((2, 3)) if opts.pool == "mean" else encode_features(
+                self.model, x, pool="cls", batch_size=opts.batch_size)
+        else:
+            pooled = encode_features(self.model, x, pool=opts.pool, batch_size=opts.batch_size)
+        start = 0
+        for index, t in self.pending:
+            v, n = int(t.shape[0]), int(t.shape[0] * t.shape[1])
+            per_view = pooled[start:start + n].float().reshape(v, int(t.shape[1]), -1).mean(1)  # tile mean
+            field_map = None
+            if maps is not None:  # full geometry: one tile per view
+                field_map = combine_views(maps[start:start + n].float(), opts.view).numpy()
+            self.done.append((index, combine_views(per_view, opts.view).numpy(), field_map))
+            start += n
+        self.pending.clear()
 
 
-def load_model(spec: str | os.PathLike[str]) -> LoadedModel:
-    """A run folder (newest ``export/*.safetensors``, else ``checkpoints/last.ckpt``), a ``.ckpt`` or an
-    exported ``.safetensors``."""
-    p = Path(spec)
-    if p.is_dir():
-        exports = sorted((p / "export").glob("*.safetensors"), key=lambda q: q.stat().st_mtime)
-        if exports:
-            return load_export(exports[-1])
-        last = p / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return load_checkpoint_backbone(last)
-        raise UserError(f"{p} has neither export/*.safetensors nor checkpoints/last.ckpt")
-    if not p.exists():
-        raise UserError(f"model not found: {p}")
-    if p.suffix == ".safetensors":
-        return load_export(p)
-    if p.suffix == ".ckpt":
-        return load_checkpoint_backbone(p)
-    raise UserError(f"cannot tell what {p} is: give a run folder, a .ckpt or a .safetensors file")
+def record_metadata(rec: Any, index: int | None = None) -> dict[str, Any]:
+    """``Metadata_*`` of a field record as strings (plate, well, site always), plus the field index."""
+    meta: dict[str, Any] = {k: str(v) for k, v in (rec.metadata or {}).items() if str(k).startswith("Metadata_")}
+    meta.setdefault("Metadata_Plate", str(rec.plate))
+    meta.setdefault("Metadata_Well", str(rec.well))
+    meta.setdefault("Metadata_Site", str(rec.site))
+    if index is not None:
+        meta["Metadata_FieldIndex"] = int(index)
+    return meta
+
+
+def _embed_chunk(model: LoadedModel, source: Any, records: Sequence[tuple[int, Any]], opts: EmbedOptions,
+                 tile: int, writer: Any) -> tuple[pd.DataFrame | None, list[str]]:
+    """Profiles of ``(index, record)`` pairs; unreadable fields are skipped and reported."""
+    fluorescent = list(getattr(source, "fluorescent", [True] * len(source.channels)))
+    channels, mean_image = channel_plan(opts.view, fluorescent)
+    patch = int(model.preprocess.patch_size)
+    batcher = _Batcher(model.backbone, opts)
+    metas: dict[int, dict[str, Any]] = {}
+    skipped: list[str] = []
+    for i, rec in records:
+        try:
+            field = torch.from_numpy(np.ascontiguousarray(source.load(rec), dtype=np.float32))
+            tiles = field_tiles(field_views(field, channels, fluorescent, mean_image), opts.geometry, tile, patch)
+        except (DataError, UserError) as e:
+            skipped.append(f"{rec.key}: {e}")
+            log.warning("skipping field %s: %s", rec.key, e)
+            continue
+        metas[i] = record_metadata(rec, i)
+        batcher.add(i, tiles)
+    batcher.flush()
+    futures, rows, vecs = [], [], []
+    for i, vec, field_map in batcher.done:
+        if writer is not None and field_map is not None:
+            metas[i]["Metadata_PatchIndex"] = writer.row(i)
+            futures.append(writer.write(i, field_map))
+        rows.append(metas[i])
+        vecs.append(vec)
+    for f in futures:
+        f.result()
+    return (profiles_frame(rows, np.stack(vecs)) if vecs else None), skipped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,13 +203,16 @@ def load_model(spec: str | os.PathLike[str]) -> LoadedModel:
 
 def data_config(model: LoadedModel | None, source: str | None, overrides: Sequence[str] = (),
                 base: Config | None = None) -> Config:
-    """The data config for evaluation: the run's (channels, scaling) with ``source`` and overrides.
+    """The data config for embedding/evaluation: the run's (channels) with the model's scaling,
+    ``source`` and overrides.
 
     ``synthetic`` with a training config uses *held-out* fields (the training seed + 10007), so a
     model is never scored on the fields it was trained on.
     """
     cfg = base or (model.cfg if model is not None and model.cfg is not None else Config())
     data = to_dict(cfg)
+    if model is not None:  # the scaling the weights expect, whatever the base config says (overrides win)
+        data["data"]["scaling"] = asdict(model.preprocess.scaling)
     if source is not None:
         data["data"]["source"] = str(source)
     if data["data"]["source"] == "synthetic" and model is not None and model.cfg is not None:
@@ -184,15 +232,14 @@ def data_config(model: LoadedModel | None, source: str | None, overrides: Sequen
     return config_from_dict(data)  # strict: unknown keys fail with a suggestion
 
 
-def spread_indices(n_total: int, limit: int | None) -> np.ndarray:
-    """``limit`` indices spread evenly over ``range(n_total)`` (all when ``limit`` is None)."""
-    if limit is None or limit >= n_total:
-        return np.arange(n_total)
-    return np.unique(np.linspace(0, n_total - 1, max(1, limit)).round().astype(int))
-
-
 def load_fields(source: Any, records: Sequence[Any], size: int | None) -> tuple[torch.Tensor, list[Any], list[str]]:
-    """Load and scale fields, resized to ``size`` (antialiased); bad fields are skipped and reported."""
+    """Fields as one (N, C, size, size) stack for the fixed-size evaluation metrics; bad fields skipped.
+
+    A non-square field is first centre-cropped to its largest square, so a resize never changes the
+    aspect ratio of the cells (profiles use :func:`run_embed`, which does not resize at all).
+    """
+    import torch.nn.functional as F
+
     out, kept, skipped = [], [], []
     for rec in records:
         try:
@@ -202,6 +249,9 @@ def load_fields(source: Any, records: Sequence[Any], size: int | None) -> tuple[
             log.warning("skipping field %s: %s", rec.key, e)
             continue
         if size is not None and tuple(x.shape[-2:]) != (size, size):
+            h, w = int(x.shape[-2]), int(x.shape[-1])
+            s = min(h, w)
+            x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
             x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
         out.append(x)
         kept.append(rec)
@@ -213,113 +263,34 @@ def load_fields(source: Any, records: Sequence[Any], size: int | None) -> tuple[
     return torch.stack(out), kept, skipped
 
 
-def record_metadata(rec: Any) -> dict[str, str]:
-    """``Metadata_*`` of a field record (plate, well and site always present), as strings."""
-    meta = {k: str(v) for k, v in rec.metadata.items() if str(k).startswith("Metadata_")}
-    meta.setdefault("Metadata_Plate", str(rec.plate))
-    meta.setdefault("Metadata_Well", str(rec.well))
-    meta.setdefault("Metadata_Site", str(rec.site))
-    return meta
+def spread_indices(n_total: int, limit: int | None) -> np.ndarray:
+    """``limit`` indices spread evenly over ``range(n_total)`` (all when ``limit`` is None)."""
+    if limit is None or limit >= n_total:
+        return np.arange(n_total)
+    return np.unique(np.linspace(0, n_total - 1, max(1, limit)).round().astype(int))
 
 
 # --------------------------------------------------------------------------------------------------
-# Profiles
+# The command
 # --------------------------------------------------------------------------------------------------
 
 
-def field_vectors(emb: torch.Tensor, view: str) -> np.ndarray:
-    """(F, C+1, D) channel embeddings -> (F, K) field profiles for ``view`` (see module doc)."""
-    if view not in VIEWS:
-        raise UserError(f"unknown view '{view}'; choose one of {', '.join(VIEWS)}")
-    e = emb.float()
-    if view == "concat":
-        return e[:, :-1].reshape(e.shape[0], -1).numpy()
-    if view == "mean_image":
-        return e[:, -1].numpy()
-    return e[:, :-1].mean(1).numpy()
+def _signature(source: Any, idx: np.ndarray, opts: EmbedOptions, model: LoadedModel, tile: int) -> dict[str, Any]:
+    recs = source.records
+    return json.loads(json.dumps({
+        "n_fields": int(len(idx)), "channels": list(source.channels),
+        "first_key": recs[int(idx[0])].key if len(idx) else None,
+        "last_key": recs[int(idx[-1])].key if len(idx) else None,
+        "options": {k: v for k, v in asdict(opts).items() if k != "batch_size"}, "tile": tile,
+        "model": {"description": model.description, "embed_dim": int(getattr(model.backbone, "embed_dim", 0)),
+                  "preprocess": model.preprocess.to_dict()},
+    }))
 
 
-def embed_source(
-    backbone: Any,
-    source: Any,
-    size: int | None,
-    view: str = "concat",
-    batch_size: int = 32,
-    limit: int | None = None,
-    chunk_fields: int = 64,
-    progress: bool = False,
-) -> tuple[pd.DataFrame, list[str]]:
-    """Per-field profiles of a :class:`~dinocell.data.sources.FieldSource`; returns (table, skipped)."""
-    from dinocell.evaluate.consistency import channel_embeddings
-
-    if view not in VIEWS:
-        raise UserError(f"unknown view '{view}'; choose one of {', '.join(VIEWS)}")
-    idx = spread_indices(len(source.records), limit)
-    metas: list[dict[str, str]] = []
-    vecs: list[np.ndarray] = []
-    skipped: list[str] = []
-    chunks = range(0, len(idx), chunk_fields)
-    if progress:
-        from tqdm import tqdm
-
-        chunks = tqdm(chunks, desc="embedding", unit="chunk")
-    for start in chunks:
-        recs = [source.records[int(i)] for i in idx[start:start + chunk_fields]]
-        fields, kept, bad = load_fields(source, recs, size)
-        skipped += bad
-        if not kept:
-            continue
-        emb = channel_embeddings(backbone, fields, source.fluorescent, crop_size=size, batch_size=batch_size)
-        vecs.append(field_vectors(emb, view))
-        metas += [record_metadata(r) for r in kept]
-    if not vecs:
-        raise DataError(f"no field of {getattr(source, 'name', 'the source')} could be loaded")
-    return profiles_frame(metas, np.concatenate(vecs)), skipped
-
-
-def profiles_frame(metas: Sequence[dict[str, Any]], vectors: np.ndarray) -> pd.DataFrame:
-    """``Metadata_*`` columns (sorted, plate/well/site first) + ``emb_0..emb_{K-1}``."""
-    meta = pd.DataFrame(list(metas))
-    first = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site") if c in meta.columns]
-    meta = meta[first + sorted(c for c in meta.columns if c not in first)]
-    feats = pd.DataFrame(np.asarray(vectors, dtype=np.float32),
-                         columns=[f"emb_{i}" for i in range(vectors.shape[1])])
-    return pd.concat([meta.reset_index(drop=True), feats], axis=1)
-
-
-def aggregate_wells(fields: pd.DataFrame) -> pd.DataFrame:
-    """Mean profile per (plate, well); metadata constant within a well is kept, ``Metadata_Count`` added."""
-    feat_cols = [c for c in fields.columns if c.startswith("emb_")]
-    meta_cols = [c for c in fields.columns if c.startswith("Metadata_")]
-    keys = [c for c in ("Metadata_Plate", "Metadata_Well") if c in fields.columns]
-    if not keys:
-        raise DataError("per-well profiles need Metadata_Plate/Metadata_Well columns")
-    grouped = fields.groupby(keys, sort=True, dropna=False)
-    constant = [c for c in meta_cols if c not in keys and (grouped[c].nunique(dropna=False) <= 1).all()]
-    meta = grouped[constant].first() if constant else grouped.size().to_frame().iloc[:, :0]
-    meta["Metadata_Count"] = grouped.size()
-    feats = grouped[feat_cols].mean()
-    out = pd.concat([meta, feats], axis=1).reset_index()
-    return out[keys + [c for c in out.columns if c.startswith("Metadata_") and c not in keys] + feat_cols]
-
-
-def write_profiles(df: pd.DataFrame, path: str | os.PathLike[str], dtype: str = "fp32") -> Path:
-    """Write a profile table as Parquet (features in fp16/fp32) atomically."""
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype '{dtype}'; choose fp32 or fp16")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    feat_cols = [c for c in df.columns if c.startswith("emb_")]
-    table = df.copy()
-    table[feat_cols] = table[feat_cols].astype(DTYPES[dtype])
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
 
 
 def run_embed(
@@ -327,49 +298,93 @@ def run_embed(
     out_dir: str | os.PathLike[str],
     data: str | None = None,
     overrides: Sequence[str] = (),
-    view: str = "concat",
-    dtype: str = "fp32",
-    size: int | None = None,
-    batch_size: int = 32,
-    limit: int | None = None,
+    *,
+    source: Any = None,
+    base_config: Config | None = None,
+    model_name: str | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
     progress: bool = False,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Embed a data source with a model; write ``fields.parquet`` and ``wells.parquet`` to ``out_dir``."""
+    """Embed a data source; write ``fields.parquet`` and ``wells.parquet`` to ``out_dir`` (resumable).
+
+    ``options`` are :class:`EmbedOptions` fields.  ``source`` (a FieldSource) replaces ``data`` /
+    ``overrides``; ``base_config`` is an experiment config whose data section selects the fields.
+    """
     from dinocell.data.sources import open_source
+    from dinocell.evaluate.patch_maps import PatchMapWriter
 
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype '{dtype}'; choose fp32 or fp16")
-    m = model if isinstance(model, LoadedModel) else load_model(model)
-    cfg = data_config(m, data or "synthetic", overrides)
-    source = open_source(cfg.data)
-    crop = _round_patch(size or m.crop_size, int(m.backbone.patch_size))
-    fields, skipped = embed_source(m.backbone, source, crop, view=view, batch_size=batch_size, limit=limit,
-                                   progress=progress)
-    wells = aggregate_wells(fields)
+    opts = EmbedOptions(**options)
+    opts.validate()
+    m = model if isinstance(model, LoadedModel) else load_model(model, model_name=model_name, device=device)
+    data_desc = getattr(source, "name", "given source")
+    if source is None:
+        cfg = data_config(m, data or (None if base_config is not None else "synthetic"), overrides, base_config)
+        source, data_desc = open_source(cfg.data), cfg.data.source
+    tile = int(opts.tile or m.crop_size)
+    idx = spread_indices(len(source.records), opts.limit)
+    if not len(idx):
+        raise DataError("the data source has no fields")
     out = Path(out_dir)
-    paths = {"fields": write_profiles(fields, out / "fields.parquet", dtype),
-             "wells": write_profiles(wells, out / "wells.parquet", dtype)}
-    return {"fields": len(fields), "wells": len(wells), "features": int(sum(c.startswith("emb_") for c in fields)),
-            "skipped": skipped, "paths": {k: str(v) for k, v in paths.items()}, "size": crop, "view": view,
-            "model": m.description, "data": cfg.data.source}
+    if overwrite:
+        for name in ("parts", "patch_maps", "fields.parquet", "wells.parquet", RUN_FILE):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    signature = _signature(source, idx, opts, m, tile)
+    if (out / RUN_FILE).is_file() and json.loads((out / RUN_FILE).read_text()).get("signature") != signature:
+        raise ConfigError(f"{out} holds parts of a different embedding (fields, channels, options or model "
+                          "differ); use another output folder or --overwrite")
+    _write_json(out / RUN_FILE, {"signature": signature, "started": time.time()})
+    recs = [(int(i), source.records[int(i)]) for i in idx]
+    writer = PatchMapWriter(out / "patch_maps", recs) if opts.patch_maps else None
 
+    n_chunks = (len(recs) + opts.chunk_size - 1) // opts.chunk_size
+    from tqdm.auto import tqdm
 
-def _round_patch(size: int, patch: int) -> int:
-    return max(patch, int(round(size / patch)) * patch)
+    for k in tqdm(range(n_chunks), desc="embedding", unit="chunk", disable=not progress):
+        part = parts / f"part_{k:06d}.parquet"
+        if part.is_file():
+            continue
+        chunk = recs[k * opts.chunk_size:(k + 1) * opts.chunk_size]
+        frame, skipped = _embed_chunk(m, source, chunk, opts, tile, writer)
+        table = frame if frame is not None else pd.DataFrame({"Metadata_FieldIndex": pd.Series([], dtype="int64")})
+        _write_json(parts / f"part_{k:06d}.skipped.json", {"skipped": skipped})  # before the part: it marks done
+        tmp = part.with_name(part.name + ".tmp")
+        table.to_parquet(tmp, index=False)
+        os.replace(tmp, part)
+
+    frames, skipped_all = [], []
+    for k in range(n_chunks):
+        skipped_all += json.loads((parts / f"part_{k:06d}.skipped.json").read_text())["skipped"]
+        f = pd.read_parquet(parts / f"part_{k:06d}.parquet")
+        if len(f):
+            frames.append(f)
+    if not frames:
+        raise DataError(f"no field could be embedded ({len(skipped_all)} skipped: {skipped_all[:3]})")
+    fields = pd.concat(frames, ignore_index=True)
+    feat = [c for c in fields.columns if c.startswith("emb_")]
+    fields = fields[[c for c in fields.columns if c not in feat] + feat]
+    wells = aggregate_wells(fields)
+    paths = {"fields": write_profiles(fields, out / "fields.parquet", opts.dtype),
+             "wells": write_profiles(wells, out / "wells.parquet", opts.dtype)}
+    info = {"fields": len(fields), "wells": len(wells), "features": len(feat), "skipped": skipped_all,
+            "paths": {k: str(v) for k, v in paths.items()}, "tile": tile, "geometry": opts.geometry,
+            "view": opts.view, "pool": opts.pool, "model": m.description, "data": str(data_desc)}
+    _write_json(out / RUN_FILE, {"signature": signature, "finished": time.time(), **info})
+    return info
 
 
 __all__ = [
-    "LoadedModel",
-    "aggregate_wells",
+    "EmbedOptions",
+    "channel_plan",
+    "combine_views",
     "data_config",
-    "embed_source",
-    "field_vectors",
-    "load_checkpoint_backbone",
-    "load_export",
+    "field_views",
     "load_fields",
-    "load_model",
-    "profiles_frame",
+    "record_metadata",
     "run_embed",
     "spread_indices",
-    "write_profiles",
 ]

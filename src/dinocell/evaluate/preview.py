@@ -27,7 +27,7 @@ import torch
 
 from dinocell.config import Config
 from dinocell.errors import DataError, UserError
-from dinocell.track.diagnostics import new_figure, save_figure
+from dinocell.evaluate.plots import new_figure, save_figure
 
 MAX_VIEW_ROWS = 4
 

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from dinocell.errors import DataError, UserError
-from dinocell.evaluate.embed import LoadedModel, data_config, load_fields, load_model, spread_indices
+from dinocell.evaluate.embed import data_config, load_fields, spread_indices
+from dinocell.models.loading import LoadedModel, load_model
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
@@ -230,7 +231,7 @@ def retrieval_figure(fields: torch.Tensor | Callable[[int], torch.Tensor], emb: 
     ``fields`` is the (F, C, H, W) tensor or a function returning field ``i`` (so large evaluations
     need not keep every image in memory); ``emb`` is (F, C+1, D)."""
     from dinocell.evaluate.consistency import centre_embeddings
-    from dinocell.track.diagnostics import new_figure
+    from dinocell.evaluate.plots import new_figure
 
     c = len(names)
     qa, gb = min(query_channel, c), min(gallery_channel, c)
@@ -394,7 +395,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run the evaluation (see module doc); returns the results and writes the report files."""
     from dinocell.evaluate.consistency import channel_embeddings
-    from dinocell.track.diagnostics import matrix_figure, save_figure
+    from dinocell.evaluate.plots import matrix_figure, save_figure
 
     if model is None and profiles is None:
         raise UserError("nothing to evaluate: give a model (run folder, .ckpt, .safetensors) and/or --profiles")

@@ -1,4 +1,6 @@
-"""Subcommands ``extract-volumes``, ``check``, ``bench-load`` and ``extract-fields``.
+"""Subcommands ``extract-volumes``, ``check`` and ``bench-load``.
+
+``extract-fields`` is an alias of ``dinocell embed`` (registered by :mod:`dinocell.evaluate.cli`).
 
 Each handler only turns arguments into a library call (heavy imports happen inside the handler),
 so ``dinocell --help`` stays instant.
@@ -204,59 +206,8 @@ def _register_bench_load(sub: Any) -> None:
     p.set_defaults(func=func)
 
 
-# --------------------------------------------------------------------------------------------------
-# extract-fields
-# --------------------------------------------------------------------------------------------------
-
-
-def _register_extract_fields(sub: Any) -> None:
-    p = sub.add_parser("extract-fields", help="per-field embeddings (Parquet) of 2-D Cell Painting fields",
-                       description="Embed every field of a data source (config data section; default "
-                                   "synthetic) channel by channel; resumable in chunks of fields.")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--config", help="experiment YAML (its data section selects the fields)")
-    p.add_argument("--source", help="shortcut for data.source (folder, load_data file, s3://, synthetic)")
-    p.add_argument("--pool", choices=("cls", "mean"), default="cls")
-    p.add_argument("--combine", choices=("mean", "concat"), default="mean",
-                   help="combine per-channel embeddings by mean (default) or concatenation")
-    p.add_argument("--no-mean-image", action="store_true", help="do not add the channel-mean view")
-    p.add_argument("--chunk-size", type=int, default=256, help="fields per resumable part file")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--resize", type=int, help="resize fields to this square size first")
-    p.add_argument("--patch-maps", action="store_true", help="also write patch-feature maps per plate")
-    p.add_argument("--overwrite", action="store_true", help="discard earlier parts in OUTPUT_DIR")
-    p.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--no-progress", action="store_true")
-    _add_model_args(p)
-    p.add_argument("overrides", nargs="*", help="config overrides key=value")
-
-    def func(args: argparse.Namespace) -> int:
-        from dinocell.config import load_config
-        from dinocell.extract.fields import FieldExtractionOptions, extract_fields
-
-        overrides = list(args.overrides or [])
-        if args.source:
-            overrides.append(f"data.source={args.source}")
-        cfg = load_config(args.config, overrides)
-        opts = FieldExtractionOptions(pool=args.pool, combine=args.combine,
-                                      include_mean_image=not args.no_mean_image, chunk_size=args.chunk_size,
-                                      batch_size=args.batch_size, patch_maps=args.patch_maps, resize=args.resize)
-        device = None
-        if args.gpu is not False:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else None
-        path = extract_fields(args.output_dir, data_cfg=cfg.data, model_spec=_model_spec(args), options=opts,
-                              device=device, overwrite=args.overwrite, progress=not args.no_progress)
-        print(f"wrote {path}")
-        return 0
-
-    p.set_defaults(func=func)
-
-
 def register(subparsers: Any) -> None:
     """Add the extraction subcommands to ``dinocell``'s subparsers."""
     _register_extract_volumes(subparsers)
     _register_check(subparsers)
     _register_bench_load(subparsers)
-    _register_extract_fields(subparsers)

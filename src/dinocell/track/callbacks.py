@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dinocell.config import Config
+from dinocell.evaluate import plots
 from dinocell.track import diagnostics as dg
 
 log = logging.getLogger(__name__)
@@ -117,13 +118,13 @@ class DiagnosticsCallback(L.Callback):
         imgs = views.numpy()
         labels = list(pl_module.example_labels) + [-1] * n
         rows = [f"field {i}" + (f" (label {labels[i]})" if labels[i] >= 0 else "") for i in range(n)]
-        views_fig = dg.overlay_figure(imgs, [[maps[i, k].mean(0) for k in range(c + 1)] for i in range(n)],
+        views_fig = plots.overlay_figure(imgs, [[maps[i, k].mean(0) for k in range(c + 1)] for i in range(n)],
                                       rows, ["mean"] + names,
                                       title=f"last-block CLS attention (mean of heads), step {step}")
         heads = maps.shape[2]
         head_maps = [[None, maps[i, 0].mean(0)] + [maps[i, 0, j] for j in range(heads)] for i in range(n)]
         head_imgs = np.repeat(imgs[:, :1], heads + 2, axis=1)
-        heads_fig = dg.overlay_figure(head_imgs, head_maps, rows,
+        heads_fig = plots.overlay_figure(head_imgs, head_maps, rows,
                                       ["mean image", "mean of heads"] + [f"head {j}" for j in range(heads)],
                                       title=f"attention per head on the mean image, step {step}")
         if trainer.is_global_zero:
@@ -148,17 +149,17 @@ class DiagnosticsCallback(L.Callback):
                                  batch_size=max(1, self.cfg.data.batch_size)).numpy()  # (F, C+1, D)
         n, v, d = emb.shape
         view_names = names + ["mean"]
-        points = dg.pca_2d(emb.reshape(-1, d))
+        points = plots.pca_2d(emb.reshape(-1, d))
         colourings: dict[str, list[Any]] = {"channel": [view_names[k] for _ in range(n) for k in range(v)]}
         if any(y >= 0 for y in labels):
             colourings["label"] = [labels[i] for i in range(n) for _ in range(v)]
         if len(set(plates)) > 1:
             colourings["plate"] = [plates[i] for i in range(n) for _ in range(v)]
-        pca_fig = dg.pca_figure(points, colourings, title=f"PCA of per-channel embeddings ({n} fields), step {step}")
+        pca_fig = plots.pca_figure(points, colourings, title=f"PCA of per-channel embeddings ({n} fields), step {step}")
 
         cons, _ = channel_consistency(emb[:, :-1], centre=True) if len(names) > 1 else (float("nan"), None)
         _, full = channel_consistency(emb, centre=True)
-        mat_fig = dg.matrix_figure(full, view_names,
+        mat_fig = plots.matrix_figure(full, view_names,
                                    f"channel consistency (centred cosine), step {step}\n"
                                    f"mean off-diagonal over channels: {cons:.3f}")
         metrics: dict[str, float] = {}
@@ -221,7 +222,7 @@ class DiagnosticsCallback(L.Callback):
     def _emit(self, trainer: L.Trainer, kind: str, fig: Any, step: int) -> None:
         """Save ``<kind>_stepNNNNNN.png`` and ``<kind>_latest.png``, then log to every attached logger."""
         path = self.fig_dir / f"{kind}_step{step:06d}.png"
-        dg.save_figure(fig, path)
+        plots.save_figure(fig, path)
         latest = self.fig_dir / f"{kind}_latest.png"
         tmp = latest.with_name(latest.name + ".tmp")
         shutil.copyfile(path, tmp)
@@ -243,7 +244,7 @@ def log_figure(logger: Any, key: str, fig: Any, path: Path, step: int) -> None:
 
         logger.log_image(key=key, images=[wandb.Image(str(path))], step=step)
     elif isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_image(key, dg.figure_to_array(fig), global_step=step, dataformats="HWC")
+        logger.experiment.add_image(key, plots.figure_to_array(fig), global_step=step, dataformats="HWC")
     elif isinstance(logger, CSVLogger):
         return
     elif hasattr(logger, "log_image"):

@@ -17,9 +17,13 @@ def register(sub: Any) -> None:
     add_config_arguments(p)
     p.set_defaults(func=_pretrain)
 
-    e = sub.add_parser("export", help="write the teacher backbone as .safetensors + JSON sidecar")
+    e = sub.add_parser("export", help="write the teacher backbone as .safetensors + JSON sidecar, or a timm folder")
     e.add_argument("run_dir", help="run folder (or a .ckpt file)")
-    e.add_argument("--out", required=True, help="output .safetensors path")
+    e.add_argument("--out", required=True,
+                   help="output .safetensors path (--format safetensors) or folder (--format timm)")
+    e.add_argument("--format", default="safetensors", choices=("safetensors", "timm"),
+                   help="safetensors + JSON sidecar for dinocell.load_backbone (default), or config.json + "
+                        "model.safetensors for timm.create_model('local-dir:OUT', pretrained=True)")
     e.set_defaults(func=_export)
 
 
@@ -43,6 +47,9 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from dinocell.train.export import export_run
 
-    path = export_run(args.run_dir, args.out)
-    print(f"wrote {path} and {path}.json")
+    path = export_run(args.run_dir, args.out, fmt=args.format)
+    if args.format == "timm":
+        print(f"wrote {path}/config.json and {path}/model.safetensors")
+    else:
+        print(f"wrote {path} and {path}.json")
     return 0

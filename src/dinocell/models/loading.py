@@ -1,0 +1,320 @@
+"""The one model loader: any saved dinocell/DINOv3 backbone -> the model *and* how to feed it.
+
+Accepted, by what the path is:
+
+* a run folder: its newest ``export/*.safetensors``, else ``checkpoints/last.ckpt``;
+* a training checkpoint ``.ckpt`` (Lightning; the EMA teacher backbone by default);
+* a dinocell export ``.safetensors`` + its JSON sidecar (:func:`dinocell.models.backbone.save_backbone`);
+* a timm export folder (``config.json`` + ``model.safetensors``, :mod:`dinocell.models.timm_export`);
+* an official DINOv3 ``.pth`` (the architecture comes from the released file name, or ``model_name``).
+
+Why one loader returning a :class:`Preprocess` too: a backbone trained on percentile-scaled
+single-channel 32-px crops gives meaningless features on raw uint16 fields or on 1080-px fields
+squashed into one crop.  The scaling, channel layout, patch size and training crop travel with the
+weights (sidecar, checkpoint config) and come back with them here.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` (nothing in them can run code); exports
+are safetensors.  This module sits in ``models`` (below ``train``/``data``), so it reads checkpoints
+itself rather than through ``dinocell.train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dinocell.config import Config, ModelConfig, ScalingConfig, config_from_dict, load_config
+from dinocell.errors import UserError
+from dinocell.models.backbone import (
+    DinoBackbone,
+    _check_and_load,
+    _first_line,
+    _torch_load,
+    build_backbone,
+    load_backbone,
+)
+
+#: Where a training checkpoint keeps the EMA teacher's backbone (``meta.<which>.backbone.*``).
+TEACHER_PREFIX = "meta.teacher.backbone."
+RUN_CHECKPOINT = Path("checkpoints") / "last.ckpt"  # same layout as dinocell.train.run
+TIMM_CONFIG = "config.json"
+
+#: Official DINOv3 release file stems -> timm architecture (``dinov3_vits16_pretrain_lvd1689m-....pth``).
+OFFICIAL_NAMES = {
+    "vits16": "vit_small_patch16_dinov3",
+    "vits16plus": "vit_small_plus_patch16_dinov3",
+    "vitb16": "vit_base_patch16_dinov3",
+    "vitl16": "vit_large_patch16_dinov3",
+    "vith16plus": "vit_huge_plus_patch16_dinov3",
+    "vit7b16": "vit_7b_patch16_dinov3",
+}
+
+
+@dataclass
+class Preprocess:
+    """How a backbone expects its input; calling it turns a raw (C, H, W) field into model input.
+
+    ``scaling``: per-channel percentile clip to [0, 1] (+ optional CLAHE), computed on the whole field
+    (never per crop), as in training.  ``in_chans == 1``: every channel is its own image (the way the
+    multi-view pretraining presents channels); otherwise the C channels form one image.
+    ``crop_size``: the training global crop in pixels, i.e. the tile size at training magnification.
+    """
+
+    in_chans: int = 1
+    patch_size: int = 16
+    crop_size: int = 224
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    channel_names: list[str] = field(default_factory=list)
+
+    def scale(self, raw: np.ndarray) -> np.ndarray:
+        """(C, H, W) raw intensities -> float32 in [0, 1], channel by channel.
+
+        Same rule as :func:`dinocell.data.decode.scale_field`, which the data sources apply (``models``
+        cannot import ``data``); a test keeps the two equal.
+        """
+        arr = np.asarray(raw)
+        if arr.ndim != 3:
+            raise UserError(f"expected a (C, H, W) field, got shape {arr.shape}")
+        s = self.scaling
+        out = np.empty(arr.shape, dtype=np.float32)
+        for c in range(arr.shape[0]):
+            lo, hi = np.percentile(arr[c], [s.low_percentile, s.high_percentile])
+            out[c] = np.clip((arr[c] - lo) / (hi - lo), 0.0, 1.0) if hi > lo else 0.0
+            if s.clahe:
+                import cv2
+
+                u16 = np.round(out[c] * 65535.0).astype(np.uint16)
+                tiles = (int(s.clahe_tiles), int(s.clahe_tiles))
+                out[c] = cv2.createCLAHE(clipLimit=float(s.clahe_clip), tileGridSize=tiles).apply(u16) / 65535.0
+        return out
+
+    def __call__(self, raw: np.ndarray | torch.Tensor, scaled: bool = False) -> torch.Tensor:
+        """Raw (C, H, W) field -> (C, 1, H', W') (``in_chans == 1``) or (1, C, H', W') float32 images.
+
+        ``H'``, ``W'`` are ``H``, ``W`` centre-cropped down to multiples of the patch size (fewer than
+        one patch is lost per side; nothing is resized).  ``scaled=True`` skips the intensity scaling
+        (fields from a dinocell data source are scaled already).
+        """
+        arr = raw.numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw)
+        x = np.asarray(arr, np.float32) if scaled else self.scale(arr)
+        c = x.shape[0]
+        x = crop_to_patches(torch.from_numpy(np.ascontiguousarray(x)), self.patch_size)
+        if self.in_chans == 1:
+            return x[:, None]
+        if c != self.in_chans:
+            raise UserError(f"model expects {self.in_chans} input channels, the field has {c}")
+        return x[None]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (export sidecars, timm ``pretrained_cfg``)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        known = {f.name for f in dataclasses.fields(ScalingConfig)}
+        scaling = ScalingConfig(**{k: v for k, v in (d.get("scaling") or {}).items() if k in known})
+        return cls(in_chans=int(d.get("in_chans", 1)), patch_size=int(d.get("patch_size", 16)),
+                   crop_size=int(d.get("crop_size", 224)), scaling=scaling,
+                   channel_names=[str(c) for c in d.get("channel_names") or []])
+
+
+def crop_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
+    """Centre-crop the last two axes down to multiples of ``patch`` (no resizing)."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    nh, nw = h // patch * patch, w // patch * patch
+    if nh == 0 or nw == 0:
+        raise UserError(f"image of {h}x{w} pixels is smaller than the patch size {patch}")
+    top, left = (h - nh) // 2, (w - nw) // 2
+    return x[..., top:top + nh, left:left + nw]
+
+
+@dataclass
+class LoadedModel:
+    """A backbone in eval mode, its preprocessing, and what is known about how it was trained."""
+
+    backbone: DinoBackbone
+    preprocess: Preprocess
+    cfg: Config | None = None  # the training config when known (run folder, checkpoint)
+    description: str = ""
+    run_dir: Path | None = None
+
+    @property
+    def crop_size(self) -> int:
+        return self.preprocess.crop_size
+
+    @property
+    def channel_names(self) -> list[str]:
+        return self.preprocess.channel_names
+
+
+def preprocess_from_config(cfg: Config, channel_names: list[str] | None = None) -> Preprocess:
+    """The preprocessing a training config implies."""
+    return Preprocess(in_chans=int(cfg.model.in_chans), patch_size=int(cfg.model.patch_size),
+                      crop_size=int(cfg.data.views.global_crop_size),
+                      scaling=dataclasses.replace(cfg.data.scaling),
+                      channel_names=list(channel_names if channel_names is not None else cfg.data.channels or []))
+
+
+# --------------------------------------------------------------------------------------------------
+# The kinds of saved models
+# --------------------------------------------------------------------------------------------------
+
+
+def _run_config(ckpt: dict[str, Any], path: Path) -> Config:
+    """The config the weights were trained with: the checkpoint's copy, else ``<run>/config.yaml``."""
+    meta = ckpt.get("dinocell") or {}
+    if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+        return config_from_dict(meta["config"])
+    for cand in (path.parent.parent / "config.yaml", path.parent / "config.yaml"):
+        if cand.is_file():
+            return load_config(cand)
+    raise UserError(f"no config for {path}: neither in the checkpoint nor as config.yaml in the run folder")
+
+
+def load_checkpoint_model(path: str | os.PathLike[str], which: str = "teacher") -> LoadedModel:
+    """The ``which`` (teacher/student) backbone of a dinocell training checkpoint."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"checkpoint not found: {p}")
+    ckpt = _torch_load(p)
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise UserError(f"{p} is not a Lightning checkpoint (no state_dict)")
+    cfg = _run_config(ckpt, p)
+    cfg.model.pretrained = None  # the checkpoint holds the weights
+    backbone = build_backbone(cfg.model, img_size=cfg.data.views.global_crop_size)
+    prefix = TEACHER_PREFIX.replace("teacher", which)
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise UserError(f"{p} holds no {which} backbone weights ({prefix}*)")
+    _check_and_load(backbone, state, str(p))
+    meta = ckpt.get("dinocell") or {}
+    pre = preprocess_from_config(cfg, list(meta.get("channel_names") or cfg.data.channels or []))
+    run_dir = p.parent.parent if p.parent.name == RUN_CHECKPOINT.parent.name else None
+    return LoadedModel(backbone.eval(), pre, cfg, f"checkpoint {p}", run_dir)
+
+
+def _export_preprocess(side: dict[str, Any], bb: DinoBackbone) -> Preprocess:
+    """From the sidecar's ``preprocess`` entry, or the older ``scaling``/``views``/``channel_names`` keys."""
+    if isinstance(side.get("preprocess"), dict):
+        return Preprocess.from_dict(side["preprocess"])
+    crop = (side.get("views") or {}).get("global_crop_size") or bb.arch.get("img_size", 224)
+    return Preprocess.from_dict({"in_chans": bb.in_chans, "patch_size": bb.patch_size, "crop_size": crop,
+                                 "scaling": side.get("scaling"), "channel_names": side.get("channel_names")})
+
+
+def load_export_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """A dinocell export (``.safetensors`` + JSON sidecar); the run's config too when it sits in ``<run>/export``."""
+    bb = load_backbone(path)
+    pre = _export_preprocess(dict(bb.sidecar or {}), bb)
+    p = Path(path)
+    run_dir = p.parent.parent if p.parent.name == "export" else None
+    cfg = None
+    if run_dir is not None and (run_dir / "config.yaml").is_file():
+        cfg = load_config(run_dir / "config.yaml")
+        cfg.model.pretrained = None
+    return LoadedModel(bb, pre, cfg, f"export {p}", run_dir)
+
+
+def load_timm_folder(path: str | os.PathLike[str]) -> LoadedModel:
+    """A folder written by ``dinocell export --format timm``, rebuilt by timm's own ``local-dir:`` loader."""
+    import timm
+
+    from dinocell.models.timm_export import read_preprocess_note
+
+    p = Path(path)
+    try:
+        conf = json.loads((p / TIMM_CONFIG).read_text())
+        name, args = str(conf["architecture"]), dict(conf.get("model_args") or {})
+        pre_d = read_preprocess_note(conf.get("pretrained_cfg") or {})
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise UserError(f"{p / TIMM_CONFIG} is not a timm model config ({type(e).__name__}: {e})") from None
+    if pre_d is None:
+        raise UserError(f"{p / TIMM_CONFIG} carries no dinocell preprocessing (not written by dinocell export)")
+    try:
+        model = timm.create_model(f"local-dir:{p}", pretrained=True)
+    except (RuntimeError, OSError, ValueError) as e:
+        raise UserError(f"timm cannot load {p}: {_first_line(e)}") from None
+    img = args.get("img_size", 224)
+    arch = {"timm_name": name, "in_chans": int(model.patch_embed.proj.in_channels),
+            "patch_size": int(model.patch_embed.patch_size[0]), "embed_dim": int(model.embed_dim),
+            "depth": len(model.blocks), "num_heads": int(model.blocks[0].attn.num_heads),
+            "img_size": int(img[0] if isinstance(img, (list, tuple)) else img)}
+    bb = DinoBackbone(model, name, arch)  # inference-only export: the mask token stays at its zero init
+    return LoadedModel(bb.eval(), Preprocess.from_dict(pre_d), None, f"timm export {p}", None)
+
+
+def official_model_name(path: str | os.PathLike[str]) -> str | None:
+    """timm architecture of an official DINOv3 release file, from its name (None if not recognised)."""
+    m = re.match(r"dinov3_(vit[a-z0-9]+?)_", Path(path).name)
+    return OFFICIAL_NAMES.get(m.group(1)) if m else None
+
+
+def load_official_model(path: str | os.PathLike[str], model_name: str | None = None,
+                        patch_size: int = 16) -> LoadedModel:
+    """An official DINOv3 ``.pth`` as a 1-channel backbone (RGB filters summed; patch resampled if asked)."""
+    name = model_name or official_model_name(path)
+    if name is None:
+        raise UserError(f"cannot tell the architecture of {Path(path).name}: pass model_name "
+                        "(e.g. vit_small_patch16_dinov3)")
+    cfg = ModelConfig(name=name, in_chans=1, patch_size=patch_size, pretrained=str(path))
+    bb = build_backbone(cfg, img_size=224)
+    pre = Preprocess(in_chans=1, patch_size=patch_size, crop_size=224)
+    return LoadedModel(bb.eval(), pre, None, f"official {path}", None)
+
+
+def load_model(path: str | os.PathLike[str], model_name: str | None = None, which: str = "teacher",
+               device: str | torch.device | None = None) -> LoadedModel:
+    """Load any saved backbone (see the module doc) in eval mode, with its :class:`Preprocess`.
+
+    ``model_name``: timm architecture for an official ``.pth`` whose file name does not say it.
+    ``which``: ``teacher`` (default, the EMA network that gets exported) or ``student`` for checkpoints.
+    """
+    p = Path(path)
+    if p.is_dir():
+        if (p / TIMM_CONFIG).is_file():
+            m = load_timm_folder(p)
+        else:
+            exports = sorted((p / "export").glob("*.safetensors"), key=lambda q: q.stat().st_mtime)
+            if exports and which == "teacher":
+                m = load_export_model(exports[-1])
+            elif (p / RUN_CHECKPOINT).is_file():
+                m = load_checkpoint_model(p / RUN_CHECKPOINT, which)
+            else:
+                raise UserError(f"{p} has neither export/*.safetensors nor {RUN_CHECKPOINT}")
+    elif not p.exists():
+        raise UserError(f"model not found: {p}")
+    elif p.suffix == ".safetensors":
+        m = load_export_model(p)
+    elif p.suffix == ".ckpt":
+        m = load_checkpoint_model(p, which)
+    elif p.suffix in (".pth", ".pt"):
+        m = load_official_model(p, model_name)
+    else:
+        raise UserError(f"cannot tell what {p} is: give a run folder, a .ckpt, a .safetensors export, "
+                        "a timm export folder or an official DINOv3 .pth")
+    if device is not None:
+        m.backbone.to(device)
+    return m
+
+
+__all__ = [
+    "LoadedModel",
+    "Preprocess",
+    "TEACHER_PREFIX",
+    "crop_to_patches",
+    "load_checkpoint_model",
+    "load_export_model",
+    "load_model",
+    "load_official_model",
+    "load_timm_folder",
+    "official_model_name",
+    "preprocess_from_config",
+]
