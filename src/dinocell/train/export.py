@@ -15,7 +15,7 @@ TEACHER_PREFIX = "meta.teacher.backbone."
 def load_run_backbone(run_or_ckpt: str | os.PathLike[str], which: str = "teacher") -> tuple[Any, Any]:
     """(backbone, config) from a run folder (``checkpoints/last.ckpt``) or a ``.ckpt`` file."""
     from dinocell.models.backbone import build_backbone
-    from dinocell.train.run import CKPT_DIR, LAST, load_checkpoint_file
+    from dinocell.train.checkpoint import CKPT_DIR, LAST, load_checkpoint_file
 
     p = Path(run_or_ckpt)
     ckpt_path = p / CKPT_DIR / LAST if p.is_dir() else p
