@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from dinocell.config import add_config_arguments, allow_intermixed
+from dinocell.paths import check_output_dir
 
 DATA_HELP = "synthetic (held-out fields; default) | folder | load_data .csv/.parquet | s3://bucket/prefix"
 
@@ -66,6 +67,8 @@ def register(sub: Any) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from dinocell.evaluate.run import evaluate, summary_line
 
+    if args.out_dir is not None:
+        check_output_dir(args.out_dir)
     res = evaluate(model=args.model, out_dir=args.out_dir, data=args.data, overrides=args.overrides,
                    labelled=args.labelled, labels_csv=args.labels_csv, limit=args.limit, size=args.size,
                    batch_size=args.batch_size, profiles=args.profiles, null_size=args.null_size, seed=args.seed)
@@ -80,6 +83,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from dinocell.evaluate.embed import run_embed
 
+    check_output_dir(args.out)
     info = run_embed(args.model, args.out, data=args.data, overrides=args.overrides, view=args.view,
                      dtype=args.dtype, size=args.size, batch_size=args.batch_size, limit=args.limit, progress=True)
     print(f"embedded {info['fields']} fields ({info['wells']} wells, {info['features']} features, "

@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any
 
+from dinocell.paths import check_output_dir
+
 
 def _ints(text: str) -> list[int]:
     """"0 2 5-7" / "0,2,5-7" -> [0, 2, 5, 6, 7]."""
@@ -62,6 +64,7 @@ def _cmd_extract_volumes(args: argparse.Namespace) -> int:
     from dinocell.extract.runner import ClusterOptions, plan_indices, run_extraction
     from dinocell.extract.volumes import ExtractionConfig, S3Options
 
+    check_output_dir(args.output_dir)
     cfg = ExtractionConfig(
         output_dir=args.output_dir, manifest=args.manifest,
         base_resolution=_floats(args.base_resolution) if args.base_resolution else None,
@@ -234,6 +237,7 @@ def _register_extract_fields(sub: Any) -> None:
         from dinocell.config import load_config
         from dinocell.extract.fields import FieldExtractionOptions, extract_fields
 
+        check_output_dir(args.output_dir)
         overrides = list(args.overrides or [])
         if args.source:
             overrides.append(f"data.source={args.source}")
