@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dinocell.config import load_config
@@ -18,9 +19,40 @@ def test_stream_is_deterministic_and_resumable() -> None:
     n = 20  # 10 fields x 2 repeats
     positions = [s // n for s in full]
     assert positions == list(range(48))
-    # each virtual epoch draws distinct samples, and a field's repeats come back to back
+    # each virtual epoch draws distinct samples
     epoch0 = [s % n for s in full[:16]]
-    assert len(set(epoch0)) == 16 and epoch0[0] // 2 == epoch0[1] // 2
+    assert len(set(epoch0)) == 16
+
+
+@pytest.mark.parametrize("n_fields, batch, world", [(10, 4, 1), (37, 8, 1), (37, 4, 2), (64, 16, 1)])
+def test_repeats_never_share_a_batch_but_stay_close(n_fields: int, batch: int, world: int) -> None:
+    """KoLeo pushes the samples of one batch apart: two views of one field must not meet there."""
+    repeats = 3
+    n = n_fields * repeats
+    spe = n // (batch * world)
+    kw = dict(samples_per_epoch=spe * batch * world, total_samples=2 * spe * batch * world, seed=5,
+              batch_size=batch, world_size=world)
+    for rank in range(world):
+        ids = [s % n for s in StreamSampler(n_fields, repeats, rank=rank, **kw)]
+        for b in range(0, len(ids), batch):
+            fields = [i // repeats for i in ids[b:b + batch]]
+            assert len(set(fields)) == len(fields), (rank, b, fields)
+    # every field's repeats come back within two groups of batches (decode reuse in the LRU)
+    full = [s % n for s in StreamSampler(n_fields, repeats, **{**kw, "world_size": 1,
+                                                               "batch_size": batch * world})]
+    first: dict[int, int] = {}
+    for pos, i in enumerate(full[: spe * batch * world]):
+        f = i // repeats
+        first.setdefault(f, pos)
+        assert pos - first[f] < 2 * batch * world * repeats
+
+
+def test_long_epochs_continue_with_a_new_shuffle() -> None:
+    """train.steps_per_epoch larger than one pass used to hang (an empty slice that never advanced)."""
+    s = StreamSampler(8, 1, samples_per_epoch=20, total_samples=40, seed=0, batch_size=4)
+    ids = list(s)
+    assert len(ids) == 40
+    assert sorted(i % 8 for i in ids[:8]) == list(range(8))  # each pass is a full shuffle
 
 
 def test_ranks_split_global_batches_disjointly() -> None:
@@ -68,3 +100,20 @@ def test_precision_auto_on_cpu() -> None:
     if not torch.cuda.is_available():
         assert resolve_precision("auto") == "32-true"
     assert resolve_precision("bf16-mixed") == "bf16-mixed" and resolve_precision("32") == "32-true"
+
+
+def test_datamodule_owns_split_and_horizon() -> None:
+    from dinocell.data.holdout import well_key
+    from dinocell.train.datamodule import DinoCellDataModule
+
+    cfg = load_config(None, TINY + ["data.synthetic.n_fields=64", "train.epochs=3", "train.max_steps=2"])
+    dm = DinoCellDataModule(cfg, open_source(cfg.data), world_size=1)
+    assert len(dm.train_source) + len(dm.heldout) == 64 and len(dm.heldout) > 0
+    assert {well_key(r) for r in dm.train_source.records}.isdisjoint(dm.heldout_wells)
+    assert dm.steps_per_epoch == len(dm.train_source) // 4
+    assert dm.total_steps == 3 * dm.steps_per_epoch  # max_steps stops the Trainer, not the schedules
+    loader = dm.train_dataloader()
+    held = {r.key for r in dm.heldout.records}
+    seen = {dm.train_source.records[int(i)].key for b in loader for i in b["index"]}
+    assert seen and not seen & held and len(loader) == dm.total_steps
+    assert DinoCellDataModule(cfg, open_source(cfg.data), world_size=2).steps_per_epoch == dm.steps_per_epoch // 2
