@@ -120,7 +120,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     source = open_source(cfg.data)
     source.verify()  # like `dinocell data ls`: unreadable files are counted; all unreadable -> one line
     logger = _logger(cfg, run_dir, resume=ckpt_path is not None)
-    trainer = L.Trainer(
+    trainer = _build_trainer(
         accelerator=cfg.train.accelerator, devices=_devices(cfg.train.devices), num_nodes=cfg.train.num_nodes,
         strategy=_strategy(cfg), precision=resolve_precision(cfg.train.precision),
         # one Lightning epoch = the whole run (the loader's length is the schedule horizon);
@@ -170,6 +170,16 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
 
         finalize(logger, run_dir)
     return summary
+
+
+def _build_trainer(**kwargs: Any) -> Any:
+    """The Trainer; a misconfigured device/strategy/precision becomes one clear line."""
+    import lightning as L
+
+    try:
+        return L.Trainer(**kwargs)
+    except Exception as e:  # Lightning raises MisconfigurationException, ValueError, RuntimeError ...
+        raise UserError(f"cannot set up the trainer: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------- summary
