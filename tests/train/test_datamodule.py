@@ -115,5 +115,5 @@ def test_datamodule_owns_split_and_horizon() -> None:
     loader = dm.train_dataloader()
     held = {r.key for r in dm.heldout.records}
     seen = {dm.train_source.records[int(i)].key for b in loader for i in b["index"]}
-    assert seen and not seen & held and len(loader) == dm.total_steps
+    assert seen and not seen & held and len(loader) == dm.stop_step == 2
     assert DinoCellDataModule(cfg, open_source(cfg.data), world_size=2).steps_per_epoch == dm.steps_per_epoch // 2

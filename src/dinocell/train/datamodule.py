@@ -320,6 +320,8 @@ class DinoCellDataModule(L.LightningDataModule):
             self.steps_per_epoch = steps_per_epoch(cfg, len(self.train_source), self.world_size)
         #: the schedule horizon; ``train.max_steps`` stops the Trainer earlier without changing it
         self.total_steps = self.steps_per_epoch * max(1, cfg.train.epochs)
+        #: where this invocation stops (the loader's length, so progress bars show it)
+        self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
         self._loader: Any = None
 
     def train_dataloader(self) -> Any:
@@ -328,7 +330,7 @@ class DinoCellDataModule(L.LightningDataModule):
         trainer = self.trainer
         start = trainer.global_step if trainer is not None else 0
         rank = trainer.global_rank if trainer is not None else 0
-        self._loader = build_loader(self.cfg, self.train_source, self.total_steps, self.steps_per_epoch,
+        self._loader = build_loader(self.cfg, self.train_source, self.stop_step, self.steps_per_epoch,
                                     start_step=start, rank=rank, world_size=self.world_size,
                                     patch_size=self.cfg.model.patch_size)
         return self._loader
