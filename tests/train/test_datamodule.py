@@ -117,3 +117,18 @@ def test_datamodule_owns_split_and_horizon() -> None:
     seen = {dm.train_source.records[int(i)].key for b in loader for i in b["index"]}
     assert seen and not seen & held and len(loader) == dm.stop_step == 2
     assert DinoCellDataModule(cfg, open_source(cfg.data), world_size=2).steps_per_epoch == dm.steps_per_epoch // 2
+
+
+def test_repeats_in_real_batches_are_distinct_fields() -> None:
+    from dinocell.train.datamodule import DinoCellDataModule
+
+    cfg = load_config(None, TINY + ["data.synthetic.n_fields=32", "data.repeats=3", "train.epochs=1"])
+    dm = DinoCellDataModule(cfg, open_source(cfg.data), world_size=1)
+    batches = [b["index"].tolist() for b in dm.train_dataloader()]
+    assert len(batches) == dm.total_steps == len(dm.train_source) * 3 // 4
+    assert all(len(set(b)) == len(b) for b in batches), batches
+    counts: dict[int, int] = {}
+    for b in batches:
+        for i in b:
+            counts[i] = counts.get(i, 0) + 1
+    assert set(counts.values()) == {3}  # every field drawn `repeats` times, never twice in a batch
