@@ -113,6 +113,23 @@ class S3Config:
 
 
 @dataclass
+class HoldoutConfig:
+    """Fields that training never reads: the evaluation set (see ``data/holdout.py``).
+
+    ``fraction`` of the wells of every plate, chosen by a hash of ``PLATE/WELL`` (stable across runs and
+    machines), or the explicit ``wells`` list (``PLATE/WELL`` entries; then ``fraction`` is ignored).
+    ``n_wells`` / ``n_fields`` are written by ``pretrain`` into the run's config.yaml (what was held out);
+    the resolved well list is kept in ``DIR/holdout.txt``.
+    """
+
+    fraction: float = 0.1
+    wells: list[str] | None = None
+    salt: str = "dinocell"
+    n_wells: int | None = None
+    n_fields: int | None = None
+
+
+@dataclass
 class DataConfig:
     """Where fields come from and how they become multi-view samples."""
 
@@ -130,6 +147,7 @@ class DataConfig:
     views: ViewsConfig = field(default_factory=ViewsConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     s3: S3Config = field(default_factory=S3Config)
+    holdout: HoldoutConfig = field(default_factory=HoldoutConfig)
 
 
 @dataclass
@@ -434,6 +452,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'data.batch_size' must be >= 1")
     if cfg.data.repeats < 1:
         raise ConfigError("config key 'data.repeats' must be >= 1")
+    if not 0.0 <= cfg.data.holdout.fraction < 1.0:
+        raise ConfigError("config key 'data.holdout.fraction' must be in [0, 1)")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

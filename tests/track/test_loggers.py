@@ -203,6 +203,39 @@ def test_csv_logger_never_overwrites(tmp_path: Path) -> None:
     assert first.is_file() and (tmp_path / "csv" / "version_1" / "metrics.csv").is_file()
 
 
+def test_csv_rows_hold_each_logged_step_once(tmp_path: Path) -> None:
+    """Lightning re-flushes the last on-step values after steps where nothing was logged: the CSV
+    file used to repeat stale rows.  Now there is one row per logged step, with that step's values."""
+    import csv
+
+    from dinocell.train.run import pretrain
+    from tests_tiny import TINY
+
+    cfg = _cfg(*TINY, "track.logger=csv", "track.log_interval=2", "train.eval_fields=0",
+               "track.attention_log_interval=0", "track.pca_log_interval=0")
+    pretrain(cfg, tmp_path, max_steps=7)
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    steps = [r for r in rows if r.get("loss/total")]
+    assert [int(r["step"]) for r in steps] == [0, 2, 4, 6]
+    assert [float(r["training/iteration"]) for r in steps] == [0.0, 2.0, 4.0, 6.0]
+    assert len({r["loss/total"] for r in steps}) == len(steps)
+
+
+def test_skip_repeated_rows_keeps_real_repeats_apart(tmp_path: Path) -> None:
+    calls: list[tuple[dict, int | None]] = []
+
+    class Recorder:
+        def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+            calls.append((dict(metrics), step))
+
+    rec = lg.skip_repeated_rows(Recorder())
+    rec.log_metrics({"a": 1.0, "it": 0.0}, step=0)
+    rec.log_metrics({"a": 1.0, "it": 0.0}, step=1)  # Lightning's stale copy
+    rec.log_metrics({"a": 1.0, "it": 2.0}, step=2)  # same loss, new step: kept
+    rec.log_metrics({"eval/x": 0.5}, step=2)
+    assert [s for _, s in calls] == [0, 2, 2]
+
+
 # --------------------------------------------------------------------------------------------- sweep
 
 

@@ -15,7 +15,8 @@ import torch
 from dinocell.cli import main
 from dinocell.config import load_config
 from dinocell.errors import UserError
-from dinocell.train.run import load_checkpoint_file, pretrain
+from dinocell.train.checkpoint import load_checkpoint_file
+from dinocell.train.run import pretrain
 from tests_tiny import TINY
 
 
@@ -41,6 +42,11 @@ def test_run_folder_contents(tiny_run: tuple[Path, dict]) -> None:
     for key in ("loss_first", "loss_last", "channel_consistency_before", "channel_consistency_after",
                 "channel_consistency_raw_before", "cross_channel_retrieval_top1", "transfer_knn_accuracy"):
         assert key in data and data[key] is not None, key
+    # evaluation reads only held-out wells, recorded with the run
+    cfg = load_config(run / "config.yaml")
+    wells = (run / "holdout.txt").read_text().split()
+    assert data["heldout_fields"] == cfg.data.holdout.n_fields > 0 and cfg.data.holdout.n_wells == len(wells)
+    assert data["skipped_fields"] == 0 and data["eval_fields"] <= data["heldout_fields"]
     assert data == json.loads(json.dumps(summary))
     assert not list(run.rglob("*.tmp"))
 
@@ -48,7 +54,14 @@ def test_run_folder_contents(tiny_run: tuple[Path, dict]) -> None:
 def test_rerun_resumes_and_is_a_noop_when_done(tiny_run: tuple[Path, dict]) -> None:
     run, _ = tiny_run
     before = load_checkpoint_file(run / "checkpoints" / "last.ckpt")["state_dict"]
+    # what runs killed mid-write leave behind: old steps, a temp file, Lightning's versioned copies
+    for orphan in ("step00000001.ckpt", "step00000003.ckpt.tmp", "step00000004-v1.ckpt", "last-v1.ckpt"):
+        (run / "checkpoints" / orphan).write_bytes(b"partial")
+    held = (run / "holdout.txt").read_text()
     pretrain(load_config(run / "config.yaml"), run, max_steps=5)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step00000002.ckpt", "step00000004.ckpt"]  # keep_last_n=2 by step
+    assert (run / "holdout.txt").read_text() == held  # decided once per run
     after = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
     assert after["global_step"] == 5
     assert all(torch.equal(before[k], after["state_dict"][k]) for k in before)
@@ -80,6 +93,7 @@ def test_other_architecture_lists_keys(tiny_run: tuple[Path, dict], capsys: pyte
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "does not match this model's architecture" in err and "blocks.2" in err
+    assert "model.depth=2 -> 3" in err  # the config keys that differ
     assert len(err.strip().splitlines()) == 1
 
 
@@ -179,3 +193,56 @@ def test_uniform_teacher_is_reported_once(tmp_path: Path, caplog: pytest.LogCapt
         pretrain(cfg, tmp_path, max_steps=22)
     msgs = [r.getMessage() for r in caplog.records if "teacher targets are still uniform" in r.getMessage()]
     assert len(msgs) == 1 and "at step 20" in msgs[0]
+
+
+def test_max_steps_stops_early_without_changing_the_horizon(tmp_path: Path) -> None:
+    from dinocell.train import schedules as sched
+
+    cfg = load_config(None, TINY + ["train.epochs=3", "train.eval_fields=0", "optim.warmup_epochs=1",
+                                    "optim.lr=0.01", "optim.layerwise_decay=1.0", "optim.patch_embed_lr_mult=1.0"])
+    pretrain(cfg, tmp_path, max_steps=4)
+    ckpt = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 4
+    n_train = load_config(tmp_path / "config.yaml").data.holdout.n_fields
+    spe = (16 - n_train) // 4
+    full = sched.from_config(cfg.optim, cfg.loss, spe, 3, 4)  # the horizon of the whole run
+    lrs = {g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"] if not g.get("is_last_layer")}
+    short = sched.from_config(cfg.optim, cfg.loss, spe, 3, 4, max_steps=4)  # what max_steps used to do
+    assert full.total_steps == 3 * spe > 4 and full.at(3)["lr"] != pytest.approx(short.at(3)["lr"])
+    assert lrs and all(lr == pytest.approx(full.at(3)["lr"]) for lr in lrs)
+    history = ckpt["dinocell"]["loss_history"]
+    assert history["count"] == 4 and len(history["tail"]) == 4
+
+
+def test_epoch_longer_than_the_data_trains(tmp_path: Path) -> None:
+    """train.steps_per_epoch beyond one pass over the fields used to hang forever."""
+    cfg = load_config(None, TINY + ["train.steps_per_epoch=16", "train.eval_fields=0"])
+    pretrain(cfg, tmp_path, max_steps=5)
+    assert load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")["global_step"] == 5
+
+
+def _jump_folder(root: Path, n_fields: int) -> list[Path]:
+    from dinocell.data.synthetic import write_jump_folder
+
+    return [Path(p) for p in write_jump_folder(root, n_fields=n_fields, size=64, seed=0, n_plates=1)]
+
+
+def test_skipped_fields_are_counted_in_the_summary(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    tiffs = sorted(p for p in _jump_folder(data, 12) if p.suffix == ".tiff")
+    tiffs[0].write_bytes(b"not a tiff")  # one field becomes unreadable
+    cfg = load_config(None, TINY + [f"data.source={data}", "data.batch_size=2", "train.eval_fields=4"])
+    summary = pretrain(cfg, tmp_path / "run", max_steps=2)
+    assert summary["skipped_fields"] == 1
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["skipped_fields"] == 1
+
+
+def test_every_field_unreadable_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    for p in _jump_folder(data, 2):
+        if p.suffix == ".tiff":
+            p.write_bytes(b"broken")
+    assert main(["pretrain", "--output-dir", str(tmp_path / "run"), "--max-steps", "2", *TINY,
+                 f"data.source={data}"]) == 2
+    err = capsys.readouterr().err
+    assert "no readable field" in err and len(err.strip().splitlines()) == 1

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from dinocell.config import add_config_arguments, config_from_args
+from dinocell.paths import check_output_dir
 
 
 def register(sub: Any) -> None:
@@ -75,6 +76,7 @@ def _synth(args: argparse.Namespace) -> int:
     from dinocell.data.synthetic import write_jump_folder
     from dinocell.errors import UserError
 
+    check_output_dir(args.out)
     if args.fields < 1 or args.size < 16:
         raise UserError("--fields must be >= 1 and --size >= 16")
     paths = write_jump_folder(args.out, n_fields=args.fields, size=args.size, seed=args.seed,

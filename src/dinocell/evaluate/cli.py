@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from dinocell.config import add_config_arguments, allow_intermixed
+from dinocell.paths import check_output_dir
 
 DATA_HELP = "synthetic (held-out fields; default) | folder | load_data .csv/.parquet | s3://bucket/prefix"
 
@@ -85,6 +86,8 @@ def register(sub: Any) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from dinocell.evaluate.run import evaluate, summary_line
 
+    if args.out_dir is not None:
+        check_output_dir(args.out_dir)
     res = evaluate(model=args.model, out_dir=args.out_dir, data=args.data, overrides=args.overrides,
                    labelled=args.labelled, labels_csv=args.labels_csv, limit=args.limit, size=args.size,
                    batch_size=args.batch_size, profiles=args.profiles, null_size=args.null_size, seed=args.seed)
@@ -119,6 +122,7 @@ def _embed(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else None
+    check_output_dir(args.out)
     info = run_embed(model, args.out, data=args.data, overrides=overrides, base_config=base,
                      model_name=args.model_name, device=device, overwrite=args.overwrite,
                      progress=not args.no_progress, view=args.view, pool=args.pool, geometry=args.geometry,

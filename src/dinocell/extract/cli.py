@@ -13,6 +13,8 @@ import json
 import sys
 from typing import Any
 
+from dinocell.paths import check_output_dir
+
 
 def _ints(text: str) -> list[int]:
     """"0 2 5-7" / "0,2,5-7" -> [0, 2, 5, 6, 7]."""
@@ -64,6 +66,7 @@ def _cmd_extract_volumes(args: argparse.Namespace) -> int:
     from dinocell.extract.runner import ClusterOptions, plan_indices, run_extraction
     from dinocell.extract.volumes import ExtractionConfig, S3Options
 
+    check_output_dir(args.output_dir)
     cfg = ExtractionConfig(
         output_dir=args.output_dir, manifest=args.manifest,
         base_resolution=_floats(args.base_resolution) if args.base_resolution else None,

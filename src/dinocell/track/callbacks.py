@@ -140,7 +140,7 @@ class DiagnosticsCallback(L.Callback):
         )
         from dinocell.evaluate.transfer import transfer_knn
 
-        fields, labels, plates = self._eval_set(pl_module)
+        fields, labels, plates = self._eval_set(pl_module, trainer)
         if len(fields) < 2:
             return
         backbone = _teacher_backbone(pl_module)
@@ -187,14 +187,23 @@ class DiagnosticsCallback(L.Callback):
             return x
         return F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
 
-    def _eval_set(self, pl_module: Any) -> tuple[torch.Tensor, list[int], list[str]]:
-        """Up to ``n_eval`` fields spread evenly over the source (all plates/labels), loaded once."""
+    @staticmethod
+    def eval_source(trainer: Any, pl_module: Any) -> Any:
+        """The fields the ``eval/*`` figures use: the DataModule's held-out wells, which training never
+        reads; without a DataModule (a bare LightningModule) the module's own ``source``."""
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "heldout"):
+            return dm.heldout
+        return getattr(pl_module, "source", None)
+
+    def _eval_set(self, pl_module: Any, trainer: Any = None) -> tuple[torch.Tensor, list[int], list[str]]:
+        """Up to ``n_eval`` held-out fields spread evenly (all plates/labels), loaded once."""
         if self._eval is not None:
             return self._eval
         fields: list[torch.Tensor] = []
         labels: list[int] = []
         plates: list[str] = []
-        source = getattr(pl_module, "source", None)
+        source = self.eval_source(trainer, pl_module)
         size = self.cfg.data.views.global_crop_size
         if source is not None and self.n_eval > 0 and len(source.records) > 0:
             idx = np.unique(np.linspace(0, len(source.records) - 1, self.n_eval).round().astype(int))
@@ -209,7 +218,7 @@ class DiagnosticsCallback(L.Callback):
                                             align_corners=False)[0])
                 labels.append(int(rec.metadata.get("label", -1)))
                 plates.append(str(rec.plate))
-        if len(fields) < 2:  # fall back to the module's fixed examples
+        if len(fields) < 2 and source is None:  # no source at all: the module's fixed examples
             ex = pl_module.example_fields
             fields = [f for f in ex.float().cpu()] if ex is not None else []
             labels = list(pl_module.example_labels)[: len(fields)]

@@ -160,7 +160,36 @@ def _version_dirs(root: Path) -> list[int]:
 # --------------------------------------------------------------------------------------------------
 
 
+def skip_repeated_rows(logger: Any) -> Any:
+    """Make ``logger`` drop a ``log_metrics`` call that repeats the previous call's metrics exactly.
+
+    Lightning flushes the values logged with ``self.log(on_step=True)`` after every step, and on a step
+    where the module logged nothing (it logs every ``track.log_interval`` steps) it flushes the
+    previous step's values again: the CSV file got a stale copy row per step, wandb and TensorBoard a
+    stale point.  A real step's metrics always differ from the previous ones (``training/iteration``
+    is among them), so an exact repeat is always one of these copies.
+    """
+    original = logger.log_metrics
+    last: dict[str, Any] = {}
+
+    def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
+        current = dict(metrics)
+        if current and current == last.get("metrics"):
+            return
+        last["metrics"] = current
+        original(metrics, step=step)
+
+    logger.log_metrics = log_metrics
+    return logger
+
+
 def build_logger(cfg: Config, run_dir: str | os.PathLike[str], resume: bool = False) -> Any:
+    """The Lightning logger (see :func:`_build`), with stale repeated rows dropped (:func:`skip_repeated_rows`)."""
+    logger = _build(cfg, run_dir, resume)
+    return skip_repeated_rows(logger) if logger is not None else None
+
+
+def _build(cfg: Config, run_dir: str | os.PathLike[str], resume: bool = False) -> Any:
     """The Lightning logger for ``cfg.track.logger`` writing under ``run_dir`` (``None`` for ``none``).
 
     * ``wandb``: :class:`~lightning.pytorch.loggers.WandbLogger`, files in ``run_dir/wandb/``;

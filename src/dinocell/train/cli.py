@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from dinocell.config import add_config_arguments, config_from_args
+from dinocell.paths import check_output_dir, check_output_file
 
 
 def register(sub: Any) -> None:
@@ -34,7 +35,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from dinocell.train.run import pretrain
 
     cfg = config_from_args(args)
-    out = args.output_dir
+    out = args.output_dir if args.output_dir is None else str(check_output_dir(args.output_dir))
     if out is None and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
         # each sweep trial gets its own folder, so parallel agents never share checkpoints
         out = str(Path("runs") / "sweeps" / os.environ["WANDB_SWEEP_ID"] / os.environ["WANDB_RUN_ID"])
@@ -47,6 +48,10 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from dinocell.train.export import export_run
 
+    if args.format == "timm":
+        check_output_dir(args.out)
+    else:
+        check_output_file(args.out)
     path = export_run(args.run_dir, args.out, fmt=args.format)
     if args.format == "timm":
         print(f"wrote {path}/config.json and {path}/model.safetensors")

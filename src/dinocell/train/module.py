@@ -16,13 +16,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from dinocell.config import Config, to_dict
 from dinocell.data.sources import FieldSource, load_resized_fields
 from dinocell.errors import UserError
 from dinocell.train import schedules as sched
-from dinocell.train.data import build_loader
+from dinocell.train.checkpoint import check_resume
+from dinocell.train.history import LossHistory
 from dinocell.train.meta_arch import MultiViewDINO
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class DinoCellModule(L.LightningModule):
         self._t_last: float | None = None
         self._t_data: float = 0.0
         self._last_values: dict[str, float] = {}
-        self.loss_history: list[float] = []
+        self.loss_history = LossHistory()
         # Step at which a still-uniform teacher is reported (once): past the first tenth of the run.
         self._uniform_check_step = max(20, total_steps // 10)
 
@@ -104,14 +104,6 @@ class DinoCellModule(L.LightningModule):
         if not fields:
             return torch.zeros(0, len(self.channel_names), size, size), []
         return torch.stack(fields), labels
-
-    def train_dataloader(self) -> DataLoader:
-        """Built here so the restored ``global_step`` and the DDP rank are known: a resumed run
-        continues the exact sample stream of the uninterrupted one."""
-        trainer = self.trainer
-        return build_loader(self.cfg, self.source, self.total_steps, self.steps_per_epoch,
-                            start_step=trainer.global_step, rank=trainer.global_rank,
-                            world_size=trainer.world_size, patch_size=self.meta.student["backbone"].patch_size)
 
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -221,7 +213,7 @@ class DinoCellModule(L.LightningModule):
         np_state = np.random.get_state()
         checkpoint["dinocell"] = {
             "config": to_dict(self.cfg),
-            "loss_history": list(self.loss_history),
+            "loss_history": self.loss_history.state(),
             "channel_names": self.channel_names,
             "rng": {
                 "torch": torch.get_rng_state(),
@@ -233,10 +225,8 @@ class DinoCellModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from dinocell.train.run import check_compatible
-
-        check_compatible(self.state_dict(), checkpoint.get("state_dict", {}), "last.ckpt")
-        self.loss_history = list(checkpoint.get("dinocell", {}).get("loss_history", []))
+        check_resume(self.state_dict(), checkpoint, to_dict(self.cfg))
+        self.loss_history = LossHistory.from_state(checkpoint.get("dinocell", {}).get("loss_history"))
         state = checkpoint.get("dinocell", {}).get("rng")
         if not state:
             return

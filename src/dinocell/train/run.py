@@ -2,8 +2,9 @@
 loggers), resume automatically, and summarise what the run learned.
 
 Resuming: rerunning the same command finds ``DIR/checkpoints/last.ckpt`` and continues from it
-(``resume=False`` starts over).  Checkpoints are written to a temporary name and renamed, and they
-are read with ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+(``resume=False`` starts over); checkpoint I/O lives in :mod:`dinocell.train.checkpoint`, the data,
+held-out split and run length in :mod:`dinocell.train.datamodule`.  ``--max-steps`` stops the Trainer
+early; the schedules always follow ``epochs x steps_per_epoch``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,63 +20,9 @@ import torch
 
 from dinocell.config import Config, save_config
 from dinocell.errors import UserError
+from dinocell.train.checkpoint import CKPT_DIR, LAST, AtomicCheckpointIO, prune_checkpoints
 
 log = logging.getLogger(__name__)
-
-CKPT_DIR = "checkpoints"
-LAST = "last.ckpt"
-
-
-# ----------------------------------------------------------------------------------- checkpoint I/O
-
-
-def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with ``weights_only=True``; anything that would run code is refused."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"checkpoint not found: {p}")
-    try:
-        return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"refusing to load {p}: it is not a plain weights file ({first})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
-
-
-def _checkpoint_io() -> Any:
-    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        """Write to ``<name>.tmp`` then rename (a killed run never leaves a half-written checkpoint);
-        read with ``weights_only=True``."""
-
-        def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-            p = Path(path)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(p.name + ".tmp")
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, p)
-
-        def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> dict[str, Any]:
-            return load_checkpoint_file(path, map_location or "cpu")
-
-    return AtomicCheckpointIO()
-
-
-def check_compatible(module_state: dict[str, torch.Tensor], ckpt_state: dict[str, torch.Tensor], source: str) -> None:
-    """Fail with the mismatched keys listed when a checkpoint belongs to another architecture."""
-    missing = [k for k in module_state if k not in ckpt_state]
-    unexpected = [k for k in ckpt_state if k not in module_state]
-    shape = [f"{k} {tuple(ckpt_state[k].shape)} vs {tuple(v.shape)}" for k, v in module_state.items()
-             if k in ckpt_state and tuple(ckpt_state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shape:
-        parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)):
-            if keys:
-                parts.append(f"{len(keys)} {label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
-        raise UserError(f"checkpoint {source} does not match this model's architecture ({'; '.join(parts)}); "
-                        "use --no-resume or another --output-dir")
 
 
 # ----------------------------------------------------------------------------------- trainer
@@ -120,7 +66,8 @@ def _callbacks(cfg: Config, run_dir: Path) -> list[Any]:
         ModelCheckpoint(
             dirpath=run_dir / CKPT_DIR, filename="step{step:08d}", auto_insert_metric_name=False,
             every_n_train_steps=max(1, cfg.train.checkpoint_every_steps), save_last=True,
-            save_top_k=max(1, cfg.train.keep_last_n), monitor="ckpt_step", mode="max",
+            # keep-last-N is enforced by AtomicCheckpointIO (it also removes orphans of killed runs)
+            save_top_k=-1, enable_version_counter=False,
         )
     ]
     try:
@@ -145,66 +92,79 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     """Train, checkpoint, resume, and return (and write) the run summary."""
     import lightning as L
 
+    from dinocell.data.holdout import read_holdout_file, write_holdout_file
     from dinocell.data.sources import open_source
-    from dinocell.train.data import steps_per_epoch, stream_steps_per_epoch, use_stream
+    from dinocell.paths import check_output_dir
+    from dinocell.train.datamodule import DinoCellDataModule
     from dinocell.train.module import DinoCellModule
 
     if not log.isEnabledFor(logging.DEBUG):  # Lightning's banners drown the progress bar
         for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    run_dir = Path(output_dir)
+    run_dir = check_output_dir(output_dir)
     if max_steps is not None:
         cfg.train.max_steps = max_steps
+    if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {cfg.train.max_steps}")
     cfg.output_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    last = run_dir / CKPT_DIR / LAST
+    ckpt_dir = run_dir / CKPT_DIR
+    last = ckpt_dir / LAST
     ckpt_path = str(last) if resume and last.is_file() else None
-    if not resume and (run_dir / CKPT_DIR).is_dir():
-        for old in (run_dir / CKPT_DIR).glob("*.ckpt"):
+    if not resume and ckpt_dir.is_dir():
+        for old in [*ckpt_dir.glob("*.ckpt"), *ckpt_dir.glob("*.tmp")]:
             old.unlink()
-    save_config(cfg, run_dir)
+    prune_checkpoints(ckpt_dir, cfg.train.keep_last_n)  # orphans of an interrupted run
 
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     source = open_source(cfg.data)
-    trainer_kwargs = dict(
+    source.verify()  # like `dinocell data ls`: unreadable files are counted; all unreadable -> one line
+    logger = _logger(cfg, run_dir, resume=ckpt_path is not None)
+    trainer = _build_trainer(
         accelerator=cfg.train.accelerator, devices=_devices(cfg.train.devices), num_nodes=cfg.train.num_nodes,
         strategy=_strategy(cfg), precision=resolve_precision(cfg.train.precision),
-    )
-    # A throw-away Trainer tells the world size (devices x nodes) before the schedules are built.
-    world_size = _world_size(trainer_kwargs)
-    if use_stream(cfg, source):
-        spe = stream_steps_per_epoch(cfg, source, world_size)
-    else:
-        spe = steps_per_epoch(cfg, len(source), world_size)
-    total = spe * cfg.train.epochs
-    if cfg.train.max_steps:
-        total = min(total, cfg.train.max_steps)
-    module = DinoCellModule(cfg, source, spe, total, cfg.data.batch_size * world_size)
-    if cfg.train.compile:
-        module.meta.student["backbone"] = torch.compile(module.meta.student["backbone"])
-
-    evaluator = _Evaluator(cfg, run_dir)
-    before = evaluator.before(module)
-
-    logger = _logger(cfg, run_dir, resume=ckpt_path is not None)
-    trainer = L.Trainer(
-        **trainer_kwargs, max_steps=total, max_epochs=1, logger=logger if logger is not None else False,
-        callbacks=_callbacks(cfg, run_dir), plugins=[_checkpoint_io()],
+        # one Lightning epoch = the whole run (the loader's length is the schedule horizon);
+        # --max-steps only stops it earlier
+        max_steps=cfg.train.max_steps or -1, max_epochs=1, logger=logger if logger is not None else False,
+        callbacks=_callbacks(cfg, run_dir), plugins=[AtomicCheckpointIO(cfg.train.keep_last_n)],
         gradient_clip_val=cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else None,
         gradient_clip_algorithm="norm", enable_progress_bar=cfg.train.progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         log_every_n_steps=1, use_distributed_sampler=False, default_root_dir=str(run_dir),
         deterministic=False,
     )
+    # The held-out wells are decided once per run folder and kept (holdout.txt) for resumes.
+    data = DinoCellDataModule(cfg, source, trainer.world_size, read_holdout_file(run_dir) if ckpt_path else None)
+    cfg.data.holdout.n_wells, cfg.data.holdout.n_fields = len(data.heldout_wells), len(data.heldout)
+    if trainer.is_global_zero:
+        write_holdout_file(run_dir, data.heldout_wells)
+        save_config(cfg, run_dir)
+    module = DinoCellModule(cfg, data.train_source, data.steps_per_epoch, data.total_steps, data.global_batch)
+    if cfg.train.compile:
+        module.meta.student["backbone"] = torch.compile(module.meta.student["backbone"])
+
+    evaluator = _Evaluator(cfg, run_dir, data.heldout)
+    before = evaluator.before(module) if trainer.is_global_zero else None
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
         warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-        trainer.fit(module, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        except UserError as e:  # raised in a DataLoader worker: keep its last line, not the traceback
+            lines = str(e).strip().splitlines()
+            if len(lines) > 1:
+                raise type(e)(lines[-1].split(": ", 1)[-1]) from None
+            raise
     if trainer.global_step > 0:  # collective under DDP/FSDP: every rank calls it, rank 0 writes
         trainer.save_checkpoint(last, weights_only=False)
-    summary = evaluator.after(module, before, trainer.global_step) if trainer.global_rank == 0 else {}
+    skipped = data.skipped_fields()
+    if skipped:
+        log.warning("%d field(s) were skipped (unreadable or failed to load); see `dinocell data ls`", skipped)
+    summary = evaluator.after(module, before, trainer.global_step, skipped) if trainer.is_global_zero else {}
     if logger is not None:
         from dinocell.track.loggers import finalize
 
@@ -212,14 +172,13 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     return summary
 
 
-def _world_size(kwargs: dict[str, Any]) -> int:
+def _build_trainer(**kwargs: Any) -> Any:
+    """The Trainer; a misconfigured device/strategy/precision becomes one clear line."""
     import lightning as L
 
     try:
-        t = L.Trainer(**kwargs, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False)
-        return int(t.world_size)
-    except Exception as e:  # misconfigured devices/strategy: one clear line
+        return L.Trainer(**kwargs)
+    except Exception as e:  # Lightning raises MisconfigurationException, ValueError, RuntimeError ...
         raise UserError(f"cannot set up the trainer: {type(e).__name__}: {e}") from None
 
 
@@ -227,10 +186,12 @@ def _world_size(kwargs: dict[str, Any]) -> int:
 
 
 class _Evaluator:
-    """Before/after figures on held-out fields: the demo's proof that features became channel-invariant."""
+    """Before/after figures on held-out fields: the demo's proof that features became channel-invariant.
 
-    def __init__(self, cfg: Config, run_dir: Path) -> None:
-        self.cfg, self.run_dir = cfg, run_dir
+    ``heldout`` is the DataModule's held-out source: wells that training never reads."""
+
+    def __init__(self, cfg: Config, run_dir: Path, heldout: Any) -> None:
+        self.cfg, self.run_dir, self.heldout = cfg, run_dir, heldout
         self._held: tuple[torch.Tensor, list[int]] | tuple[()] | None = None
 
     def _held_out(self) -> tuple[torch.Tensor, list[int]] | None:
@@ -240,21 +201,12 @@ class _Evaluator:
         return self._held or None
 
     def _load_held_out(self) -> tuple[torch.Tensor, list[int]] | tuple[()]:
-        from dataclasses import replace
+        from dinocell.data.sources import load_resized_fields
 
-        from dinocell.data.sources import load_resized_fields, open_source
-
-        data = self.cfg.data
         n = max(0, self.cfg.train.eval_fields)
-        if n == 0:
+        if n == 0 or self.heldout is None or len(self.heldout) == 0:
             return ()
-        if data.source == "synthetic":  # unseen fields: another seed of the generator
-            per_well = data.synthetic.sites_per_well * data.synthetic.n_plates
-            syn = replace(data.synthetic, seed=data.synthetic.seed + 10_007, n_fields=n * per_well)
-            src = open_source(replace(data, synthetic=syn))
-        else:
-            src = open_source(data)
-        fields, labels = load_resized_fields(src, n, data.views.global_crop_size)
+        fields, labels = load_resized_fields(self.heldout, n, self.cfg.data.views.global_crop_size)
         if len(fields) < 2:
             return ()
         return torch.stack(fields), labels
@@ -279,14 +231,16 @@ class _Evaluator:
         _write_json(cache, res)
         return res
 
-    def after(self, module: Any, before: dict[str, Any] | None, step: int) -> dict[str, Any]:
+    def after(self, module: Any, before: dict[str, Any] | None, step: int, skipped: int = 0) -> dict[str, Any]:
         losses = module.loss_history
-        summary: dict[str, Any] = {"steps": step, "loss_first": losses[0] if losses else None,
-                                   "loss_last": losses[-1] if losses else None}
-        if losses:
+        summary: dict[str, Any] = {"steps": step, "loss_first": losses.first, "loss_last": losses.last}
+        if len(losses):
             k = max(1, min(20, len(losses) // 10))
-            summary["loss_first_mean"] = sum(losses[:k]) / k
-            summary["loss_last_mean"] = sum(losses[-k:]) / k
+            summary["loss_first_mean"] = losses.first_mean(k)
+            summary["loss_last_mean"] = losses.last_mean(k)
+            summary["loss_mean"] = losses.mean
+        summary["heldout_fields"] = len(self.heldout) if self.heldout is not None else 0
+        summary["skipped_fields"] = int(skipped)
         held = self._held_out()
         if held is not None and before is not None:
             after = self._measure(module, held)
@@ -299,6 +253,7 @@ class _Evaluator:
             summary["transfer_knn_accuracy"] = after.get("transfer_knn_accuracy")
             summary["consistency_matrix_after"] = after.get("consistency_matrix")
             summary["channels"] = after.get("channels")
+            summary["eval_fields"] = len(held[1])
         summary["policy"] = self.cfg.data.views.policy
         _write_json(self.run_dir / "summary.json", summary)
         print(format_summary(summary))
@@ -326,5 +281,6 @@ def format_summary(s: dict[str, Any]) -> str:
     width = max(len(r[0]) for r in rows)
     lines = [f"{'metric':<{width}}  {'before':>8}  {'after':>8}", "-" * (width + 20)]
     lines += [f"{name:<{width}}  {f(a):>8}  {f(b):>8}" for name, a, b in rows]
-    lines.append(f"steps: {s.get('steps')}   policy: {s.get('policy')}")
+    lines.append(f"steps: {s.get('steps')}   policy: {s.get('policy')}   held-out fields: "
+                 f"{s.get('heldout_fields')}   skipped fields: {s.get('skipped_fields', 0)}")
     return "\n".join(lines)

@@ -1,4 +1,12 @@
-"""Training data pipeline: source -> multi-view samples -> collated batches with iBOT masks.
+"""The training data of a run: a LightningDataModule over a field source.
+
+It owns, in one place, what the rest of the run reads from it:
+
+* the held-out split (``data.holdout``, :mod:`dinocell.data.holdout`): training never reads those wells,
+  evaluation (``summary.json``, ``eval/*``) only reads them;
+* the run's length: ``steps_per_epoch`` and the schedule horizon ``total_steps = steps_per_epoch x
+  epochs`` (``--max-steps`` only stops the Trainer early; it never shortens the cosine schedules);
+* the loaders (map-style stream for local/synthetic sources, shuffle-buffered stream for S3).
 
 The whole run is one stream of "virtual epochs": sample ``k`` of the stream belongs to virtual epoch
 ``k // samples_per_epoch`` and its augmentation seed is a pure function of (seed, k).  A resumed run
@@ -8,28 +16,47 @@ uninterrupted run would have seen: no mid-epoch guesswork from the training loop
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from dinocell.config import Config
+from dinocell.data.holdout import resolve_wells, split_source
 from dinocell.data.masking import collate_multiview
 from dinocell.data.sources import FieldDataset, FieldSource
 from dinocell.data.views import MultiViewAugmentation
-from dinocell.errors import ConfigError
+from dinocell.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+#: Decoded fields a map-style dataset keeps for the repeats of a group (see :class:`StreamSampler`).
+DECODE_CACHE_BYTES = 512 * 1024**2
 
 
 class StreamSampler(Sampler[int]):
-    """Sample ids for the whole run: per virtual epoch a fresh shuffle of fields, each field's
-    ``repeats`` draws back to back (so its decode is reused), truncated to whole batches."""
+    """Sample ids for the whole run: per virtual epoch a fresh shuffle of fields, truncated to whole
+    batches.
+
+    With ``repeats > 1`` the shuffled fields are taken in groups of one global batch (the last group
+    absorbs the remainder) and each group is emitted ``repeats`` times in a row: the repeats of a field
+    are a group apart, so they never share a batch (KoLeo would push two views of one field apart),
+    yet they come back within a few batches, while the decoded field is still cached.  When the
+    source has fewer fields than a batch, duplicates in a batch cannot be avoided.  An epoch longer
+    than one pass (``train.steps_per_epoch`` set high) continues with a further shuffle.
+    """
 
     def __init__(self, n_fields: int, repeats: int, samples_per_epoch: int, total_samples: int,
                  seed: int = 0, start: int = 0, batch_size: int = 1, rank: int = 0,
                  world_size: int = 1) -> None:
+        if n_fields < 1 or samples_per_epoch < 1:
+            raise DataError("the training stream is empty (no fields or no samples per epoch)")
         self.n_fields, self.repeats = n_fields, max(1, repeats)
         self.samples_per_epoch, self.total, self.seed = samples_per_epoch, total_samples, seed
         self.start = start
@@ -37,11 +64,25 @@ class StreamSampler(Sampler[int]):
         # slices, so ranks never read the same sample and resume needs no extra bookkeeping.
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
+    def _pass(self, epoch: int, k: int) -> list[int]:
+        """Pass ``k`` of an epoch: one shuffle of the fields, each field ``repeats`` times."""
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch + 1_000_003 * k)
+        order = torch.randperm(self.n_fields, generator=g).tolist()
+        if self.repeats == 1:
+            return order
+        group = self.batch_size * self.world_size
+        n_groups = max(1, len(order) // group)  # the last group absorbs the remainder
+        bounds = [i * group for i in range(n_groups)] + [len(order)]
+        groups = [order[bounds[i]:bounds[i + 1]] for i in range(n_groups)]
+        return [f * self.repeats + r for grp in groups for r in range(self.repeats) for f in grp]
+
     def epoch_order(self, epoch: int) -> list[int]:
         """Dataset indices (field * repeats + r) of one virtual epoch."""
-        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-        order = torch.randperm(self.n_fields, generator=g).tolist()
-        ids = [f * self.repeats + r for f in order for r in range(self.repeats)]
+        ids: list[int] = []
+        k = 0
+        while len(ids) < self.samples_per_epoch:
+            ids += self._pass(epoch, k)
+            k += 1
         return ids[: self.samples_per_epoch]
 
     def __iter__(self) -> Iterator[int]:
@@ -68,23 +109,51 @@ class StreamDataset(FieldDataset):
 
     ``FieldDataset`` maps an id to its field modulo the dataset size and seeds the augmentation with
     the whole id, so each stream position gets its own, reproducible crops.  The crop sizes switch to
-    the high-resolution stage when the stream reaches ``transforms[i][0]``.
+    the high-resolution stage when the stream reaches ``transforms[i][0]``.  Decoded fields stay in a
+    small LRU (``DECODE_CACHE_BYTES``) so the repeats of a group reuse their decode; fields that fail
+    to load are flagged in shared memory, so the main process can count them across workers.
     """
 
     def __init__(self, source: FieldSource, transforms: list[tuple[int, MultiViewAugmentation]],
-                 repeats: int, seed: int) -> None:
+                 repeats: int, seed: int, cache_bytes: int = DECODE_CACHE_BYTES) -> None:
         ordered = sorted(transforms, key=lambda t: t[0])
         super().__init__(source, ordered[0][1], repeats=repeats, seed=seed)
         self.transforms = ordered
+        self.cache_bytes = cache_bytes
+        self._lru: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.bad = torch.zeros(len(source), dtype=torch.uint8).share_memory_()
+        self._index = {r.key: i for i, r in enumerate(source.records)}
+
+    def load_field(self, field_idx: int) -> torch.Tensor:
+        x = self._lru.get(field_idx)
+        if x is not None:
+            self._lru.move_to_end(field_idx)
+            return x
+        x = torch.from_numpy(np.ascontiguousarray(self.source.load(self.source.records[field_idx])))
+        self._lru[field_idx] = x
+        used = sum(t.numel() * t.element_size() for t in self._lru.values())
+        while len(self._lru) > 1 and used > self.cache_bytes:
+            _, old = self._lru.popitem(last=False)
+            used -= old.numel() * old.element_size()
+        return x
 
     def __getitem__(self, stream_id: int) -> dict[str, Any]:
         stream_pos = int(stream_id) // len(self)
         for start, tf in self.transforms:
             if stream_pos >= start:
                 self.transform = tf
-        sample = super().__getitem__(int(stream_id))
+        seen = len(self.skipped)
+        try:
+            sample = super().__getitem__(int(stream_id))
+        finally:
+            for key in list(self.skipped)[seen:]:
+                self.bad[self._index[key]] = 1
         sample["stream_pos"] = stream_pos
         return sample
+
+    def skipped_count(self) -> int:
+        """Fields that failed to load so far, over all workers."""
+        return int(self.bad.sum())
 
 
 def _collate_factory(cfg: Config, patch_size: int) -> Any:
@@ -168,16 +237,21 @@ def _stream_dataset(cfg: Config, source: FieldSource, rank: int | None = None,
 
 
 def stream_steps_per_epoch(cfg: Config, source: FieldSource, world_size: int = 1) -> int:
-    """Batches per rank in one pass of the shuffle-buffered stream."""
-    if cfg.train.steps_per_epoch:
-        return int(cfg.train.steps_per_epoch)
+    """Batches per rank in one pass of the shuffle-buffered stream (``train.steps_per_epoch`` may
+    shorten an epoch, never lengthen it: the stream has no more batches to give)."""
     ds = _stream_dataset(cfg, source, rank=0, world_size=world_size)
     w = max(1, cfg.data.num_workers)
     per_worker = (ds.fields_per_worker(w, world_size) * cfg.data.repeats) // cfg.data.batch_size
     if per_worker < 1:
         raise ConfigError(f"each of {w} loader worker(s) x {world_size} rank(s) gets fewer samples than one "
                           f"batch ({cfg.data.batch_size}); lower data.batch_size or data.num_workers")
-    return w * per_worker
+    natural = w * per_worker
+    if cfg.train.steps_per_epoch:
+        if cfg.train.steps_per_epoch > natural:
+            raise ConfigError(f"config key 'train.steps_per_epoch' ({cfg.train.steps_per_epoch}) exceeds the "
+                              f"{natural} batches one pass of the stream holds; lower it or raise data.repeats")
+        return int(cfg.train.steps_per_epoch)
+    return natural
 
 
 class EpochChainLoader:
@@ -205,11 +279,71 @@ class EpochChainLoader:
             loader = self.dataset.make_loader(bs, self.collate, num_workers=workers, drop_last=True)
             self.dataset.load_state_dict({"epoch": epoch, "samples_yielded": pos * bs,
                                           "num_workers": workers, "batch_size": bs})
+            before = step
             for batch in loader:
                 yield batch
                 step += 1
                 if step >= self.total or step % self.spe == 0:
                     break
+            if step == before:  # an empty pass would loop forever
+                raise DataError(f"the stream of epoch {epoch} yielded no batch at position {pos} "
+                                f"(steps per epoch {self.spe}); check the data source")
 
     def metrics(self) -> dict[str, float]:
         return self.dataset.metrics()
+
+
+# --------------------------------------------------------------------------------------------------
+# The DataModule
+# --------------------------------------------------------------------------------------------------
+
+
+class DinoCellDataModule(L.LightningDataModule):
+    """Sources, held-out split, run length and loaders of one run (see module doc).
+
+    ``source`` is the whole source; ``wells`` the held-out ``PLATE/WELL`` keys (``None``: decided here
+    from ``data.holdout``).  ``world_size`` is the Trainer's (devices x nodes): the run length depends on
+    it, and the LightningModule's schedules are built from :attr:`steps_per_epoch` / :attr:`total_steps`.
+    """
+
+    def __init__(self, cfg: Config, source: FieldSource, world_size: int = 1,
+                 wells: list[str] | None = None) -> None:
+        super().__init__()
+        self.cfg, self.full_source = cfg, source
+        self.heldout_wells = resolve_wells(source.records, cfg.data.holdout) if wells is None else list(wells)
+        self.train_source, self.heldout = split_source(source, self.heldout_wells)
+        self.world_size = max(1, int(world_size))
+        self.global_batch = cfg.data.batch_size * self.world_size
+        if use_stream(cfg, self.train_source):
+            self.steps_per_epoch = stream_steps_per_epoch(cfg, self.train_source, self.world_size)
+        else:
+            self.steps_per_epoch = steps_per_epoch(cfg, len(self.train_source), self.world_size)
+        #: the schedule horizon; ``train.max_steps`` stops the Trainer earlier without changing it
+        self.total_steps = self.steps_per_epoch * max(1, cfg.train.epochs)
+        #: where this invocation stops (the loader's length, so progress bars show it)
+        self.stop_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        self._loader: Any = None
+
+    def train_dataloader(self) -> Any:
+        """Built when fitting starts, so the restored ``global_step`` and the DDP rank are known: a
+        resumed run continues the exact sample stream of the uninterrupted one."""
+        trainer = self.trainer
+        start = trainer.global_step if trainer is not None else 0
+        rank = trainer.global_rank if trainer is not None else 0
+        self._loader = build_loader(self.cfg, self.train_source, self.stop_step, self.steps_per_epoch,
+                                    start_step=start, rank=rank, world_size=self.world_size,
+                                    patch_size=self.cfg.model.patch_size)
+        return self._loader
+
+    def skipped_fields(self) -> int:
+        """Fields left out: unreadable at listing/verification, plus those that failed while training."""
+        listed = sum(1 for s in self.full_source.skipped if not str(s).endswith("name not recognised"))
+        loader = self._loader
+        if loader is None:
+            return listed
+        dataset = getattr(loader, "dataset", None)
+        if hasattr(dataset, "skipped_count"):
+            return listed + dataset.skipped_count()
+        if hasattr(loader, "metrics"):
+            return listed + int(loader.metrics().get("stream/skipped", 0))
+        return listed

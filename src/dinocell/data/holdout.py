@@ -1,0 +1,137 @@
+"""The held-out split: whole wells that training never reads, decided once per run.
+
+Why wells, not fields: the sites of one well show the same treatment, often the same cells at the
+border; a field-level split would let evaluation score fields whose neighbours were trained on.
+
+The rule is pure and deterministic: every well gets a score from ``sha256(salt:PLATE/WELL)`` and, per
+plate, the ``round(fraction * wells)`` lowest scores are held out (at least one well of every plate
+with two or more wells when ``fraction > 0``; never all of them).  The score depends on the names only,
+so the split is the same on every machine, every rank and every rerun, and a well keeps its side when
+plates are added.  An explicit ``PLATE/WELL`` list replaces the rule.
+
+:func:`split_source` works on any :class:`~dinocell.data.sources.FieldSource` (records carry plate and
+well).  A run keeps its list in ``DIR/holdout.txt``; :func:`heldout_source` gives ``dinocell evaluate``
+/ ``embed`` the held-out fields of a run folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dinocell.data.field import FieldRecord
+from dinocell.errors import ConfigError, UserError
+
+HOLDOUT_FILE = "holdout.txt"
+
+
+def well_key(rec: FieldRecord) -> str:
+    """``PLATE/WELL`` of a record: the unit of the split."""
+    return f"{rec.plate}/{rec.well}"
+
+
+def well_score(key: str, salt: str = "dinocell") -> float:
+    """A uniform number in [0, 1) from the well's name alone (sha256: stable across Python versions)."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def heldout_wells(records: Iterable[FieldRecord], fraction: float, salt: str = "dinocell") -> list[str]:
+    """The wells the rule holds out (sorted ``PLATE/WELL``): ``fraction`` of each plate's wells."""
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"config key 'data.holdout.fraction' must be in [0, 1), got {fraction}")
+    by_plate: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        by_plate[r.plate].add(well_key(r))
+    out: list[str] = []
+    for wells in by_plate.values():
+        n = len(wells)
+        if fraction <= 0 or n < 2:
+            continue
+        k = min(n - 1, max(1, round(fraction * n)))
+        out += sorted(wells, key=lambda w: (well_score(w, salt), w))[:k]
+    return sorted(out)
+
+
+def resolve_wells(records: Sequence[FieldRecord], holdout: Any) -> list[str]:
+    """The held-out wells of ``records`` for a ``HoldoutConfig``: its explicit ``wells`` (checked) or the rule."""
+    if holdout.wells:
+        wanted = sorted({str(w).strip() for w in holdout.wells if str(w).strip()})
+        present = {well_key(r) for r in records}
+        if not any(w in present for w in wanted):
+            raise ConfigError(f"config key 'data.holdout.wells' names no well of this source (e.g. "
+                              f"'{wanted[0]}'; wells look like '{next(iter(sorted(present)), 'PLATE/A01')}')")
+        return wanted
+    return heldout_wells(records, holdout.fraction, holdout.salt)
+
+
+def split_indices(records: Sequence[FieldRecord], wells: Iterable[str]) -> tuple[list[int], list[int]]:
+    """(training, held-out) record indices for a set of held-out ``PLATE/WELL`` keys."""
+    held = set(wells)
+    train, test = [], []
+    for i, r in enumerate(records):
+        (test if well_key(r) in held else train).append(i)
+    return train, test
+
+
+def subset_source(source: Any, indices: Sequence[int]) -> Any:
+    """A shallow copy of ``source`` restricted to ``records[indices]`` (loading, channels, caches shared)."""
+    sub = copy.copy(source)
+    sub.records = [source.records[i] for i in indices]
+    return sub
+
+
+def split_source(source: Any, wells: Iterable[str]) -> tuple[Any, Any]:
+    """(training source, held-out source) of any FieldSource for the held-out ``wells``."""
+    train, test = split_indices(source.records, wells)
+    if not train:
+        raise UserError(f"every field of {source.name} is held out for evaluation; lower "
+                        "data.holdout.fraction or list fewer data.holdout.wells")
+    return subset_source(source, train), subset_source(source, test)
+
+
+def write_holdout_file(run_dir: str | os.PathLike[str], wells: Sequence[str]) -> Path:
+    """``DIR/holdout.txt``: one ``PLATE/WELL`` per line (atomic)."""
+    path = Path(run_dir) / HOLDOUT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{w}\n" for w in wells))
+    os.replace(tmp, path)
+    return path
+
+
+def read_holdout_file(run_dir: str | os.PathLike[str]) -> list[str] | None:
+    """The held-out wells a run decided, or ``None`` when the folder has no ``holdout.txt``."""
+    path = Path(run_dir) / HOLDOUT_FILE
+    if not path.is_file():
+        return None
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def heldout_source(run_dir: str | os.PathLike[str], source: Any = None) -> Any:
+    """The held-out fields of a training run, for ``dinocell evaluate`` / ``embed``.
+
+    ``source`` defaults to the run's own data (``DIR/config.yaml``); the wells come from
+    ``DIR/holdout.txt`` (or, for runs without it, the config's rule).  Raises ``UserError`` when the
+    folder is not a run or nothing is held out.
+    """
+    from dinocell.config import load_config
+    from dinocell.data.sources import open_source
+
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"{run} is not a run folder (no config.yaml)")
+    cfg = load_config(cfg_path)
+    src = source if source is not None else open_source(cfg.data)
+    wells = read_holdout_file(run)
+    if wells is None:
+        wells = resolve_wells(src.records, cfg.data.holdout)
+    _, held = split_indices(src.records, wells)
+    if not held:
+        raise UserError(f"run {run} holds out no field of {src.name}")
+    return subset_source(src, held)

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from dinocell.config import HoldoutConfig, load_config, save_config
+from dinocell.data.field import FieldRecord
+from dinocell.data.holdout import (
+    heldout_source,
+    heldout_wells,
+    read_holdout_file,
+    resolve_wells,
+    split_indices,
+    split_source,
+    well_key,
+    well_score,
+    write_holdout_file,
+)
+from dinocell.data.sources import open_source
+from dinocell.errors import ConfigError, UserError
+from tests_tiny import TINY
+
+
+def _records(plates: int, wells: int, sites: int = 2) -> list[FieldRecord]:
+    return [FieldRecord(plate=f"P{p}", well=f"A{w:02d}", site=s)
+            for p in range(plates) for w in range(1, wells + 1) for s in range(1, sites + 1)]
+
+
+def test_fraction_of_wells_per_plate_deterministic_and_order_free() -> None:
+    recs = _records(plates=3, wells=20)
+    held = heldout_wells(recs, 0.1)
+    assert len(held) == 3 * 2
+    assert all(sum(w.startswith(f"P{p}/") for w in held) == 2 for p in range(3))
+    shuffled = list(recs)
+    random.Random(1).shuffle(shuffled)
+    assert heldout_wells(shuffled, 0.1) == held  # order of the listing does not matter
+    # a plate added later does not move the others' wells
+    assert set(held) <= set(heldout_wells(_records(plates=4, wells=20), 0.1))
+    # the score is the well's name alone (sha256), the same on every machine
+    assert well_score("P0/A01") == well_score("P0/A01") != well_score("P0/A02")
+    assert 0.0 <= well_score("P0/A01") < 1.0
+
+
+def test_edge_cases_never_hold_out_a_whole_plate() -> None:
+    assert heldout_wells(_records(plates=2, wells=1), 0.5) == []  # one-well plates stay in training
+    assert len(heldout_wells(_records(plates=1, wells=4), 0.1)) == 1  # at least one well
+    assert len(heldout_wells(_records(plates=1, wells=2), 0.9)) == 1  # never all of them
+    assert heldout_wells(_records(plates=2, wells=8), 0.0) == []
+    with pytest.raises(ConfigError, match="data.holdout.fraction"):
+        heldout_wells(_records(1, 4), 1.0)
+
+
+def test_explicit_wells_and_split() -> None:
+    recs = _records(plates=2, wells=4)
+    wells = resolve_wells(recs, HoldoutConfig(wells=["P1/A03", "P0/A01"]))
+    assert wells == ["P0/A01", "P1/A03"]
+    train, test = split_indices(recs, wells)
+    assert not set(train) & set(test) and sorted(train + test) == list(range(len(recs)))
+    assert {well_key(recs[i]) for i in test} == set(wells)
+    with pytest.raises(ConfigError, match="names no well"):
+        resolve_wells(recs, HoldoutConfig(wells=["X/A01"]))
+
+
+def test_split_source_on_the_synthetic_generator() -> None:
+    cfg = load_config(None, TINY + ["data.synthetic.n_fields=64"])
+    src = open_source(cfg.data)
+    wells = resolve_wells(src.records, cfg.data.holdout)
+    train, held = split_source(src, wells)
+    assert len(train) + len(held) == len(src) and len(held) > 0
+    assert {well_key(r) for r in train.records}.isdisjoint({well_key(r) for r in held.records})
+    # held-out fields come from the same generator (same seed), not another one
+    rec = held.records[0]
+    assert (held.load(rec) == src.load(rec)).all()
+    assert held.channels == src.channels and len(src) == 64  # the original is untouched
+    with pytest.raises(UserError, match="every field"):
+        split_source(src, sorted({well_key(r) for r in src.records}))
+
+
+def test_heldout_source_of_a_run_folder(tmp_path: Path) -> None:
+    cfg = load_config(None, TINY + ["data.synthetic.n_fields=64"])
+    save_config(cfg, tmp_path)
+    with pytest.raises(UserError, match="holds out no field"):
+        write_holdout_file(tmp_path, ["NOPE/A01"])
+        heldout_source(tmp_path)
+    src = open_source(cfg.data)
+    wells = resolve_wells(src.records, cfg.data.holdout)
+    write_holdout_file(tmp_path, wells)
+    assert read_holdout_file(tmp_path) == wells
+    held = heldout_source(tmp_path)
+    assert {well_key(r) for r in held.records} == set(wells)
+    (tmp_path / "holdout.txt").unlink()  # older run folders: the config's rule decides
+    assert [r.key for r in heldout_source(tmp_path).records] == [r.key for r in held.records]
+    with pytest.raises(UserError, match="not a run folder"):
+        heldout_source(tmp_path / "nothing")
