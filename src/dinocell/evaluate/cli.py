@@ -105,6 +105,7 @@ def _embed(args: argparse.Namespace) -> int:
     from dinocell.errors import UserError
     from dinocell.evaluate.embed import run_embed
 
+    check_output_dir(args.out)
     overrides = list(args.overrides or [])
     if args.model and "=" in args.model and not Path(args.model).exists():
         overrides.insert(0, args.model)  # with --backbone, the first key=value lands in MODEL
@@ -122,7 +123,6 @@ def _embed(args: argparse.Namespace) -> int:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else None
-    check_output_dir(args.out)
     info = run_embed(model, args.out, data=args.data, overrides=overrides, base_config=base,
                      model_name=args.model_name, device=device, overwrite=args.overwrite,
                      progress=not args.no_progress, view=args.view, pool=args.pool, geometry=args.geometry,
