@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dinocell.data.field import FieldRecord
-from dinocell.data.sources import FieldSource
+from dinocell.data.counters import SharedCounters
+from dinocell.data.field import FieldRecord, FieldSource
 from dinocell.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,6 @@ class StreamingFieldDataset(IterableDataset):
         self.num_workers = 0  # set by StreamingDataLoader: needed for __len__ and resume
         self.batch_size: int | None = None
         self._resume_workers: int | None = None
-        from dinocell.data.s3 import SharedCounters
-
         self.counters = SharedCounters(_STREAM_COUNTERS)
 
     # -- layout ------------------------------------------------------------------------------------
@@ -292,7 +290,9 @@ class StreamingFieldDataset(IterableDataset):
 
     def _loaded(self, records: list[FieldRecord]) -> Iterator[tuple[FieldRecord, np.ndarray | None]]:
         if hasattr(self.source, "iter_loaded"):
-            return self.source.iter_loaded(records)
+            # Each field is read once per epoch: a decoded-field cache here would only hold memory
+            # until the worker exits at the end of the (virtual) epoch.
+            return self.source.iter_loaded(records, cache=False)
         return _threaded_loader(self.source, records, self.prefetch)
 
     def _stream(self, shard: np.ndarray, n_items: int, epoch: int, rank: int, worker: int,
@@ -324,6 +324,7 @@ class StreamingFieldDataset(IterableDataset):
         last_good: tuple[int, np.ndarray] | None = None
         needed_set = set(needed)
         emitted: dict[int, int] = {}
+        n_fetched = 0
         k = 0
         try:
             for ev, item in plan():
@@ -331,8 +332,9 @@ class StreamingFieldDataset(IterableDataset):
                     in_buffer[item] = None
                     if item < n_real and item in needed_set:
                         rec, arr = next(loaded)
-                        if rec is not self.source.records[int(shard[item])]:
+                        if rec is not records[n_fetched]:
                             raise RuntimeError("field loader returned fields out of order")
+                        n_fetched += 1
                         arrays[item] = arr
                         status[item] = arr is not None
                         self.counters.add(fields=1, skipped=int(arr is None))
