@@ -77,26 +77,74 @@ def plate_from_path(path: str) -> str:
     return "plate"
 
 
+#: The common Phenix name, ``rRRcCCfFFp01-chKsk1fk1fl1.tiff`` (one-digit channel), parsed as bytes.
+_FAST_LEN = 30
+_FAST_FIXED = {0: "r", 3: "c", 6: "f", 9: "p", 12: "-", 13: "c", 14: "h"}
+_FAST_DIGITS = [1, 2, 4, 5, 7, 8, 10, 11, 15]
+_FAST_TAIL = np.frombuffer(b"sk1fk1fl1.tiff", dtype=np.uint8)
+
+
+def _parse_fixed(names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised parse of the common fixed-width Phenix name: (ok mask, field keys, channel numbers).
+
+    The names of the right length are joined into one byte string and read as an (n, 30) uint8
+    array; a name that is not exactly ``rRRcCCfFFp01-chKsk1fk1fl1.tiff`` is left to the regex.
+    """
+    n = len(names)
+    ok = np.zeros(n, dtype=bool)
+    keys = np.zeros(n, dtype=np.int64)
+    chans = np.zeros(n, dtype=np.int64)
+    if n == 0:
+        return ok, keys, chans
+    sel = np.fromiter(map(len, names), dtype=np.int64, count=n) == _FAST_LEN
+    rows = np.flatnonzero(sel)
+    if len(rows) == 0:
+        return ok, keys, chans
+    chosen = names if len(rows) == n else [names[i] for i in rows]
+    cp = np.frombuffer("".join(chosen).encode("ascii", "replace"), dtype=np.uint8).reshape(len(rows), _FAST_LEN)
+    good = np.ones(len(rows), dtype=bool)
+    for pos, ch in _FAST_FIXED.items():
+        good &= cp[:, pos] == ord(ch)
+    d = cp[:, _FAST_DIGITS].astype(np.int64) - ord("0")
+    good &= ((d >= 0) & (d <= 9)).all(axis=1)
+    good &= (cp[:, 16:] == _FAST_TAIL).all(axis=1)
+    good &= (d[:, 6] == 0) & (d[:, 7] == 1)  # plane 01
+    ok[rows] = good
+    keys[rows] = ((d[:, 0] * 10 + d[:, 1]) << 24) | ((d[:, 2] * 10 + d[:, 3]) << 16) | (d[:, 4] * 10 + d[:, 5])
+    chans[rows] = d[:, 8]
+    return ok, keys, chans
+
+
 def group_folder(names: Iterable[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Base names of one folder -> (field keys ``row<<24 | col<<16 | site``, channel-number bit masks,
-    names that are not plane-1 Phenix images).  The hot loop of discovery: one regex per name."""
-    acc: dict[int, int] = {}
+    names that are not plane-1 Phenix images).  The hot loop of discovery: the common fixed-width
+    names are parsed as one numpy array, the rest with one regex per name."""
+    names = list(names)
+    ok, fast_keys, fast_ch = _parse_fixed(names)
+    key_parts, ch_parts = [fast_keys[ok]], [fast_ch[ok]]
     unparsed: list[str] = []
+    slow_keys, slow_ch = [], []
     match = JUMP_NAME.match
-    for n in names:
+    for i in np.flatnonzero(~ok):
+        n = names[i]
         m = match(n)
         if m is None:
             unparsed.append(n)
             continue
         row, col, site, plane, ch = m.group("row", "col", "site", "plane", "channel")
         chn = int(ch)
-        if plane != "01" or chn >= 62:
+        if int(plane) != 1 or chn >= 62:
             unparsed.append(n)
             continue
-        k = (int(row) << 24) | (int(col) << 16) | int(site)
-        acc[k] = acc.get(k, 0) | (1 << chn)
-    keys = np.fromiter(acc.keys(), dtype=np.int64, count=len(acc))
-    masks = np.fromiter(acc.values(), dtype=np.int64, count=len(acc))
+        slow_keys.append((int(row) << 24) | (int(col) << 16) | int(site))
+        slow_ch.append(chn)
+    key_parts.append(np.asarray(slow_keys, dtype=np.int64))
+    ch_parts.append(np.asarray(slow_ch, dtype=np.int64))
+    keys_all = np.concatenate(key_parts)
+    ch_all = np.concatenate(ch_parts)
+    keys, inv = np.unique(keys_all, return_inverse=True)
+    masks = np.zeros(len(keys), dtype=np.int64)
+    np.bitwise_or.at(masks, inv, np.left_shift(1, ch_all))
     return keys, masks, unparsed
 
 
