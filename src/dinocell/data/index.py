@@ -39,12 +39,12 @@ ROW_GROUP = 1 << 18
 _BASE = ("plate", "well", "site", "folder", "row", "col", "present")
 
 
-def _small(codes: np.ndarray, signed: bool = True) -> np.ndarray:
+def _small(codes: np.ndarray) -> np.ndarray:
     """The narrowest integer dtype that holds ``codes`` (a 3M-row int64 column -> int16 saves 18 MB)."""
     if codes.size == 0:
         return codes.astype(np.int32)
     hi = int(codes.max())
-    for dt in ((np.int8, np.int16, np.int32) if signed else (np.uint8, np.uint16, np.uint32)):
+    for dt in (np.int8, np.int16, np.int32):
         if hi <= np.iinfo(dt).max:
             return codes.astype(dt, copy=False)
     return codes.astype(np.int64, copy=False)
@@ -150,12 +150,6 @@ class FieldIndex(Sequence[FieldRecord]):
         """How many fields have each channel."""
         p = self.cols["present"].astype(np.int64)
         return {n: int(np.count_nonzero(p >> b & 1)) for b, n in enumerate(self.channels)}
-
-    def keys(self) -> np.ndarray:
-        """``plate/well/site`` of every field (object array; for reporting and tests)."""
-        return np.array([f"{p}/{w}/{s}" for p, w, s in
-                         zip(self.values("plate"), self.values("well"), self.cols["site"], strict=True)],
-                        dtype=object)
 
     def map_folders(self, fn: Any) -> FieldIndex:
         """The same index with every folder name passed through ``fn`` (one call per folder)."""
@@ -304,64 +298,6 @@ def sort_unique(idx: FieldIndex) -> FieldIndex:
     return idx.take(order[first])
 
 
-def concat(parts: Sequence[FieldIndex]) -> FieldIndex:
-    """One index from several (categories are re-coded into shared lists)."""
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        raise ValueError("nothing to concatenate")
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0]
-    channels: list[str] = []
-    for p in parts:
-        channels += [c for c in p.channels if c not in channels]
-    cats: dict[str, list[str]] = {}
-    lookup: dict[str, dict[str, int]] = {}
-    cols: dict[str, list[np.ndarray]] = {}
-    files: dict[str, list[pa.Array]] = {}
-    meta = list(dict.fromkeys(m for p in parts for m in p.meta))
-    for p in parts:
-        remap_bits = np.array([1 << channels.index(c) for c in p.channels], dtype=np.int64)
-        for name, names in p.cats.items():
-            d = lookup.setdefault(name, {})
-            cats.setdefault(name, [])
-            for n in names:
-                if n not in d:
-                    d[n] = len(cats[name])
-                    cats[name].append(n)
-        def recode(column: str, codes: np.ndarray, p: FieldIndex = p) -> np.ndarray:
-            table = np.array([lookup[column][n] for n in p.cats[column]], dtype=np.int64)
-            return table[codes] if table.size else codes.astype(np.int64)
-        for k, v in p.cols.items():
-            if k in ("plate", "well", "folder"):
-                v = recode(k, v)
-            elif k.startswith("m:"):
-                v = recode(k[2:], v)
-            elif k.startswith("d:"):
-                v = recode("folder", v)
-            elif k == "present":
-                bits = v.astype(np.int64)
-                v = np.zeros(len(bits), dtype=np.int64)
-                for b, nb in enumerate(remap_bits):
-                    v |= np.where(bits >> b & 1, nb, 0)
-            cols.setdefault(k, []).append(v.astype(np.int64))
-        for m in meta:
-            if f"m:{m}" not in p.cols:
-                cats.setdefault(m, [])
-                d = lookup.setdefault(m, {})
-                if "" not in d:
-                    d[""] = len(cats[m])
-                    cats[m].append("")
-                cols.setdefault(f"m:{m}", []).append(np.full(len(p), d[""], dtype=np.int64))
-        for k, v in (p.files or {}).items():
-            files.setdefault(k, []).append(v)
-    if any(p.naming != first.naming for p in parts):
-        raise ValueError("cannot concatenate indexes with different naming patterns")
-    out_files = {k: pa.concat_arrays(v) for k, v in files.items()} if files else None
-    return FieldIndex({k: _small(np.concatenate(v)) for k, v in cols.items()}, cats, channels,
-                      first.naming, out_files, meta)
-
-
 # --------------------------------------------------------------------------------------------------
 # Parquet storage
 # --------------------------------------------------------------------------------------------------
@@ -405,9 +341,10 @@ def read_index(path: str | os.PathLike[str]) -> tuple[FieldIndex, dict[str, Any]
         col = table.column(name)
         if name.startswith("f:"):
             files[name[2:]] = col.combine_chunks()
-        else:
-            cols[name] = col.to_numpy()
-    del table
+        else:  # numpy-owned copies: the Arrow decode buffers can then go back to the OS
+            cols[name] = np.array(col.to_numpy(), copy=True)
+    del table, col
+    pa.default_memory_pool().release_unused()
     idx = FieldIndex(cols, info["cats"], info["channels"], info.get("naming"), files or None,
                      info.get("meta", []))
     return idx, info
