@@ -156,3 +156,40 @@ def test_no_import_cycles_in_data() -> None:
     for m in graph:
         if m not in state:
             visit(m, [])
+
+
+def test_index_is_built_once_under_a_lock_and_reused(tmp_path: Path) -> None:
+    """Concurrent processes (threads here: flock locks per open file) build the index once."""
+    import threading
+    import time
+
+    from dinocell.data.s3.discovery import cached_index
+
+    idx, _ = jump.group_files(_keys(2), "source_4")
+    calls: list[list[str] | None] = []
+
+    def build(plates: list[str] | None):
+        calls.append(plates)
+        time.sleep(0.3)
+        return idx, ["one skipped"]
+
+    path = tmp_path / "index.parquet"
+    ident = {"uri": "s3://b/p/"}
+    out: list[int] = []
+    threads = [threading.Thread(target=lambda: out.append(len(cached_index(path, ident, None, build)[0])))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [None] and out == [len(idx)] * 4
+    # A plate-pruned index is reused for a subset of its plates and extended for other plates.
+    path2 = tmp_path / "pruned.parquet"
+    sub = idx.take(idx.isin("plate", ["P000"]))
+    calls.clear()
+    cached_index(path2, ident, ["P000"], lambda plates: (calls.append(plates), (sub, []))[1])
+    cached_index(path2, ident, ["P000"], lambda plates: (calls.append(plates), (sub, []))[1])
+    cached_index(path2, ident, ["P001"], lambda plates: (calls.append(plates), (idx, []))[1])
+    assert calls == [["P000"], ["P000", "P001"]]
+    got, skipped = cached_index(path2, ident, None, lambda plates: (calls.append(plates), (idx, []))[1])
+    assert calls[-1] is None and len(got) == len(idx)

@@ -194,6 +194,16 @@ def test_filters(jump_bucket: JumpBucket, proxy: FaultProxy, tmp_path: Path) -> 
         S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path, "data.s3.filters={batch: nope}"))
 
 
+def test_a_filter_change_reuses_the_index(jump_bucket: JumpBucket, proxy: FaultProxy, tmp_path: Path) -> None:
+    full = S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path))
+    proxy.reset_counts()
+    well = S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path, "data.s3.filters={well: A01}"))
+    plate = S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path, "data.s3.filters={plate: SYNTH-P01}"))
+    assert proxy.requests == 0, "filters select from the saved index: no relisting"
+    assert full.index_path == well.index_path == plate.index_path
+    assert {r.well for r in well.records} == {"A01"} and {r.plate for r in plate.records} == {"SYNTH-P01"}
+
+
 def test_load_data_discovery_local_and_s3(jump_bucket: JumpBucket, tmp_path: Path) -> None:
     listing = S3FieldSource(jump_bucket.uri, data_cfg(jump_bucket.endpoint_url, tmp_path / "a"))
     local = S3FieldSource(jump_bucket.uri, data_cfg(jump_bucket.endpoint_url, tmp_path / "b",

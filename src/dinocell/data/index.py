@@ -333,7 +333,14 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def read_index(path: str | os.PathLike[str]) -> tuple[FieldIndex, dict[str, Any]]:
     """An index file -> (index, header).  Columns become numpy arrays (no per-field objects)."""
-    table = pq.read_table(path)
+    # Decode with the system allocator: Arrow's default (mimalloc) keeps ~10 MB of freed decode
+    # buffers resident after the columns are copied out -- 130 B/field at 1e5 fields vs 30 (measured).
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        table = pq.read_table(path)
+    finally:
+        pa.set_memory_pool(previous)
     info = json.loads((table.schema.metadata or {}).get(b"dinocell", b"{}"))
     cols: dict[str, np.ndarray] = {}
     files: dict[str, pa.Array] = {}
@@ -341,10 +348,14 @@ def read_index(path: str | os.PathLike[str]) -> tuple[FieldIndex, dict[str, Any]
         col = table.column(name)
         if name.startswith("f:"):
             files[name[2:]] = col.combine_chunks()
-        else:  # numpy-owned copies: the Arrow decode buffers can then go back to the OS
-            cols[name] = np.array(col.to_numpy(), copy=True)
+        else:  # one numpy-owned copy per column: the Arrow decode buffers then go back to the OS
+            out = np.empty(len(col), dtype=col.type.to_pandas_dtype())
+            at = 0
+            for chunk in col.chunks:
+                out[at:at + len(chunk)] = chunk.to_numpy(zero_copy_only=False)
+                at += len(chunk)
+            cols[name] = out
     del table, col
-    pa.default_memory_pool().release_unused()
     idx = FieldIndex(cols, info["cats"], info["channels"], info.get("naming"), files or None,
                      info.get("meta", []))
     return idx, info
