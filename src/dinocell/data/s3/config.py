@@ -143,3 +143,19 @@ def describe(exc: BaseException) -> str:
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
         return f"HTTP {status} {err.get('Code', '')}".strip()
     return f"{type(exc).__name__}: {exc}"
+
+
+def permanent_error(exc: BaseException, what: str, missing: str, signed: bool) -> DataError | None:
+    """The :class:`DataError` for a permanent S3 error (404 -> ``missing``, 403, bad request), or None
+    when ``exc`` is transient (worth another try).  Exceptions that are not S3's are re-raised."""
+    kind = classify(exc)
+    if kind == "raise":
+        raise exc
+    if kind == "missing":
+        return S3MissingError(missing)
+    if kind == "fatal":
+        msg = describe(exc)
+        if "403" in msg and not signed:
+            msg += " (a private bucket needs data.s3.sign=true)"
+        return S3FetchError(f"{what}: {msg}")
+    return None

@@ -37,7 +37,7 @@ from filelock import FileLock, Timeout
 from dinocell.data import jump
 from dinocell.data.field import IMAGE_SUFFIXES, LOAD_DATA_SUFFIXES, MAX_LISTED_SKIPS
 from dinocell.data.index import INDEX_VERSION, FieldIndex, IndexBuilder, read_index, read_info, write_index
-from dinocell.data.s3.config import S3FetchError, S3MissingError, classify, describe, parse_s3_uri
+from dinocell.data.s3.config import S3FetchError, describe, parse_s3_uri, permanent_error
 from dinocell.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ class Lister:
     """Paginated, retried, concurrent listing of one bucket (``client`` is thread-safe)."""
 
     def __init__(self, client: Any, attempts: Any, bucket: str, workers: int = 32,
-                 on_retries: Callable[[int], None] | None = None) -> None:
+                 on_retries: Callable[[int], None] | None = None, signed: bool = False) -> None:
+        self.signed = signed
         self.client = client
         self.attempts = attempts
         self.bucket = bucket
@@ -117,12 +118,9 @@ class Lister:
         try:
             return self.client.list_objects_v2(**kw)
         except Exception as e:
-            kind = classify(e)
-            if kind == "raise":
-                raise
-            if kind == "missing":
-                raise S3MissingError(f"bucket not found: s3://{self.bucket}") from None
-            raise S3FetchError(f"cannot list s3://{self.bucket}/{prefix}: {describe(e)}") from None
+            what = f"cannot list s3://{self.bucket}/{prefix}"
+            err = permanent_error(e, what, f"bucket not found: s3://{self.bucket}", self.signed)
+            raise (err or S3FetchError(f"{what}: {describe(e)}")) from None
         finally:
             if self.on_retries is not None:
                 self.on_retries(max(0, self.attempts.value - before - 1))

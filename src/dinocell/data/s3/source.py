@@ -45,10 +45,10 @@ from dinocell.data.s3.config import (
     S3FetchError,
     S3MissingError,
     Truncated,
-    classify,
     describe,
     make_client,
     parse_s3_uri,
+    permanent_error,
     validate_s3_config,
 )
 from dinocell.data.s3.discovery import (
@@ -203,7 +203,7 @@ class S3FieldSource(FieldSource):
                 return index_from_load_data(df, f"s3://{self.bucket}/{self.prefix}", str(load_data)), []
             client, attempts = make_client(self.s3cfg, pool=int(self.s3cfg.list_workers))
             lister = Lister(client, attempts, self.bucket, int(self.s3cfg.list_workers),
-                            on_retries=lambda n: self.counters.add(retries=n))
+                            on_retries=lambda n: self.counters.add(retries=n), signed=bool(self.s3cfg.sign))
             try:
                 idx, skipped = index_from_listing(lister, self.prefix, listed_plates, self.source_map)
             except S3MissingError as e:
@@ -245,16 +245,9 @@ class S3FieldSource(FieldSource):
                     if expected is not None and len(body) != int(expected):
                         raise Truncated(f"got {len(body)} of {expected} bytes")
                 except Exception as e:
-                    kind = classify(e)
-                    if kind == "raise":
-                        raise
-                    if kind == "missing":
-                        raise S3MissingError(f"{uri}: not found (404)") from None
-                    if kind == "fatal":
-                        msg = describe(e)
-                        if "403" in msg and not self.s3cfg.sign:
-                            msg += " (a private bucket needs data.s3.sign=true)"
-                        raise S3FetchError(f"{uri}: {msg}") from None
+                    err = permanent_error(e, uri, f"{uri}: not found (404)", bool(self.s3cfg.sign))
+                    if err is not None:
+                        raise err from None
                     last = e
                 finally:
                     used = max(1, st.attempts.value - before)
