@@ -84,7 +84,7 @@ def sequential_fields_per_s(endpoint: str, index: Path, n: int) -> float:
 
     data_cfg = _cfg(endpoint, index)
     src = S3FieldSource(f"s3://{BUCKET}/{PREFIX}", data_cfg)
-    client = make_client(data_cfg.s3)
+    client, _ = make_client(data_cfg.s3)
     t0 = time.perf_counter()
     for rec in src.records[:n]:
         planes = []

@@ -108,6 +108,7 @@ class S3Config:
     disk_cache_dir: str | None = None
     disk_cache_bytes: int = 0
     index_cache: str | None = None
+    list_workers: int = 32  # plate folders listed concurrently when the index is built
     shuffle_buffer: int = 64
     filters: dict[str, str] = field(default_factory=dict)
 

@@ -64,3 +64,19 @@ def test_bad_load_data(tmp_path: Path) -> None:
     p.write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match="no FileName_Orig"):
         jump.fields_from_load_data(jump.read_load_data(p))
+
+
+def test_group_folder_fast_path_agrees_with_the_regex() -> None:
+    names = [jump.format_name(r, c, s, ch) for r in (1, 16) for c in (1, 24) for s in (1, 9) for ch in (1, 5)]
+    odd = ["R01C02F01P01-CH3SK1FK1FL1.TIFF", "r01c01f01p02-ch1sk1fk1fl1.tiff", "junk.tif",
+           "r02c03f04p01-ch12sk1fk1fl1.tiff", "r0xc01f01p01-ch1sk1fk1fl1.tiff", "r01c01f01p01-ch1sk2fk1fl1.tif"]
+    keys, masks, unparsed = jump.group_folder(names + odd)
+    expected: dict[int, int] = {}
+    for n in names + odd:
+        info = jump.parse_name(n)
+        if info is None or info["plane"] != 1:
+            continue
+        k = (info["row"] << 24) | (info["col"] << 16) | info["site"]
+        expected[k] = expected.get(k, 0) | (1 << info["channel"])
+    assert dict(zip(keys.tolist(), masks.tolist(), strict=True)) == expected
+    assert unparsed == ["r01c01f01p02-ch1sk1fk1fl1.tiff", "junk.tif", "r0xc01f01p01-ch1sk1fk1fl1.tiff"]

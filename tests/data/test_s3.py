@@ -17,8 +17,6 @@ from dinocell.data.s3 import ByteLRU, DiskCache, S3FieldSource, parse_s3_uri, pa
 from dinocell.data.sources import FieldDataset, open_source
 from dinocell.errors import ConfigError, DataError
 
-FAST = {"backoff_base_s": 0.005, "backoff_max_s": 0.05}
-
 
 def data_cfg(endpoint: str, tmp_path: Path, *overrides: str):
     """A DataConfig for the local server; the index goes to ``tmp_path`` unless overridden."""
@@ -118,30 +116,26 @@ def test_byte_lru_thread_safe() -> None:
 ])
 def test_disk_cache_keys_cannot_escape(tmp_path: Path, uri: str) -> None:
     root = tmp_path / "cache"
-    dc = DiskCache(root, 10_000)
-    p = dc.path_for(uri)
-    assert p.resolve().is_relative_to(root.resolve())
-    assert p.parent.parent == root and len(p.name) < 200 and not p.name.startswith(".")
-    dc.put(uri, b"payload")
-    assert dc.get(uri) == b"payload"
+    dc = DiskCache(root, 10_000_000)
+    payload = bytes(range(256)) * 200  # large enough to live in its own file, not in SQLite
+    dc.put(uri, payload)
+    assert dc.get(uri) == payload
     outside = [f for f in tmp_path.rglob("*") if f.is_file() and not f.resolve().is_relative_to(root.resolve())]
     assert outside == []
 
 
 def test_disk_cache_is_bounded_lru(tmp_path: Path) -> None:
-    import os
-    import time
-
-    dc = DiskCache(tmp_path, 1000)
-    for i in range(3):
-        dc.put(f"s3://b/k{i}", bytes(300))
-        os.utime(dc.path_for(f"s3://b/k{i}"), (time.time() - 100 + i, time.time() - 100 + i))
-    assert dc.get("s3://b/k0") == bytes(300)  # bump k0: k1 is now the oldest
-    dc.put("s3://b/k3", bytes(300))  # 1200 > 1000: evict down to <= 900
-    assert dc.nbytes <= 900
-    assert dc.get("s3://b/k1") is None
-    assert dc.get("s3://b/k0") is not None and dc.get("s3://b/k3") is not None
-    dc.put("s3://b/big", bytes(2000))  # larger than the budget: never stored
+    limit = 2_000_000
+    dc = DiskCache(tmp_path, limit)
+    blob = bytes(100_000)
+    for i in range(60):  # 6 MB through a 2 MB cache
+        dc.put(f"s3://b/k{i}", blob)
+        if i % 5 == 0:
+            assert dc.get("s3://b/k0") == blob  # k0 stays recently used
+    assert dc.nbytes <= limit + 200_000
+    assert dc.get("s3://b/k0") == blob and dc.get("s3://b/k59") == blob
+    assert dc.get("s3://b/k1") is None  # the oldest untouched objects went first
+    dc.put("s3://b/big", bytes(limit + 1))  # larger than the budget: never stored
     assert dc.get("s3://b/big") is None
 
 
@@ -198,6 +192,16 @@ def test_filters(jump_bucket: JumpBucket, proxy: FaultProxy, tmp_path: Path) -> 
     assert chans.channels == ["Mito", "DNA"] and len(chans) == jump_bucket.n_fields
     with pytest.raises(DataError, match="matches data.s3.filters"):
         S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path, "data.s3.filters={batch: nope}"))
+
+
+def test_a_filter_change_reuses_the_index(jump_bucket: JumpBucket, proxy: FaultProxy, tmp_path: Path) -> None:
+    full = S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path))
+    proxy.reset_counts()
+    well = S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path, "data.s3.filters={well: A01}"))
+    plate = S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path, "data.s3.filters={plate: SYNTH-P01}"))
+    assert proxy.requests == 0, "filters select from the saved index: no relisting"
+    assert full.index_path == well.index_path == plate.index_path
+    assert {r.well for r in well.records} == {"A01"} and {r.plate for r in plate.records} == {"SYNTH-P01"}
 
 
 def test_load_data_discovery_local_and_s3(jump_bucket: JumpBucket, tmp_path: Path) -> None:
@@ -297,7 +301,7 @@ def test_faults_are_retried_and_bad_fields_skipped(jump_bucket: JumpBucket, prox
     proxy.schedule[f"/{jump_bucket.bucket}"] = ["500", "503"]  # the listing is retried too
     cfg = data_cfg(proxy.url, tmp_path, "data.s3.timeout_s=1.0", "data.s3.max_attempts=4",
                    "data.s3.cache_bytes=0")
-    src = S3FieldSource(uri, cfg, **FAST)
+    src = S3FieldSource(uri, cfg)
     recs = src.records
     faults = {
         obj_path(recs[0].channels["DNA"]): ["500", "503"],
@@ -338,15 +342,15 @@ def test_faults_are_retried_and_bad_fields_skipped(jump_bucket: JumpBucket, prox
 
 
 def test_retries_are_bounded(jump_bucket: JumpBucket, proxy: FaultProxy, tmp_path: Path) -> None:
-    src = S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path, "data.s3.max_attempts=3"), **FAST)
+    src = S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path, "data.s3.max_attempts=3"))
     rec = src.records[2]
     path = obj_path(rec.channels["ER"])
     proxy.schedule[path] = ["500"] * 10
     with pytest.raises(DataError, match="gave up after 3 attempts: HTTP 500 InternalError"):
         src.load(rec)
-    assert proxy.attempts[path] == 3  # botocore's own retries are off: each attempt is ours
+    assert proxy.attempts[path] == 3  # botocore retries, bounded by max_attempts; each one counted
     assert src.metrics()["s3/retries"] == 2 and src.metrics()["s3/skipped"] == 1
-    one = S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path, "data.s3.max_attempts=1"), **FAST)
+    one = S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path, "data.s3.max_attempts=1"))
     other = one.records[3]
     proxy.schedule[obj_path(other.channels["DNA"])] = ["503"]
     with pytest.raises(DataError, match="gave up after 1 attempts: HTTP 503 SlowDown"):
@@ -365,8 +369,8 @@ def test_decoded_lru_and_disk_cache(jump_bucket: JumpBucket, proxy: FaultProxy, 
     assert src.metrics()["s3/cache_hit_rate"] == 0.5
     list(src.iter_loaded(src.records))  # field 0 hits the LRU, the rest is fetched
     assert proxy.requests == 5 * len(src.records)
-    files = [f for f in disk.rglob("*") if f.is_file()]
-    assert len(files) == 5 * len(src.records) and all(f.resolve().is_relative_to(disk.resolve()) for f in files)
+    assert len(src._state().disk) == 5 * len(src.records)  # every raw object, stored by diskcache
+    assert all(f.resolve().is_relative_to(disk.resolve()) for f in tmp_path.rglob("*") if "disk" in f.parts)
     # A new source (a restart) with an empty LRU is served from disk: no GET at all.
     proxy.reset_counts()
     again = S3FieldSource(jump_bucket.uri, cfg)

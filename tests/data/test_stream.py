@@ -266,7 +266,7 @@ def test_lookahead_batches_are_not_counted_as_consumed() -> None:
 def s3_source(jb: JumpBucket, endpoint: str, tmp_path: Path, uri: str | None = None, *extra: str) -> S3FieldSource:
     cfg = load_config(None, [f"data.s3.endpoint_url={endpoint}", f"data.s3.index_cache={tmp_path / 'idx.parquet'}",
                              *extra]).data
-    return S3FieldSource(uri or jb.uri, cfg, backoff_base_s=0.005, backoff_max_s=0.05)
+    return S3FieldSource(uri or jb.uri, cfg)
 
 
 def test_s3_stream_survives_faults_exactly_once_per_epoch(

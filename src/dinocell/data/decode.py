@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from dinocell.data.stain import StainNormalizer
 from dinocell.errors import DataError
 
 
@@ -145,3 +146,26 @@ def scale_field(raw: np.ndarray, cfg: Any) -> np.ndarray:
         if cfg.clahe:
             out[c] = clahe(out[c], cfg.clahe_clip, cfg.clahe_tiles)
     return out
+
+
+def to_unit(raw: np.ndarray) -> np.ndarray:
+    """uint8 / uint16 -> float32 in [0, 1] by the type's range; floats pass through as float32."""
+    if raw.dtype == np.uint8:
+        return raw.astype(np.float32) / 255.0
+    if raw.dtype == np.uint16:
+        return raw.astype(np.float32) / 65535.0
+    return raw.astype(np.float32)
+
+
+def finish_field(raw: np.ndarray, scaling: Any, stain: Any = None, name: str = "field") -> np.ndarray:
+    """Stain normalisation (if on), then per-channel scaling, of one decoded (C,H,W) field.
+
+    A field with NaN or inf pixels (a float TIFF with holes, a broken illumination function) raises
+    :class:`DataError`, so every reader skips and counts it like a corrupt file instead of letting it
+    reach the loss.
+    """
+    if not np.issubdtype(raw.dtype, np.integer) and not np.isfinite(raw).all():
+        raise DataError(f"field {name} has NaN or infinite pixels")
+    if stain is not None and getattr(stain, "use_stain_norm", False):
+        raw = StainNormalizer(stain)(to_unit(raw))
+    return to_unit(raw) if scaling is None else scale_field(np.asarray(raw), scaling)

@@ -1,18 +1,50 @@
-"""The unit of data: one field of view (plate, well, site) with one image per channel."""
+"""The unit of data: one field of view (plate, well, site) with one image per channel.
+
+Also the pieces every source shares: the :class:`FieldSource` base class (select channels, load and
+scale a field), channel-name helpers and the Phenix file-name pattern the columnar index regenerates
+names from.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from dinocell.data.decode import check_image, finish_field, read_image
+from dinocell.errors import DataError
 
 #: Channels that are not fluorescent stains; they never enter the "mean of fluorescent channels" view.
 BRIGHTFIELD_NAMES = frozenset({"brightfield", "bf", "brightfield_1", "brightfield_2", "brightfield_3",
                                "brightfieldlow", "brightfieldhigh", "highzbf", "lowzbf"})
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+LOAD_DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
+#: Order in which channels are listed when the user does not choose.
+STANDARD_CHANNELS = ("DNA", "RNA", "ER", "AGP", "Mito")
+#: At most this many per-field problems are listed by ``describe()`` (the rest are counted).
+MAX_LISTED_SKIPS = 100
 
 
 def is_fluorescent(channel: str) -> bool:
     """True for stain channels, False for brightfield/transmitted-light channels."""
     name = channel.lower().replace("-", "_")
     return not (name in BRIGHTFIELD_NAMES or name.startswith("brightfield") or name.endswith("bf"))
+
+
+def well_name(row: int, col: int) -> str:
+    """Row 1, column 1 -> ``A01``."""
+    if not 1 <= row <= 26 * 2:
+        raise ValueError(f"row {row} out of range")
+    letters = chr(ord("A") + row - 1) if row <= 26 else "A" + chr(ord("A") + row - 27)
+    return f"{letters}{col:02d}"
+
+
+def format_name(row: int, col: int, site: int, channel: int, plane: int = 1) -> str:
+    """The Phenix (Harmony) file name of one channel of one site."""
+    return f"r{row:02d}c{col:02d}f{site:02d}p{plane:02d}-ch{channel}sk1fk1fl1.tiff"
 
 
 @dataclass
@@ -33,3 +65,109 @@ class FieldRecord:
     def key(self) -> str:
         """A stable, unique id for the field."""
         return f"{self.plate}/{self.well}/{self.site}"
+
+
+def select_channels(available: Sequence[str], wanted: Sequence[str] | None) -> list[str]:
+    """Choose channels by name (case-insensitive); unknown names fail with the available ones."""
+    if not wanted:
+        return list(available)
+    lower = {a.lower(): a for a in available}
+    out = []
+    for w in wanted:
+        if w.lower() not in lower:
+            raise DataError(f"unknown channel '{w}'; available: {', '.join(available) or 'none'}")
+        out.append(lower[w.lower()])
+    return out
+
+
+def order_channels(names: Iterable[str]) -> list[str]:
+    """Standard stains first (DNA, RNA, ER, AGP, Mito), then the rest alphabetically."""
+    order = {c: i for i, c in enumerate(STANDARD_CHANNELS)}
+    return sorted(set(names), key=lambda c: (order.get(c, 99), c))
+
+
+def take_records(records: Sequence[FieldRecord], idx: np.ndarray) -> Sequence[FieldRecord]:
+    """``records`` at ``idx``: vectorised for a columnar index, a list otherwise."""
+    take = getattr(records, "take", None)
+    if take is not None:
+        return take(np.asarray(idx, dtype=np.int64))
+    return [records[int(i)] for i in idx]
+
+
+class FieldSource:
+    """Base class: a sequence of fields with named channels and a way to read them."""
+
+    channels: list[str]
+    fluorescent: list[bool]
+    records: Sequence[FieldRecord]
+    name: str = "source"
+
+    def __init__(self, scaling: Any = None, stain: Any = None) -> None:
+        self.scaling = scaling
+        self.stain = stain
+        self.skipped: list[str] = []
+
+    # -- reading ---------------------------------------------------------------------------------
+    def load_raw(self, rec: FieldRecord) -> np.ndarray:
+        """The field's selected channels as a (C,H,W) uint8/uint16 array."""
+        planes = []
+        for ch in self.channels:
+            if ch not in rec.channels:
+                raise DataError(f"field {rec.key} has no channel {ch}")
+            planes.append(read_image(rec.channels[ch]))
+        return stack_planes(rec, planes)
+
+    def load(self, rec: FieldRecord) -> np.ndarray:
+        """The field scaled per channel into float32 [0,1]; NaN/inf pixels make it a bad field."""
+        return finish_field(self.load_raw(rec), self.scaling, self.stain, rec.key)
+
+    # -- reporting -------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Summary for ``dinocell data ls``."""
+        recs = self.records
+        if hasattr(recs, "codes"):
+            pc, pn = recs.codes("plate")  # type: ignore[attr-defined]
+            wc, _ = recs.codes("well")  # type: ignore[attr-defined]
+            plates = sorted({pn[i] for i in np.unique(pc)})
+            wells = len(np.unique(pc.astype(np.int64) * (1 << 20) + wc))
+        else:
+            plates = sorted({r.plate for r in recs})
+            wells = len({(r.plate, r.well) for r in recs})
+        return {
+            "source": self.name,
+            "fields": len(recs),
+            "channels": list(self.channels),
+            "fluorescent": [c for c, f in zip(self.channels, self.fluorescent, strict=True) if f],
+            "plates": plates,
+            "wells": wells,
+            "skipped": list(self.skipped),
+        }
+
+    def verify(self) -> list[str]:
+        """Check every local file's TIFF header (no decoding); unreadable fields are dropped from
+        ``records``, reported in ``skipped`` and returned.  All fields unreadable -> DataError."""
+        bad: list[str] = []
+        good: list[int] = []
+        for i, rec in enumerate(self.records):
+            problems = [f"{os.path.basename(p)}: {why}" for c in self.channels
+                        if (p := rec.channels.get(c)) and not p.startswith("s3://") and (why := check_image(p))]
+            if problems:
+                bad.append(f"{rec.key}: {'; '.join(problems)}")
+            else:
+                good.append(i)
+        if len(self.records) and not good:
+            raise DataError(f"no readable field in {self.name}: {bad[0]}")
+        self.records = take_records(self.records, np.asarray(good, dtype=np.int64))
+        self.skipped.extend(bad)
+        return bad
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def stack_planes(rec: FieldRecord, planes: list[np.ndarray]) -> np.ndarray:
+    """One (C,H,W) array from a field's channel planes (all must have one size)."""
+    shapes = {p.shape for p in planes}
+    if len(shapes) != 1:
+        raise DataError(f"field {rec.key} has channels of different sizes: {sorted(shapes)}")
+    return np.stack(planes)

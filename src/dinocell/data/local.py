@@ -1,0 +1,132 @@
+"""Local field sources: a folder of images (JUMP names or a ``pattern``) and a load_data table.
+
+Both build a columnar :class:`~dinocell.data.index.FieldIndex`; :class:`IndexSource` selects the
+channels and drops fields that lack one with vectorised column operations.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinocell.data import jump
+from dinocell.data.field import (
+    IMAGE_SUFFIXES,
+    LOAD_DATA_SUFFIXES,
+    MAX_LISTED_SKIPS,
+    FieldSource,
+    is_fluorescent,
+    order_channels,
+    select_channels,
+)
+from dinocell.data.index import FieldIndex, IndexBuilder
+from dinocell.data.registry import register_source
+from dinocell.errors import DataError
+
+
+def missing_channel_skips(index: FieldIndex, keep: np.ndarray, channels: Sequence[str]) -> list[str]:
+    """``skipped`` lines for the fields without every chosen channel (the first ones, then a count)."""
+    drop = np.flatnonzero(~keep)
+    out = []
+    for i in drop[:MAX_LISTED_SKIPS]:
+        rec = index[int(i)]
+        out.append(f"{rec.key}: missing channel(s) {', '.join(c for c in channels if c not in rec.channels)}")
+    if len(drop) > MAX_LISTED_SKIPS:
+        out.append(f"... and {len(drop) - MAX_LISTED_SKIPS} more field(s) missing a channel")
+    return out
+
+
+class IndexSource(FieldSource):
+    """A source defined by a field index (folder, load_data table, S3 listing)."""
+
+    def __init__(self, index: FieldIndex, channels: Sequence[str] | None, name: str,
+                 scaling: Any = None, stain: Any = None, skipped: list[str] | None = None) -> None:
+        super().__init__(scaling, stain)
+        self.name = name
+        counts = index.channel_counts()
+        self.channels = select_channels(order_channels(c for c, n in counts.items() if n), channels)
+        keep = index.has_channels(self.channels)
+        self.skipped = list(skipped or []) + missing_channel_skips(index, keep, self.channels)
+        if not keep.any():
+            raise DataError(f"no field in {name} has all of the channels {', '.join(self.channels)}")
+        self.records = index if keep.all() else index.take(keep)
+        self.fluorescent = [is_fluorescent(c) for c in self.channels]
+
+
+def _compile_pattern(pattern: str) -> re.Pattern[str]:
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise DataError(f"bad --pattern regex: {e}") from None
+    if "channel" not in rx.groupindex:
+        raise DataError("--pattern needs a named group (?P<channel>...); optional: plate, well, site")
+    return rx
+
+
+def group_by_pattern(paths: list[str], root: Path, rx: re.Pattern[str]) -> tuple[FieldIndex, list[str]]:
+    """Group files whose path (relative to ``root``) matches ``rx`` into fields."""
+    groups: dict[tuple[str, str, int], dict[str, str]] = {}
+    unmatched = []
+    for p in paths:
+        m = rx.search(os.path.relpath(p, root))
+        if not m:
+            unmatched.append(p)
+            continue
+        d = m.groupdict()
+        plate = d.get("plate") or jump.plate_from_path(p.rpartition("/")[0])
+        site = int(d["site"]) if d.get("site") and d["site"].isdigit() else 1
+        groups.setdefault((plate, d.get("well") or "A01", site), {})[d["channel"]] = p
+    builder = IndexBuilder()
+    for (pl, w, s), ch in groups.items():
+        builder.add_record(pl, w, s, ch)
+    return builder.build(), unmatched
+
+
+def folder_source(path: str, data_cfg: Any) -> IndexSource:
+    """A local folder, searched recursively, of JUMP-named TIFFs (or files matching ``pattern``)."""
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"path not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"not a folder or load_data file: {root}")
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
+                   if f.lower().endswith(IMAGE_SUFFIXES))
+    if not paths:
+        raise DataError(f"no images (*.tif, *.tiff, *.png) found in {root}")
+    if data_cfg.pattern:
+        index, unmatched = group_by_pattern(paths, root, _compile_pattern(data_cfg.pattern))
+    elif data_cfg.load_data:
+        df = jump.read_load_data(data_cfg.load_data)
+        cmap = jump.channel_map_from_load_data(df)
+        if not cmap:
+            raise DataError(f"load_data file {data_cfg.load_data} names no JUMP-style image files")
+        index, unmatched = jump.group_files(paths, cmap)
+        if len(index):
+            index = jump.attach_load_data(index, jump.fields_from_load_data(df))
+    else:
+        index, unmatched = jump.group_files(paths, data_cfg.source_map)
+    if not len(index):
+        hint = " (use --pattern for non-JUMP file names)" if not data_cfg.pattern else ""
+        raise DataError(f"no image in {root} matches the expected file names{hint}")
+    skipped = [f"{os.path.relpath(p, root)}: name not recognised" for p in unmatched]
+    return IndexSource(index, data_cfg.channels, str(root), data_cfg.scaling, data_cfg.stain, skipped)
+
+
+def load_data_source(path: str, data_cfg: Any, root: str | None = None) -> IndexSource:
+    """Fields listed in a load_data CSV/CSV.gz/Parquet (its PathName_Orig* folders or ``root``)."""
+    if not Path(path).exists():
+        raise DataError(f"load_data file not found: {path}")
+    index = jump.fields_from_load_data(jump.read_load_data(path), root=root)
+    if not len(index):
+        raise DataError(f"load_data file {path} lists no fields")
+    return IndexSource(index, data_cfg.channels, str(path), data_cfg.scaling, data_cfg.stain)
+
+
+register_source("load_data", lambda uri: not uri.startswith("s3://") and uri.lower().endswith(LOAD_DATA_SUFFIXES),
+                load_data_source, priority=20)
+register_source("folder", lambda uri: "://" not in uri, folder_source, priority=90)
