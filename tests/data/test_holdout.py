@@ -57,7 +57,7 @@ def test_explicit_wells_and_split() -> None:
     wells = resolve_wells(recs, HoldoutConfig(wells=["P1/A03", "P0/A01"]))
     assert wells == ["P0/A01", "P1/A03"]
     train, test = split_indices(recs, wells)
-    assert not set(train) & set(test) and sorted(train + test) == list(range(len(recs)))
+    assert not set(train) & set(test) and sorted([*train, *test]) == list(range(len(recs)))
     assert {well_key(recs[i]) for i in test} == set(wells)
     with pytest.raises(ConfigError, match="names no well"):
         resolve_wells(recs, HoldoutConfig(wells=["X/A01"]))
@@ -94,3 +94,29 @@ def test_heldout_source_of_a_run_folder(tmp_path: Path) -> None:
     assert [r.key for r in heldout_source(tmp_path).records] == [r.key for r in held.records]
     with pytest.raises(UserError, match="not a run folder"):
         heldout_source(tmp_path / "nothing")
+
+
+def test_columnar_index_split_matches_the_record_list_and_stays_columnar() -> None:
+    """A FieldIndex is split with integer codes (no per-field objects) into the same wells as a list."""
+    from dinocell.data.index import FieldIndex, IndexBuilder
+
+    b = IndexBuilder(channels=["DNA"])
+    for plate in ("P1", "P2"):
+        for well in ("A01", "A02", "B01", "B02", "C01"):
+            for site in (1, 2):
+                b.add_record(plate, well, site, {"DNA": f"/x/{plate}_{well}_{site}.tif"})
+    idx = b.build()
+    as_list = list(idx)
+    wells = heldout_wells(idx, 0.4)
+    assert wells == heldout_wells(as_list, 0.4)
+    train, test = split_indices(idx, wells)
+    train_l, test_l = split_indices(as_list, wells)
+    assert list(train) == list(train_l) and list(test) == list(test_l)
+
+    class Src:
+        name, records = "fake", idx
+
+    tr, te = split_source(Src(), wells)
+    assert isinstance(tr.records, FieldIndex) and isinstance(te.records, FieldIndex)
+    assert {well_key(r) for r in te.records} == set(wells)
+    assert len(tr.records) + len(te.records) == len(idx)

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from dinocell.data.field import FieldRecord
 from dinocell.errors import ConfigError, UserError
 
@@ -41,13 +43,35 @@ def well_score(key: str, salt: str = "dinocell") -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def heldout_wells(records: Iterable[FieldRecord], fraction: float, salt: str = "dinocell") -> list[str]:
+def _well_ids(records: Sequence[FieldRecord]) -> tuple[np.ndarray, list[str], list[str]]:
+    """(per-field well id, plate of each id, ``PLATE/WELL`` of each id).
+
+    On a columnar :class:`~dinocell.data.index.FieldIndex` this is one pass over integer codes (no
+    per-field Python object: millions of fields); a plain list of records takes the generic path.
+    """
+    if hasattr(records, "codes"):
+        pc, plates = records.codes("plate")
+        wc, wells = records.codes("well")
+        pair = pc.astype(np.int64) * max(1, len(wells)) + wc.astype(np.int64)
+        uniq, ids = np.unique(pair, return_inverse=True)
+        id_plates = [plates[int(u) // max(1, len(wells))] for u in uniq]
+        keys = [f"{p}/{wells[int(u) % max(1, len(wells))]}" for p, u in zip(id_plates, uniq, strict=True)]
+        return ids.reshape(-1), id_plates, keys
+    pairs = [(r.plate, r.well) for r in records]
+    uniq_pairs = sorted(set(pairs))
+    lookup = {pw: i for i, pw in enumerate(uniq_pairs)}
+    ids = np.fromiter((lookup[pw] for pw in pairs), dtype=np.int64, count=len(pairs))
+    return ids, [p for p, _ in uniq_pairs], [f"{p}/{w}" for p, w in uniq_pairs]
+
+
+def heldout_wells(records: Sequence[FieldRecord], fraction: float, salt: str = "dinocell") -> list[str]:
     """The wells the rule holds out (sorted ``PLATE/WELL``): ``fraction`` of each plate's wells."""
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"config key 'data.holdout.fraction' must be in [0, 1), got {fraction}")
-    by_plate: dict[str, set[str]] = defaultdict(set)
-    for r in records:
-        by_plate[r.plate].add(well_key(r))
+    _, id_plates, keys = _well_ids(records)
+    by_plate: dict[str, list[str]] = defaultdict(list)
+    for plate, key in zip(id_plates, keys, strict=True):
+        by_plate[plate].append(key)
     out: list[str] = []
     for wells in by_plate.values():
         n = len(wells)
@@ -62,7 +86,7 @@ def resolve_wells(records: Sequence[FieldRecord], holdout: Any) -> list[str]:
     """The held-out wells of ``records`` for a ``HoldoutConfig``: its explicit ``wells`` (checked) or the rule."""
     if holdout.wells:
         wanted = sorted({str(w).strip() for w in holdout.wells if str(w).strip()})
-        present = {well_key(r) for r in records}
+        present = set(_well_ids(records)[2])
         if not any(w in present for w in wanted):
             raise ConfigError(f"config key 'data.holdout.wells' names no well of this source (e.g. "
                               f"'{wanted[0]}'; wells look like '{next(iter(sorted(present)), 'PLATE/A01')}')")
@@ -70,26 +94,32 @@ def resolve_wells(records: Sequence[FieldRecord], holdout: Any) -> list[str]:
     return heldout_wells(records, holdout.fraction, holdout.salt)
 
 
-def split_indices(records: Sequence[FieldRecord], wells: Iterable[str]) -> tuple[list[int], list[int]]:
-    """(training, held-out) record indices for a set of held-out ``PLATE/WELL`` keys."""
+def split_indices(records: Sequence[FieldRecord], wells: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(training, held-out) record indices for a set of held-out ``PLATE/WELL`` keys (vectorised)."""
     held = set(wells)
-    train, test = [], []
-    for i, r in enumerate(records):
-        (test if well_key(r) in held else train).append(i)
-    return train, test
+    ids, _, keys = _well_ids(records)
+    held_id = np.array([k in held for k in keys], dtype=bool)
+    mask = held_id[ids] if len(keys) else np.zeros(len(ids), dtype=bool)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
 
 
-def subset_source(source: Any, indices: Sequence[int]) -> Any:
-    """A shallow copy of ``source`` restricted to ``records[indices]`` (loading, channels, caches shared)."""
+def subset_source(source: Any, indices: Sequence[int] | np.ndarray) -> Any:
+    """A shallow copy of ``source`` restricted to ``records[indices]`` (loading, channels, caches shared).
+
+    A columnar index stays columnar (``take``); a list of records stays a list."""
     sub = copy.copy(source)
-    sub.records = [source.records[i] for i in indices]
+    idx = np.asarray(indices, dtype=np.int64)
+    if hasattr(source.records, "take"):
+        sub.records = source.records.take(idx)
+    else:
+        sub.records = [source.records[int(i)] for i in idx]
     return sub
 
 
 def split_source(source: Any, wells: Iterable[str]) -> tuple[Any, Any]:
     """(training source, held-out source) of any FieldSource for the held-out ``wells``."""
     train, test = split_indices(source.records, wells)
-    if not train:
+    if not len(train):
         raise UserError(f"every field of {source.name} is held out for evaluation; lower "
                         "data.holdout.fraction or list fewer data.holdout.wells")
     return subset_source(source, train), subset_source(source, test)
@@ -132,6 +162,6 @@ def heldout_source(run_dir: str | os.PathLike[str], source: Any = None) -> Any:
     if wells is None:
         wells = resolve_wells(src.records, cfg.data.holdout)
     _, held = split_indices(src.records, wells)
-    if not held:
+    if not len(held):
         raise UserError(f"run {run} holds out no field of {src.name}")
     return subset_source(src, held)
