@@ -181,7 +181,7 @@ class OptimConfig:
 
     lr: float = 5e-5
     min_lr: float = 1e-6
-    scale_lr: str = "none"  # none | sqrt  (sqrt: lr * sqrt(global_batch / 1024))
+    scale_lr: str = "none"  # none | sqrt  (sqrt: lr * 4 * sqrt(global_batch / 1024), dinov3's sqrt_wrt_1024)
     warmup_epochs: int = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4

@@ -137,7 +137,8 @@ class MultiViewDINO(nn.Module):
             losses["ibot"] = cls_g.sum() * 0.0
 
         if lc.koleo_weight > 0:
-            losses["koleo"] = sum(self.koleo_loss(c) for c in cls_g.chunk(n_global)) / n_global
+            # summed over the global crops (dinov3: koleo_scale = n_global_crops)
+            losses["koleo"] = self.koleo_loss(cls_g.view(n_global, b, -1))
         else:
             losses["koleo"] = cls_g.sum() * 0.0
 

@@ -19,6 +19,7 @@ from dinocell.errors import ConfigError
 __all__ = ["Schedules", "cosine", "freeze_last_layer", "from_config", "linear_warmup"]
 
 REFERENCE_BATCH = 1024  # DINOv2/v3 learning rates are quoted per 1024 images
+SQRT_SCALE_FACTOR = 4.0  # dinov3 ``sqrt_wrt_1024``: lr * 4 * sqrt(global_batch / 1024)
 
 
 def _check_step(step: int) -> None:
@@ -120,8 +121,8 @@ def from_config(
 ) -> Schedules:
     """Build :class:`Schedules` from the config, converting epochs to steps.
 
-    ``optim.scale_lr == "sqrt"`` scales the peak lr by ``sqrt(global_batch / 1024)`` (DINOv2/v3 rule;
-    ``min_lr`` is not scaled).  ``max_steps`` (e.g. ``train.max_steps``) shortens the run, and with it
+    ``optim.scale_lr == "sqrt"`` scales the peak lr by ``4 * sqrt(global_batch / 1024)``, dinov3's
+    ``sqrt_wrt_1024`` rule (``min_lr`` is not scaled, as in dinov3's default schedules).  ``max_steps`` (e.g. ``train.max_steps``) shortens the run, and with it
     the cosine horizon.  Warm-ups longer than the run are clamped to it.
     """
     if steps_per_epoch < 1:
@@ -145,7 +146,7 @@ def from_config(
         raise ConfigError("config keys 'loss.teacher_temp' and 'loss.warmup_teacher_temp' must be > 0")
 
     if optim_cfg.scale_lr == "sqrt":
-        lr = optim_cfg.lr * math.sqrt(global_batch / REFERENCE_BATCH)
+        lr = optim_cfg.lr * SQRT_SCALE_FACTOR * math.sqrt(global_batch / REFERENCE_BATCH)
     elif optim_cfg.scale_lr == "none":
         lr = optim_cfg.lr
     else:
