@@ -66,6 +66,18 @@ class MultiViewDINO(nn.Module):
         self.teacher.eval()
         return self
 
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` every transformer block of student and teacher, in place.
+
+        ``nn.Module.compile`` keeps the module tree, so parameter and state-dict names do not change:
+        layer-wise lr decay still sees ``blocks.<i>`` and a checkpoint resumes across ``train.compile``
+        (wrapping the backbone in ``torch.compile`` would prefix every name with ``_orig_mod.``).
+        Blocks are the unit dinov3 compiles too; the glue around them stays eager.
+        """
+        for tree in (self.student, self.teacher):
+            for blk in tree["backbone"].model.blocks:
+                blk.compile(**compile_kwargs)
+
     # ------------------------------------------------------------------------------------ EMA
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:

@@ -33,6 +33,20 @@ class NonFiniteLossError(UserError):
 
 
 _NO_DECAY_NAMES = ("cls_token", "reg_token", "mask_token", "pos_embed", "gamma", "storage_tokens")
+# Top-level names a backbone parameter may start with (after the timm ``model.`` prefix).  Anything else
+# (e.g. ``_orig_mod.`` from wrapping the backbone in torch.compile) would silently fall into the last
+# layer-decay bucket, so param_groups refuses it.
+_BACKBONE_PREFIXES = ("blocks.", "patch_embed.", "cls_token", "reg_token", "mask_token", "pos_embed", "norm_pre.",
+                      "norm.", "fc_norm.", "head.")
+
+
+def _backbone_layer_id(backbone: torch.nn.Module, sub: str) -> int:
+    """``backbone.layer_id(sub)``, after checking the name is one the layer-wise decay knows."""
+    bare = sub.removeprefix("model.")
+    if not bare.startswith(_BACKBONE_PREFIXES):
+        raise AssertionError(f"backbone parameter {sub!r} has no layer id for layer-wise lr decay (a wrapper "
+                             "renamed it? compile blocks in place with MultiViewDINO.compile_blocks)")
+    return backbone.layer_id(sub)
 
 
 def param_groups(meta: MultiViewDINO, cfg: Config) -> list[dict[str, Any]]:
@@ -47,7 +61,7 @@ def param_groups(meta: MultiViewDINO, cfg: Config) -> list[dict[str, Any]]:
             continue
         if name.startswith("backbone."):
             sub = name[len("backbone."):]
-            lr_mult = oc.layerwise_decay ** (n_layers - backbone.layer_id(sub))
+            lr_mult = oc.layerwise_decay ** (n_layers - _backbone_layer_id(backbone, sub))
             if "patch_embed" in sub:
                 lr_mult *= oc.patch_embed_lr_mult
         else:

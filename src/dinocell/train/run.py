@@ -181,7 +181,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
         total = min(total, cfg.train.max_steps)
     module = DinoCellModule(cfg, source, spe, total, cfg.data.batch_size * world_size)
     if cfg.train.compile:
-        module.meta.student["backbone"] = torch.compile(module.meta.student["backbone"])
+        module.meta.compile_blocks()  # in place: parameter names (lr decay, checkpoints) unchanged
 
     evaluator = _Evaluator(cfg, run_dir)
     before = evaluator.before(module)
