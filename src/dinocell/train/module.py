@@ -1,8 +1,9 @@
 """LightningModule: optimiser groups (layer-wise lr decay, no-decay set), schedules, EMA, metrics.
 
-Lightning owns the engine (devices, DDP/FSDP, precision, clipping, checkpoint I/O); this module owns
-what DINOv3 adds on top: per-step lr / weight decay / teacher temperature / momentum from pure
-schedules, the frozen last layer during the first epoch, and the EMA teacher update after each step.
+Lightning owns the engine (devices, DDP/FSDP, precision, checkpoint I/O); this module owns what
+DINOv3 adds on top: per-step lr / weight decay / teacher temperature / momentum from pure schedules,
+the frozen last layer during the first epoch, gradient clipping per module (backbone, DINO head, iBOT
+head), FSDP2 sharding, the Gram teacher snapshots and the EMA teacher update after each step.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from torch.utils.data import DataLoader
 from dinocell.config import Config, to_dict
 from dinocell.data.sources import FieldSource, load_resized_fields
 from dinocell.errors import UserError
+from dinocell.track import diagnostics
 from dinocell.train import schedules as sched
 from dinocell.train.data import build_loader
 from dinocell.train.meta_arch import MultiViewDINO
+from dinocell.train.sharding import clip_grad_norm_per_module, shard_meta
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +112,10 @@ class DinoCellModule(L.LightningModule):
         self.loss_history: list[float] = []
         # Step at which a still-uniform teacher is reported (once): past the first tenth of the run.
         self._uniform_check_step = max(20, total_steps // 10)
+        self._collapse_reported = False
+        # First non-finite loss since the last check, kept on the device (no host sync per step).
+        self._bad_step: torch.Tensor | None = None
+        self._bad_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ data
     def _examples(self, n: int) -> tuple[torch.Tensor, list[int]]:
@@ -127,9 +134,36 @@ class DinoCellModule(L.LightningModule):
                             start_step=trainer.global_step, rank=trainer.global_rank,
                             world_size=trainer.world_size, patch_size=self.meta.student["backbone"].patch_size)
 
-    # ------------------------------------------------------------------ optimiser
+    # ------------------------------------------------------------------ engine
+    def configure_model(self) -> None:
+        """Under ``train.strategy=fsdp`` (Lightning's ModelParallelStrategy): FSDP2 over all ranks."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        if any(hasattr(p, "device_mesh") for p in self.meta.parameters()):
+            return  # already sharded (configure_model may run again)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(self.device.type, (self.trainer.world_size,))
+        shard_meta(self.meta, mesh)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.meta, self.cfg)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        """Clip backbone, DINO head and iBOT head to ``optim.clip_grad`` each, as DINOv3 does.
+
+        Lightning's own clipping (one global norm, refused by its FSDP plugins) stays off; this hook runs
+        after AMP unscaling, on every rank.
+        """
+        if self.cfg.optim.clip_grad <= 0:
+            return
+        norms = clip_grad_norm_per_module(self.meta.student, self.cfg.optim.clip_grad)
+        if self._should_log(self.global_step):
+            self.log_dict({f"gradients/{k}_norm": v.detach() for k, v in norms.items()}, on_step=True,
+                          on_epoch=False, batch_size=self.cfg.data.batch_size)
 
     def _apply_schedules(self, step: int) -> dict[str, float]:
         values = self.schedules.at(min(step, self.total_steps - 1))
@@ -148,14 +182,16 @@ class DinoCellModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = self.global_step
         values = self._apply_schedules(step)
+        lc = self.cfg.loss
+        if sched.gram_refresh_due(step, lc.gram_teacher_start, lc.gram_teacher_every):
+            self.meta.refresh_gram_teacher()
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed * 1_000_003 + step)
-        out = self.meta(batch, values["teacher_temp"], gram_generator=gen)
+        out = self.meta(batch, values["teacher_temp"], gram_generator=gen,
+                        gram_active=step >= lc.gram_teacher_start)
         total = out["total"]
-        if not torch.isfinite(total.detach()).all():
-            raise NonFiniteLossError(
-                f"loss is {total.item()} at step {step}; stopping (the last good checkpoint in "
-                f"checkpoints/ is kept). Lower optim.lr or check the data scaling."
-            )
+        self._track_finite(total.detach(), step)
+        if self._finite_check_due(step):
+            self._raise_if_not_finite()
         self._last_values = values
         self.loss_history.append(float(total.detach()))
         # ModelCheckpoint keeps the newest N checkpoints by this value (not sent to the loggers)
@@ -166,10 +202,37 @@ class DinoCellModule(L.LightningModule):
             self._log_step(out, values, batch)
         return total
 
-    def _check_teacher_targets(self, probs: torch.Tensor, step: int, teacher_temp: float) -> None:
-        from dinocell.track.diagnostics import uniform_teacher_message
+    def _track_finite(self, total: torch.Tensor, step: int) -> None:
+        """Remember the first non-finite loss on the device: ``where`` instead of an ``if`` (no sync)."""
+        bad = ~torch.isfinite(total)
+        if self._bad_step is None or self._bad_loss is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=total.device)
+            self._bad_loss = torch.zeros((), dtype=total.dtype, device=total.device)
+        first = bad & (self._bad_step < 0)
+        self._bad_step = torch.where(first, torch.full_like(self._bad_step, step), self._bad_step)
+        self._bad_loss = torch.where(first, total, self._bad_loss)
 
-        msg = uniform_teacher_message(probs, step, teacher_temp)
+    def _finite_check_due(self, step: int) -> bool:
+        """Every ``train.finite_check_every`` steps, on logged steps, on the last step and before every
+        checkpoint (so no checkpoint ever holds weights updated from a NaN loss)."""
+        every = self.cfg.train.finite_check_every
+        ckpt = max(1, self.cfg.train.checkpoint_every_steps)
+        return (step % every == 0 or (step + 1) % ckpt == 0 or step >= self.total_steps - 1
+                or self._should_log(step))
+
+    def _raise_if_not_finite(self) -> None:
+        if self._bad_step is None or self._bad_loss is None:
+            return
+        bad_step = int(self._bad_step)  # the one host sync of the check
+        if bad_step < 0:
+            return
+        raise NonFiniteLossError(
+            f"loss is {float(self._bad_loss)} at step {bad_step}; stopping (the last good checkpoint in "
+            f"checkpoints/ is kept). Lower optim.lr or check the data scaling."
+        )
+
+    def _check_teacher_targets(self, probs: torch.Tensor, step: int, teacher_temp: float) -> None:
+        msg = diagnostics.uniform_teacher_message(probs, step, teacher_temp)
         if msg is not None and self.trainer.global_rank == 0:
             log.warning(msg)
 
@@ -186,14 +249,15 @@ class DinoCellModule(L.LightningModule):
             "training/epoch": self.global_step / self.steps_per_epoch, "training/iteration": self.global_step,
             "perf/data_time": self._t_data,
         })
-        try:
-            from dinocell.track import diagnostics
-
-            metrics.update(diagnostics.collapse_stats(out["_teacher_probs"], out["_student_cls"],
-                                                      out["_student_cls"], out["_patch_tokens"]))
-            metrics.update(diagnostics.system_stats())
-        except (ImportError, AttributeError):
-            pass
+        metrics.update(diagnostics.collapse_stats(out["_teacher_probs"], out["_student_cls"],
+                                                  out["_student_cls"], out["_patch_tokens"]))
+        usage = diagnostics.prototype_usage_stats(out["_teacher_logits"], values["teacher_temp"])
+        metrics.update(usage)
+        msg = diagnostics.collapsed_teacher_message(usage, self.global_step)
+        if msg is not None and not self._collapse_reported and self.trainer.global_rank == 0:
+            log.warning(msg)
+            self._collapse_reported = True
+        metrics.update(diagnostics.system_stats())
         if hasattr(self.source, "metrics"):
             metrics.update({k: float(v) for k, v in self.source.metrics().items() if k.startswith("s3/")})
         loader = getattr(self.trainer, "train_dataloader", None)
@@ -204,11 +268,7 @@ class DinoCellModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._should_log(self.global_step):
             return
-        try:
-            from dinocell.track.diagnostics import grad_stats
-        except ImportError:
-            return
-        self.log_dict(grad_stats(self.meta.student.named_parameters()), on_step=True, on_epoch=False,
+        self.log_dict(diagnostics.grad_stats(self.meta.student.named_parameters()), on_step=True, on_epoch=False,
                       batch_size=self.cfg.data.batch_size)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -249,7 +309,8 @@ class DinoCellModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from dinocell.train.run import check_compatible
 
-        check_compatible(self.state_dict(), checkpoint.get("state_dict", {}), "last.ckpt")
+        if "state_dict" in checkpoint:  # FSDP2 (ModelParallelStrategy) loads and removes it beforehand
+            check_compatible(self.state_dict(), checkpoint["state_dict"], "last.ckpt")
         self.loss_history = list(checkpoint.get("dinocell", {}).get("loss_history", []))
         state = checkpoint.get("dinocell", {}).get("rng")
         if not state:

@@ -94,10 +94,12 @@ def resolve_precision(precision: str) -> str:
 def _strategy(cfg: Config) -> Any:
     s = cfg.train.strategy
     if s == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-        from timm.models.eva import EvaBlock
+        # FSDP2 (fully_shard, as dinov3): the module shards itself over all ranks in configure_model (the
+        # strategy's own nodes x processes mesh is unused); checkpoints are gathered into one full file on
+        # rank 0, the same format as single-process and DDP runs.
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return FSDPStrategy(auto_wrap_policy={EvaBlock}, sharding_strategy="FULL_SHARD")
+        return ModelParallelStrategy(save_distributed_checkpoint=False)
     if s == "ddp":
         # iBOT head parameters get no gradient when iBOT is off
         return "ddp_find_unused_parameters_true" if cfg.loss.ibot_weight == 0 else "ddp"
@@ -188,10 +190,10 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
 
     logger = _logger(cfg, run_dir, resume=ckpt_path is not None)
     trainer = L.Trainer(
-        **trainer_kwargs, max_steps=total, max_epochs=1, logger=logger if logger is not None else False,
+        **{**trainer_kwargs, "strategy": _strategy(cfg)},  # a strategy object serves one Trainer only
+        max_steps=total, max_epochs=1, logger=logger if logger is not None else False,
         callbacks=_callbacks(cfg, run_dir), plugins=[_checkpoint_io()],
-        gradient_clip_val=cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else None,
-        gradient_clip_algorithm="norm", enable_progress_bar=cfg.train.progress_bar,
+        enable_progress_bar=cfg.train.progress_bar,  # clipping: per module, in the LightningModule
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         log_every_n_steps=1, use_distributed_sampler=False, default_root_dir=str(run_dir),
         deterministic=False,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from dinocell.config import LossConfig, OptimConfig
 from dinocell.errors import ConfigError
 
-__all__ = ["Schedules", "cosine", "freeze_last_layer", "from_config", "linear_warmup"]
+__all__ = ["Schedules", "cosine", "freeze_last_layer", "from_config", "gram_refresh_due", "linear_warmup"]
 
 REFERENCE_BATCH = 1024  # DINOv2/v3 learning rates are quoted per 1024 images
 SQRT_SCALE_FACTOR = 4.0  # dinov3 ``sqrt_wrt_1024``: lr * 4 * sqrt(global_batch / 1024)
@@ -74,6 +74,19 @@ def freeze_last_layer(step: int, steps_per_epoch: int, freeze_epochs: int) -> bo
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     return step < max(freeze_epochs, 0) * steps_per_epoch
+
+
+def gram_refresh_due(step: int, start: int, every: int) -> bool:
+    """True when the Gram teacher takes a new snapshot of the EMA teacher before ``step``.
+
+    DINOv3 anchors to a frozen earlier teacher and refreshes it every ``every`` steps
+    (``gram.update_frequency``); here the first snapshot is at ``start`` and ``every = 0`` never
+    refreshes it.  A pure function of the step, so a resumed run refreshes at the same steps.
+    """
+    _check_step(step)
+    if step < start:
+        return False
+    return step == start or (every > 0 and (step - start) % every == 0)
 
 
 @dataclass(frozen=True)
