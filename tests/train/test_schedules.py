@@ -183,3 +183,11 @@ def test_sqrt_scaling_matches_official_dinov3(global_batch: int, official_lr: fl
     optim = dataclasses.replace(OptimConfig(), lr=1e-3, scale_lr="sqrt")
     sch = from_config(optim, LossConfig(), steps_per_epoch=10, epochs=5, global_batch=global_batch)
     assert sch.lr == pytest.approx(official_lr, rel=1e-12)
+
+
+def test_gram_refresh_due_snapshot_then_every_n() -> None:
+    from dinocell.train.schedules import gram_refresh_due
+
+    assert [s for s in range(12) if gram_refresh_due(s, start=2, every=4)] == [2, 6, 10]
+    assert [s for s in range(12) if gram_refresh_due(s, start=0, every=0)] == [0]  # one snapshot, never refreshed
+    assert not gram_refresh_due(1, start=2, every=1)

@@ -56,6 +56,7 @@ class MultiViewDINO(nn.Module):
         lc = cfg.loss
         # The frozen Gram teacher exists only when it is used; it is part of the state dict (resume
         # restores the snapshot) and never trained (not in the student, no gradients).
+        self.gram_active = True
         self.gram_teacher: nn.Module | None = None
         if lc.gram_weight > 0 and lc.gram_target == "gram_teacher":
             self.gram_teacher = copy.deepcopy(self.teacher["backbone"])
@@ -140,13 +141,14 @@ class MultiViewDINO(nn.Module):
         return res
 
     def forward(self, batch: dict[str, Any], teacher_temp: float,
-                gram_generator: torch.Generator | None = None, gram_active: bool = True) -> dict[str, torch.Tensor]:
+                gram_generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """All losses for one batch (weighted total in ``total``) and detached diagnostics.
 
         Diagnostics (detached, keys start with ``_``): ``_teacher_probs`` (Sinkhorn targets, (2, B, K)),
         ``_teacher_logits`` (the teacher's DINO-head logits *before* Sinkhorn, (2, B, K); its softmax at
         ``teacher_temp`` shows prototype collapse, which the balanced targets hide), ``_student_cls``
-        and ``_patch_tokens``.  ``gram_active=False`` (before ``loss.gram_teacher_start``) zeroes Gram.
+        and ``_patch_tokens``.  The Gram term is zero while ``self.gram_active`` is False (the module
+        sets it per step: before ``loss.gram_teacher_start`` there is no snapshot to anchor to).
         """
         lc = self.cfg.loss
         g, loc = batch["global_crops"], batch["local_crops"]
@@ -183,7 +185,7 @@ class MultiViewDINO(nn.Module):
         else:
             losses["koleo"] = cls_g.sum() * 0.0
 
-        if lc.gram_weight > 0 and gram_active:
+        if lc.gram_weight > 0 and self.gram_active:
             if self.gram_teacher is not None:
                 with torch.no_grad():
                     gram_target = self.gram_teacher.forward_features(g)["x_norm_patchtokens"]

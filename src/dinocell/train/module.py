@@ -186,8 +186,8 @@ class DinoCellModule(L.LightningModule):
         if sched.gram_refresh_due(step, lc.gram_teacher_start, lc.gram_teacher_every):
             self.meta.refresh_gram_teacher()
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed * 1_000_003 + step)
-        out = self.meta(batch, values["teacher_temp"], gram_generator=gen,
-                        gram_active=step >= lc.gram_teacher_start)
+        self.meta.gram_active = step >= lc.gram_teacher_start
+        out = self.meta(batch, values["teacher_temp"], gram_generator=gen)
         total = out["total"]
         self._track_finite(total.detach(), step)
         if self._finite_check_due(step):
