@@ -84,6 +84,7 @@ def test_nonfinite_loss_is_caught_at_the_next_check_with_its_step(tmp_path, monk
     assert not list(tmp_path.glob("checkpoints/*.ckpt"))  # none due before the failure
 
 
+@pytest.mark.slow
 def test_gram_teacher_snapshot_is_checkpointed_and_refreshed_on_schedule(tmp_path) -> None:
     """Snapshots at steps 1 and 4 (start 1, every 3): the final checkpoint's Gram teacher is the EMA
     teacher as it was after step 3, i.e. the teacher stored in the step-4 checkpoint, and it loads back."""
