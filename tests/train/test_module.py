@@ -60,10 +60,9 @@ def test_last_layer_flagged_and_frozen_norm_excluded(groups) -> None:
 def test_nonfinite_loss_is_caught_at_the_next_check_with_its_step(tmp_path, monkeypatch) -> None:
     """The finiteness check runs every ``train.finite_check_every`` steps (no per-step host sync), yet
     reports the first bad step, and always runs before a checkpoint is written."""
-    from tests_tiny import TINY
-
     from dinocell.errors import UserError
     from dinocell.train.run import pretrain
+    from tests_tiny import TINY
 
     original = MultiViewDINO.forward
     steps: list[int] = []
@@ -88,9 +87,8 @@ def test_nonfinite_loss_is_caught_at_the_next_check_with_its_step(tmp_path, monk
 def test_gram_teacher_snapshot_is_checkpointed_and_refreshed_on_schedule(tmp_path) -> None:
     """Snapshots at steps 1 and 4 (start 1, every 3): the final checkpoint's Gram teacher is the EMA
     teacher as it was after step 3, i.e. the teacher stored in the step-4 checkpoint, and it loads back."""
-    from tests_tiny import TINY
-
     from dinocell.train.run import load_checkpoint_file, pretrain
+    from tests_tiny import TINY
 
     cfg = load_config(None, TINY + ["loss.gram_weight=0.5", "loss.gram_teacher_start=1", "loss.gram_teacher_every=3",
                                     "train.checkpoint_every_steps=1", "train.keep_last_n=2", "train.eval_fields=0"])
