@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from dinocell.train.run import load_checkpoint_file
 from tests_tiny import TINY
 
 REPO = Path(__file__).resolve().parents[2]
-ARGS = [*TINY, "train.eval_fields=0", "train.checkpoint_every_steps=2", "data.synthetic.n_fields=64",
+ARGS = [*TINY, "train.eval_fields=8", "train.checkpoint_every_steps=2", "data.synthetic.n_fields=64",
         "loss.gram_weight=0.5", "train.strategy=fsdp", "train.devices=2", "train.accelerator=cpu"]
 
 
@@ -42,5 +43,7 @@ def test_fsdp_two_cpu_processes_take_steps_and_checkpoint(tmp_path: Path) -> Non
     assert any(not torch.equal(v, sd[k.replace("meta.student.", "meta.teacher.", 1)])
                for k, v in sd.items() if k.startswith("meta.student."))
     assert last["optimizer_states"] and last["optimizer_states"][0]["state"]
+    # rank 0's after-training evaluation ran on the gathered teacher (no collective left hanging)
+    assert json.loads((tmp_path / "summary.json").read_text())["cross_channel_retrieval_top1"] is not None
     again = _run(tmp_path, 3)  # rerun: loads the FSDP checkpoint back into the sharded model
     assert again.returncode == 0, again.stderr[-3000:]

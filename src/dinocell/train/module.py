@@ -148,6 +148,25 @@ class DinoCellModule(L.LightningModule):
         mesh = init_device_mesh(self.device.type, (self.trainer.world_size,))
         shard_meta(self.meta, mesh)
 
+    def on_fit_end(self) -> None:
+        """Under FSDP, replace the EMA teacher backbone by a gathered, unsharded copy on every rank.
+
+        What runs after ``fit`` -- the final checkpoint, rank 0's before/after evaluation and export --
+        then needs no collective: a sharded backbone called on rank 0 alone would wait for its peers.
+        """
+        bb = self.meta.teacher["backbone"]
+        if not any(hasattr(p, "device_mesh") for p in bb.parameters()):
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from dinocell.models.backbone import build_backbone
+
+        full = get_model_state_dict(bb, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        plain = build_backbone(self.cfg.model, img_size=self.cfg.data.views.global_crop_size).to(self.device)
+        plain.load_state_dict(full, strict=True)
+        plain.requires_grad_(False)
+        self.meta.teacher["backbone"] = plain.eval()
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.meta, self.cfg)
 
