@@ -210,7 +210,7 @@ class DinoCellModule(L.LightningModule):
         total = out["total"]
         self._track_finite(total.detach(), step)
         if self._finite_check_due(step):
-            self._raise_if_not_finite()
+            self._raise_if_not_finite(step)
         self._last_values = values
         self.loss_history.append(float(total.detach()))
         # ModelCheckpoint keeps the newest N checkpoints by this value (not sent to the loggers)
@@ -239,16 +239,21 @@ class DinoCellModule(L.LightningModule):
         return (step % every == 0 or (step + 1) % ckpt == 0 or step >= self.total_steps - 1
                 or self._should_log(step))
 
-    def _raise_if_not_finite(self) -> None:
+    def _raise_if_not_finite(self, step: int) -> None:
+        """Raise on every rank when any rank saw a non-finite loss (one rank stopping alone would leave
+        the others waiting in the next all-reduce)."""
         if self._bad_step is None or self._bad_loss is None:
             return
-        bad_step = int(self._bad_step)  # the one host sync of the check
-        if bad_step < 0:
+        any_bad = (self._bad_step >= 0).to(torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(any_bad, op=torch.distributed.ReduceOp.MAX)
+        if not int(any_bad):  # the one host sync of the check
             return
-        raise NonFiniteLossError(
-            f"loss is {float(self._bad_loss)} at step {bad_step}; stopping (the last good checkpoint in "
-            f"checkpoints/ is kept). Lower optim.lr or check the data scaling."
-        )
+        bad_step = int(self._bad_step)
+        where = (f"loss is {float(self._bad_loss)} at step {bad_step}" if bad_step >= 0
+                 else f"loss became non-finite on another rank by step {step}")
+        raise NonFiniteLossError(f"{where}; stopping (the last good checkpoint in checkpoints/ is kept). "
+                                 "Lower optim.lr or check the data scaling.")
 
     def _check_teacher_targets(self, probs: torch.Tensor, step: int, teacher_temp: float) -> None:
         msg = diagnostics.uniform_teacher_message(probs, step, teacher_temp)
