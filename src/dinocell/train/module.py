@@ -145,7 +145,8 @@ class DinoCellModule(L.LightningModule):
             return  # already sharded (configure_model may run again)
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh(self.device.type, (self.trainer.world_size,))
+        # the strategy's device, not self.device: the module may still sit on the CPU here
+        mesh = init_device_mesh(self.trainer.strategy.root_device.type, (self.trainer.world_size,))
         shard_meta(self.meta, mesh)
 
     def on_fit_end(self) -> None:
