@@ -189,6 +189,11 @@ class LossConfig:
     koleo_weight: float = 0.1
     gram_weight: float = 0.0
     gram_max_tokens: int = 256
+    # Gram anchoring target (DINOv3): a frozen snapshot of the EMA teacher backbone, taken at step
+    # gram_teacher_start and refreshed every gram_teacher_every steps (0: never); "ema" uses the live teacher.
+    gram_target: str = "gram_teacher"  # gram_teacher | ema
+    gram_teacher_start: int = 0
+    gram_teacher_every: int = 10000
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
@@ -202,7 +207,7 @@ class OptimConfig:
 
     lr: float = 5e-5
     min_lr: float = 1e-6
-    scale_lr: str = "none"  # none | sqrt  (sqrt: lr * sqrt(global_batch / 1024))
+    scale_lr: str = "none"  # none | sqrt  (sqrt: lr * 4 * sqrt(global_batch / 1024), dinov3's sqrt_wrt_1024)
     warmup_epochs: int = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
@@ -229,6 +234,7 @@ class TrainConfig:
     num_nodes: int = 1
     accelerator: str = "auto"
     compile: bool = False
+    finite_check_every: int = 50  # steps between loss finiteness checks (a host sync); also on logged/ckpt steps
     checkpoint_every_steps: int = 500
     keep_last_n: int = 3
     run_high_res_stage: bool = False
@@ -438,6 +444,7 @@ def validate(cfg: Config) -> None:
         "train.strategy": (cfg.train.strategy, ("auto", "ddp", "fsdp")),
         "track.logger": (cfg.track.logger, ("wandb", "tensorboard", "csv", "none")),
         "optim.scale_lr": (cfg.optim.scale_lr, ("none", "sqrt")),
+        "loss.gram_target": (cfg.loss.gram_target, ("gram_teacher", "ema")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -455,6 +462,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'data.repeats' must be >= 1")
     if not 0.0 <= cfg.data.holdout.fraction < 1.0:
         raise ConfigError("config key 'data.holdout.fraction' must be in [0, 1)")
+    if cfg.train.finite_check_every < 1:
+        raise ConfigError("config key 'train.finite_check_every' must be >= 1")
+    if cfg.loss.gram_teacher_start < 0 or cfg.loss.gram_teacher_every < 0:
+        raise ConfigError("config keys 'loss.gram_teacher_start' and 'loss.gram_teacher_every' must be >= 0")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

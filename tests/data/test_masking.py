@@ -121,10 +121,10 @@ def test_collate_masks_half_of_globals_with_ratios_in_bounds(b: int) -> None:
     assert int((counts > 0).sum()) == b  # exactly half of the 2B global crops
     ratios = sorted((counts[counts > 0].float() / n).tolist())
     assert all(0.1 - 1 / n <= r <= 0.5 for r in ratios)
-    # ratios are spread over the range: the i-th smallest lies in the i-th slice of linspace(0.1, 0.5)
+    # ratios are spread over the range: the i-th smallest sits at the upper edge of the i-th slice
     edges = np.linspace(0.1, 0.5, b + 1)
     for i, r in enumerate(ratios):
-        assert edges[i] - 1 / n <= r <= edges[i + 1] + 1e-9
+        assert edges[i + 1] - 1 / n <= r <= edges[i + 1] + 1e-6
 
 
 def test_collate_indices_and_weights_consistent() -> None:
@@ -168,3 +168,24 @@ def test_collate_no_masking_when_probability_zero() -> None:
 def test_collate_rejects_crop_not_multiple_of_patch() -> None:
     with pytest.raises(ConfigError, match="not a multiple of patch size"):
         collate_multiview(_samples(2, g=60), MaskConfig(), patch_size=16, rng=0)
+
+
+# Reference: dinov3 collate_data_and_cast(mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5) with its
+# MaskingGenerator(max_num_patches=0.5 * N), run with facebookresearch/dinov3 @
+# 6876159a11b4df116f30f667f8c9888617df0751: sorted per-crop mask counts of one batch (they do not depend on
+# the seed) and the total number of masked patches.
+OFFICIAL_MASK_COUNTS = {
+    (4, 4): ([0, 0, 0, 0, 3, 4, 6, 8], 21),
+    (14, 16): ([0] * 16 + [24, 29, 34, 39, 44, 49, 53, 58, 63, 68, 73, 78, 83, 88, 93, 98], 974),
+}
+
+
+@pytest.mark.parametrize(("grid", "b"), sorted(OFFICIAL_MASK_COUNTS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_mask_counts_match_official_dinov3(grid: int, b: int, seed: int) -> None:
+    counts, total = OFFICIAL_MASK_COUNTS[(grid, b)]
+    out = collate_multiview(_samples(b, g=grid * 16, loc=16), MaskConfig(min_ratio=0.1, max_ratio=0.5,
+                                                                          mask_sample_probability=0.5),
+                            patch_size=16, rng=seed)
+    assert sorted(out["masks"].sum(1).tolist()) == counts
+    assert out["n_masked_patches"] == total

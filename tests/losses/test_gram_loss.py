@@ -79,3 +79,12 @@ def test_errors() -> None:
         GramLoss()(torch.zeros(4, 3), torch.zeros(4, 3))
     with pytest.raises(ValueError, match="same \\(B, N\\)"):
         GramLoss()(torch.zeros(1, 4, 3), torch.zeros(1, 5, 3))
+
+
+# Reference: dinov3 GramLoss(apply_norm=True, remove_only_teacher_neg=False)(s, t, img_level=True) on seeded
+# inputs, run with facebookresearch/dinov3 @ 6876159a11b4df116f30f667f8c9888617df0751.
+@pytest.mark.parametrize(("remove_neg", "official"), [(False, 0.20598916709423065), (True, 0.07159682363271713)])
+def test_matches_official_dinov3_image_level(remove_neg: bool, official: float) -> None:
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
+    assert GramLoss(max_tokens=None, remove_neg=remove_neg)(s, t).item() == pytest.approx(official, rel=1e-6)

@@ -57,4 +57,18 @@ def test_duplicates_stay_finite() -> None:
 
 def test_wrong_rank_raises() -> None:
     with pytest.raises(ValueError, match=r"\(B, D\)"):
-        KoLeoLoss()(torch.zeros(2, 3, 4))
+        KoLeoLoss()(torch.zeros(2, 3, 4, 5))
+
+
+# Reference: dinov3 SSLMetaArch.compute_losses, koleo_scale * sum(KoLeoLoss()(x) for x in cls_pre_head) / n_global,
+# run on seeded inputs with facebookresearch/dinov3 @ 6876159a11b4df116f30f667f8c9888617df0751.
+OFFICIAL_KOLEO_MEAN_OVER_CROPS = -0.19839099049568176
+OFFICIAL_KOLEO_TERM_PER_WEIGHT = -0.3967819809913635  # koleo_scale (= 2 global crops) x the mean
+
+
+def test_global_crops_are_summed_like_official_dinov3() -> None:
+    torch.manual_seed(0)
+    cls = torch.randn(2, 8, 32)  # (n_global_crops, B, D)
+    loss = KoLeoLoss()
+    assert loss(cls).item() == pytest.approx(OFFICIAL_KOLEO_TERM_PER_WEIGHT, rel=1e-6)
+    assert (loss(cls[0]) + loss(cls[1])).item() / 2 == pytest.approx(OFFICIAL_KOLEO_MEAN_OVER_CROPS, rel=1e-6)

@@ -95,3 +95,24 @@ def test_uniform_teacher_message_flags_uniform_targets_only() -> None:
     peaked = torch.eye(k)[:8] * 0.9 + 0.1 / k  # rows sum to 1, entropy well below log K
     assert dg.uniform_teacher_message(peaked, step=40, teacher_temp=0.04) is None
     assert dg.uniform_teacher_message(torch.ones(4, 1), step=1, teacher_temp=0.04) is None
+
+
+def test_collapsed_teacher_is_flagged_and_healthy_one_is_not() -> None:
+    """Every logit pointing at one prototype is collapse, even though Sinkhorn targets would look balanced."""
+    from dinocell.track.diagnostics import collapsed_teacher_message, prototype_usage_stats
+
+    k, b, temp = 64, 16, 0.04
+    collapsed = torch.randn(2, b, k) * 0.01
+    collapsed[..., 7] += 5.0
+    healthy = torch.randn(2, b, k) * 0.01
+    healthy[0, torch.arange(b), torch.arange(b)] += 5.0  # each image prefers its own prototype
+    healthy[1, torch.arange(b), torch.arange(b) + b] += 5.0
+    bad = prototype_usage_stats(collapsed, temp)
+    good = prototype_usage_stats(healthy, temp)
+    assert bad["diag/teacher_collapsed"] == 1.0 and bad["diag/teacher_max_share"] > 0.99
+    assert bad["diag/teacher_usage_entropy"] < 0.05
+    assert good["diag/teacher_collapsed"] == 0.0 and good["diag/teacher_max_share"] < 0.1
+    assert good["diag/teacher_usage_entropy"] == pytest.approx(math.log(2 * b), abs=0.05)
+    msg = collapsed_teacher_message(bad, step=12)
+    assert msg is not None and "step 12" in msg
+    assert collapsed_teacher_message(good, step=12) is None

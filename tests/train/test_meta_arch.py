@@ -81,3 +81,53 @@ def test_multiview_pairing_uses_cross_view_teachers(tiny_overrides: list[str], m
     meta(_batch(b=4, n_local=2), 0.04)
     assert seen["pairs"] == [(0, 1), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1)]
     assert seen["shapes"] == ((4, 4, 64), (2, 4, 64))
+
+
+def test_gram_teacher_is_a_frozen_snapshot_of_the_ema_teacher(tiny_overrides: list[str]) -> None:
+    meta = _meta(tiny_overrides + ["loss.gram_weight=1.0", "loss.gram_max_tokens=1000"])
+    gt = meta.gram_teacher
+    assert gt is not None and not gt.training
+    assert all(not p.requires_grad for p in gt.parameters())
+    assert not any(p is q for p in gt.parameters() for q in meta.student.parameters())
+    assert any(k.startswith("gram_teacher.") for k in meta.state_dict())
+    with torch.no_grad():
+        for p in meta.student.parameters():
+            p.add_(0.05)
+    meta.update_teacher(0.5)  # the EMA teacher moves, the snapshot does not
+    t_bb = meta.teacher["backbone"]
+    assert not all(torch.equal(a, b) for a, b in zip(gt.parameters(), t_bb.parameters(), strict=True))
+    meta.refresh_gram_teacher()
+    assert all(torch.equal(a, b) for a, b in zip(gt.parameters(), t_bb.parameters(), strict=True))
+    with torch.no_grad():  # the loss anchors the student to the snapshot, not to the live teacher
+        for p in t_bb.parameters():
+            p.add_(0.3)
+    batch = _batch()
+    out = meta(batch, teacher_temp=0.04)
+    s_patches = meta.student["backbone"].forward_features(batch["global_crops"], masks=batch["masks"])
+    g_patches = gt.forward_features(batch["global_crops"])["x_norm_patchtokens"]
+    expected = meta.gram_loss(s_patches["x_norm_patchtokens"], g_patches)
+    torch.testing.assert_close(out["gram"], expected)
+    out["total"].backward()
+    assert all(p.grad is None for p in gt.parameters())
+    meta.gram_active = False  # before loss.gram_teacher_start
+    assert float(meta(batch, teacher_temp=0.04)["gram"].detach()) == 0.0
+
+
+def test_gram_target_ema_uses_the_live_teacher(tiny_overrides: list[str]) -> None:
+    meta = _meta(tiny_overrides + ["loss.gram_weight=1.0", "loss.gram_target=ema", "loss.gram_max_tokens=1000"])
+    assert meta.gram_teacher is None and not any(k.startswith("gram_teacher.") for k in meta.state_dict())
+    batch = _batch()
+    out = meta(batch, teacher_temp=0.04)
+    s_patches = meta.student["backbone"].forward_features(batch["global_crops"], masks=batch["masks"])
+    t_patches = meta.teacher["backbone"].forward_features(batch["global_crops"])["x_norm_patchtokens"]
+    torch.testing.assert_close(out["gram"], meta.gram_loss(s_patches["x_norm_patchtokens"], t_patches))
+
+
+def test_koleo_is_summed_over_the_global_crops(tiny_overrides: list[str]) -> None:
+    meta = _meta(tiny_overrides)
+    batch = _batch(b=4)
+    out = meta(batch, teacher_temp=0.04)
+    cls = out["_student_cls"].view(2, 4, -1)
+    expected = meta.koleo_loss(cls[0]) + meta.koleo_loss(cls[1])
+    torch.testing.assert_close(out["koleo"], expected)
+    assert out["_teacher_logits"].shape == (2, 4, 64) and not out["_teacher_logits"].requires_grad

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dinocell.config import load_config
 from dinocell.train.meta_arch import MultiViewDINO
@@ -54,3 +55,89 @@ def test_last_layer_flagged_and_frozen_norm_excluded(groups) -> None:
     all_params = {id(p) for g in gs for p in g["params"]}
     frozen = [n for n, p in meta.student.named_parameters() if not p.requires_grad]
     assert frozen and all(id(dict(meta.student.named_parameters())[n]) not in all_params for n in frozen)
+
+
+def test_nonfinite_loss_is_caught_at_the_next_check_with_its_step(tmp_path, monkeypatch) -> None:
+    """The finiteness check runs every ``train.finite_check_every`` steps (no per-step host sync), yet
+    reports the first bad step, and always runs before a checkpoint is written."""
+    from dinocell.errors import UserError
+    from dinocell.train.run import pretrain
+    from tests_tiny import TINY
+
+    original = MultiViewDINO.forward
+    steps: list[int] = []
+
+    def poisoned(self, batch, teacher_temp, gram_generator=None):
+        out = original(self, batch, teacher_temp, gram_generator)
+        steps.append(len(steps))
+        if len(steps) == 4:  # step 3
+            out["total"] = out["total"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MultiViewDINO, "forward", poisoned)
+    cfg = load_config(None, TINY + ["train.finite_check_every=5", "train.checkpoint_every_steps=100",
+                                    "train.eval_fields=0"])
+    with pytest.raises(UserError, match="loss is nan at step 3"):
+        pretrain(cfg, tmp_path, max_steps=9)
+    assert steps[-1] == 5  # detected at the check of step 5, not at step 3 and not at the end
+    assert not list(tmp_path.glob("checkpoints/*.ckpt"))  # none due before the failure
+
+
+@pytest.mark.slow
+def test_gram_teacher_snapshot_is_checkpointed_and_refreshed_on_schedule(tmp_path) -> None:
+    """Snapshots at steps 1 and 4 (start 1, every 3): the final checkpoint's Gram teacher is the EMA
+    teacher as it was after step 3, i.e. the teacher stored in the step-4 checkpoint, and it loads back."""
+    from dinocell.train.run import load_checkpoint_file, pretrain
+    from tests_tiny import TINY
+
+    cfg = load_config(None, TINY + ["loss.gram_weight=0.5", "loss.gram_teacher_start=1", "loss.gram_teacher_every=3",
+                                    "train.checkpoint_every_steps=1", "train.keep_last_n=2", "train.eval_fields=0"])
+    pretrain(cfg, tmp_path, max_steps=5)
+    last = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
+    at4 = load_checkpoint_file(tmp_path / "checkpoints" / "step00000004.ckpt")
+    assert last["global_step"] == 5 and at4["global_step"] == 4
+    gram = {k[len("meta.gram_teacher."):]: v for k, v in last["state_dict"].items() if k.startswith("meta.gram_teacher.")}
+    teacher4 = {k[len("meta.teacher.backbone."):]: v for k, v in at4["state_dict"].items()
+                if k.startswith("meta.teacher.backbone.")}
+    teacher5 = {k[len("meta.teacher.backbone."):]: v for k, v in last["state_dict"].items()
+                if k.startswith("meta.teacher.backbone.")}
+    assert gram and gram.keys() == teacher4.keys()
+    assert all(torch.equal(gram[k], teacher4[k]) for k in gram)
+    assert not all(torch.equal(gram[k], teacher5[k]) for k in gram)  # the teacher moved on, the snapshot did not
+    meta = MultiViewDINO(cfg)
+    meta.load_state_dict({k[len("meta."):]: v for k, v in last["state_dict"].items()}, strict=True)
+
+
+_RANKS_SCRIPT = """
+import types, torch, torch.distributed as dist
+from dinocell.errors import UserError
+from dinocell.train.module import DinoCellModule
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+state = types.SimpleNamespace(_bad_step=torch.tensor(3 if rank == 1 else -1),
+                              _bad_loss=torch.tensor(float("nan") if rank == 1 else 0.0))
+try:
+    DinoCellModule._raise_if_not_finite(state, 5)
+    print(rank, "NO_RAISE")
+except UserError as e:
+    print(rank, "RAISED", e)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ranks.py"
+    script.write_text(_RANKS_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29643", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if "RAISED" in line or "NO_RAISE" in line)
+    assert len(lines) == 2 and all("RAISED" in line for line in lines)
+    assert "loss is nan at step 3" in lines[1] and "another rank by step 5" in lines[0]

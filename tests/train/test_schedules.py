@@ -134,7 +134,7 @@ def test_from_config_defaults() -> None:
 def test_from_config_sqrt_scaling_and_max_steps() -> None:
     optim = dataclasses.replace(OptimConfig(), lr=1e-3, scale_lr="sqrt")
     sch = from_config(optim, LossConfig(), steps_per_epoch=10, epochs=5, global_batch=256)
-    assert sch.lr == pytest.approx(1e-3 * 0.5)
+    assert sch.lr == pytest.approx(1e-3 * 4 * 0.5)
     assert sch.min_lr == pytest.approx(OptimConfig().min_lr)
     short = from_config(optim, LossConfig(), steps_per_epoch=10, epochs=5, global_batch=256, max_steps=7)
     assert short.total_steps == 7
@@ -174,3 +174,20 @@ def test_from_config_bad_config_values() -> None:
         from_config(dataclasses.replace(OptimConfig(), warmup_epochs=-1), LossConfig(), 10, 2, 8)
     with pytest.raises(ConfigError, match="loss.warmup_teacher_temp_epochs"):
         from_config(OptimConfig(), dataclasses.replace(LossConfig(), warmup_teacher_temp_epochs=-1), 10, 2, 8)
+
+
+# Reference values: dinov3.configs.config.apply_scaling_rules_to_cfg (scaling_rule sqrt_wrt_1024, lr 1e-3)
+# run on facebookresearch/dinov3 @ 6876159a11b4df116f30f667f8c9888617df0751.
+@pytest.mark.parametrize(("global_batch", "official_lr"), [(64, 0.001), (256, 0.002), (1024, 0.004)])
+def test_sqrt_scaling_matches_official_dinov3(global_batch: int, official_lr: float) -> None:
+    optim = dataclasses.replace(OptimConfig(), lr=1e-3, scale_lr="sqrt")
+    sch = from_config(optim, LossConfig(), steps_per_epoch=10, epochs=5, global_batch=global_batch)
+    assert sch.lr == pytest.approx(official_lr, rel=1e-12)
+
+
+def test_gram_refresh_due_snapshot_then_every_n() -> None:
+    from dinocell.train.schedules import gram_refresh_due
+
+    assert [s for s in range(12) if gram_refresh_due(s, start=2, every=4)] == [2, 6, 10]
+    assert [s for s in range(12) if gram_refresh_due(s, start=0, every=0)] == [0]  # one snapshot, never refreshed
+    assert not gram_refresh_due(1, start=2, every=1)

@@ -7,7 +7,9 @@ correlated, so masking single patches would let the student copy from its neighb
 
 As in DINOv2/DINOv3, only a fraction of the global crops (``mask_sample_probability``) is masked, and
 the masked crops get ratios spread evenly over ``[min_ratio, max_ratio]`` so every batch sees both
-light and heavy masking.
+light and heavy masking: the i-th masked crop holds ``int(N * p_{i+1})`` patches, the upper edge of its
+bin of ``p = linspace(min_ratio, max_ratio, n + 1)`` (dinov3 ``collate_data_and_cast``; with the
+random completion the count is exact, so a batch's masked-patch total is fixed by its size).
 """
 
 from __future__ import annotations
@@ -122,9 +124,9 @@ def collate_multiview(
 
     Crop-major means ``global_crops[k * B + b]`` is crop ``k`` of sample ``b`` (so the first B rows are
     every sample's mean view).  Of the ``2B`` global crops, ``int(2B * mask_sample_probability)`` get
-    a block mask; their ratios are spread over ``[min_ratio, max_ratio]``: the i-th masked crop draws
-    its ratio uniformly in ``[p_i, p_{i+1}]`` with ``p = linspace(min_ratio, max_ratio, n + 1)``.  The
-    masks are then shuffled over the crops.  ``masks_weight`` gives each masked patch ``1/(masked
+    a block mask; their ratios are spread over ``[min_ratio, max_ratio]``: the i-th masked crop gets
+    ``int(N * p_{i+1})`` of the N patches, with ``p = linspace(min_ratio, max_ratio, n + 1)`` in float32
+    as dinov3 computes it (at least one patch on tiny grids).  The masks are then shuffled over the crops.  ``masks_weight`` gives each masked patch ``1/(masked
     patches of its image)`` so every masked image counts equally in the iBOT loss.
 
     Extra per-sample keys: numeric scalars (``label``, ``index`` ...) are stacked into tensors; any
@@ -163,11 +165,10 @@ def collate_multiview(
                                    mask_cfg.max_aspect)
 
     n_masked_images = int(n_images * mask_cfg.mask_sample_probability)
-    probs = np.linspace(mask_cfg.min_ratio, mask_cfg.max_ratio, n_masked_images + 1)
+    probs = np.linspace(mask_cfg.min_ratio, mask_cfg.max_ratio, n_masked_images + 1, dtype=np.float32)
     masks: list[np.ndarray] = []
     for i in range(n_masked_images):
-        ratio = rng.uniform(probs[i], probs[i + 1])
-        count = int(n_patches * ratio)
+        count = int(np.float32(n_patches) * probs[i + 1])  # upper edge of the bin, float32 as dinov3
         if count == 0 and mask_cfg.max_ratio > 0:
             count = 1  # tiny grids: a "masked" crop must hold at least one masked patch
         masks.append(generator(count, rng).reshape(-1))

@@ -5,6 +5,10 @@ for similarity search") is, up to constants, ``-mean_i log d_i`` where ``d_i`` i
 sample i to its nearest neighbour in the batch.  Minimising it pushes nearest neighbours apart, which
 DINOv2 (Oquab et al., 2023) adds (weight 0.1, on the student's pre-head CLS of global crops) to keep
 features from crowding and to help retrieval; DINOv3 (Siméoni et al., 2025) keeps it.
+
+With several global crops the estimator runs per crop (nearest neighbours within one view of the
+batch) and the per-crop losses are *summed*: dinov3 averages them and then multiplies by
+``koleo_scale = n_global_crops``, so the weight 0.1 applies to the sum.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ __all__ = ["KoLeoLoss"]
 class KoLeoLoss(nn.Module):
     """``-mean_i log(min_{j != i} ||x_i - x_j|| + eps)`` on L2-normalised rows of x (B, D).
 
+    For ``(n_crops, B, D)`` input it is computed per crop and summed over the crops (see module doc).
     A batch of one sample has no neighbour: the loss is then 0 (still attached to the graph, so a
     tiny last batch or a per-GPU batch of one never stops training).
     """
@@ -28,8 +33,13 @@ class KoLeoLoss(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            return torch.stack([self._single(c) for c in x.unbind(0)]).sum()
         if x.ndim != 2:
-            raise ValueError(f"KoLeoLoss expects (B, D) features, got shape {tuple(x.shape)}")
+            raise ValueError(f"KoLeoLoss expects (B, D) or (n_crops, B, D) features, got shape {tuple(x.shape)}")
+        return self._single(x)
+
+    def _single(self, x: torch.Tensor) -> torch.Tensor:
         x = F.normalize(x.float(), p=2, dim=-1, eps=self.eps)
         if x.shape[0] < 2:
             return x.sum() * 0.0

@@ -50,6 +50,8 @@ def grad_stats(named_params: Iterable[tuple[str, torch.nn.Parameter | torch.Tens
         g = getattr(p, "grad", None)
         if g is None:
             continue
+        full = getattr(g, "full_tensor", None)  # an FSDP2 DTensor shard: the norm is of the whole tensor
+        g = full() if full is not None else g
         groups[_group_of(name)].append(torch.linalg.vector_norm(g.detach().float()))
     out: dict[str, float] = {}
     all_norms: list[torch.Tensor] = []
@@ -113,6 +115,39 @@ def collapse_stats(
         numbers = torch.stack([v for _, v in vals]).cpu().tolist()
         out = {k: float(x) for (k, _), x in zip(vals, numbers, strict=True)}
     return out
+
+
+COLLAPSE_SHARE = 0.5  # more than half of the batch's teacher probability mass on one prototype
+
+
+@torch.no_grad()
+def prototype_usage_stats(teacher_logits: torch.Tensor, teacher_temp: float) -> dict[str, float]:
+    """How many prototypes the teacher uses, from its softmax *before* Sinkhorn-Knopp centring.
+
+    Sinkhorn balances the targets over the batch by construction, so their entropy cannot show the
+    teacher mapping every image to one prototype; the raw softmax ``p = softmax(logits / T)`` (..., K)
+    can.  From its batch mean ``m``:
+
+    * ``diag/teacher_usage_entropy``: ``-sum_k m_k log m_k`` (nats); 0 when one prototype takes all.
+    * ``diag/teacher_max_share``: ``max_k m_k``, the share of the busiest prototype.
+    * ``diag/teacher_collapsed``: 1.0 when that share exceeds :data:`COLLAPSE_SHARE`, else 0.0.
+    """
+    logits = teacher_logits.detach().float().reshape(-1, teacher_logits.shape[-1])
+    mean = torch.softmax(logits / teacher_temp, dim=-1).mean(0)
+    entropy = -(mean * torch.log(mean.clamp_min(1e-12))).sum()
+    share = mean.max()
+    values = torch.stack([entropy, share]).cpu().tolist()
+    return {"diag/teacher_usage_entropy": values[0], "diag/teacher_max_share": values[1],
+            "diag/teacher_collapsed": float(values[1] > COLLAPSE_SHARE)}
+
+
+def collapsed_teacher_message(stats: dict[str, float], step: int) -> str | None:
+    """A warning when :func:`prototype_usage_stats` flags one-prototype collapse, else ``None``."""
+    if not stats.get("diag/teacher_collapsed"):
+        return None
+    return (f"teacher collapse at step {step}: one prototype takes {stats['diag/teacher_max_share']:.0%} of the "
+            f"batch's teacher probability (usage entropy {stats['diag/teacher_usage_entropy']:.2f} nats). "
+            "Lower optim.lr, raise loss.koleo_weight or check that the views differ.")
 
 
 def uniform_teacher_message(teacher_probs: torch.Tensor, step: int, teacher_temp: float,
@@ -199,7 +234,9 @@ def attention_maps(backbone: Any, images: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "attention_maps",
     "collapse_stats",
+    "collapsed_teacher_message",
     "grad_stats",
+    "prototype_usage_stats",
     "system_stats",
     "teacher_entropy",
     "uniform_teacher_message",

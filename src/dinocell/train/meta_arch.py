@@ -5,8 +5,9 @@ channels, global crop 1 a single channel; the teacher's view of one teaches the 
 other (DINO cross-view pairing, Caron et al. 2021), and both teach every local crop.  iBOT (Zhou et al.
 2022) adds masked-patch prediction on the global crops, KoLeo (Sablayrolles et al. 2019, as in DINOv2)
 spreads the student's CLS tokens, and optional Gram anchoring (Siméoni et al. 2025) keeps patch
-similarities close to the teacher's.  The math lives in :mod:`dinocell.losses`; this module only
-routes tensors.
+similarities close to those of a frozen Gram teacher (a snapshot of the EMA teacher backbone, refreshed
+every ``loss.gram_teacher_every`` steps; ``loss.gram_target=ema`` uses the live EMA teacher instead).
+The math lives in :mod:`dinocell.losses`; this module only routes tensors.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ class MultiViewDINO(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         lc = cfg.loss
+        # The frozen Gram teacher exists only when it is used; it is part of the state dict (resume
+        # restores the snapshot) and never trained (not in the student, no gradients).
+        self.gram_active = True
+        self.gram_teacher: nn.Module | None = None
+        if lc.gram_weight > 0 and lc.gram_target == "gram_teacher":
+            self.gram_teacher = copy.deepcopy(self.teacher["backbone"])
+            self.gram_teacher.eval()
         self.dino_loss = DINOLoss(lc.student_temp, lc.sinkhorn_iterations)
         self.ibot_loss = iBOTPatchLoss(lc.student_temp, lc.sinkhorn_iterations)
         self.koleo_loss = KoLeoLoss()
@@ -64,7 +72,35 @@ class MultiViewDINO(nn.Module):
         """Switch the student; the teacher stays in eval mode whatever the caller asks."""
         super().train(mode)
         self.teacher.eval()
+        if self.gram_teacher is not None:
+            self.gram_teacher.eval()
         return self
+
+    @torch.no_grad()
+    def refresh_gram_teacher(self) -> None:
+        """Gram teacher <- the current EMA teacher backbone (parameters and buffers copied)."""
+        if self.gram_teacher is None:
+            return
+        src = self.teacher["backbone"]
+        for d, t in zip(self.gram_teacher.parameters(), src.parameters(), strict=True):
+            d.copy_(t)
+        for d, t in zip(self.gram_teacher.buffers(), src.buffers(), strict=True):
+            d.copy_(t)
+
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """``torch.compile`` every transformer block of student and teacher, in place.
+
+        ``nn.Module.compile`` keeps the module tree, so parameter and state-dict names do not change:
+        layer-wise lr decay still sees ``blocks.<i>`` and a checkpoint resumes across ``train.compile``
+        (wrapping the backbone in ``torch.compile`` would prefix every name with ``_orig_mod.``).
+        Blocks are the unit dinov3 compiles too; the glue around them stays eager.
+        """
+        backbones = [self.student["backbone"], self.teacher["backbone"]]
+        if self.gram_teacher is not None:
+            backbones.append(self.gram_teacher)
+        for backbone in backbones:
+            for blk in backbone.model.blocks:
+                blk.compile(**compile_kwargs)
 
     # ------------------------------------------------------------------------------------ EMA
     @torch.no_grad()
@@ -95,7 +131,7 @@ class MultiViewDINO(nn.Module):
         patches = out["x_norm_patchtokens"]
         logits = self.teacher["dino_head"](cls).view(n_global, b, -1)
         probs = self.dino_loss.teacher_probs(logits, teacher_temp)
-        res = {"dino_probs": probs, "patch_tokens": patches}
+        res = {"dino_probs": probs, "dino_logits": logits, "patch_tokens": patches}
         idx = batch["mask_indices"]
         if idx.numel() > 0:
             flat = patches.reshape(-1, patches.shape[-1])
@@ -106,7 +142,14 @@ class MultiViewDINO(nn.Module):
 
     def forward(self, batch: dict[str, Any], teacher_temp: float,
                 gram_generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """All losses for one batch (weighted total in ``total``) and detached diagnostics."""
+        """All losses for one batch (weighted total in ``total``) and detached diagnostics.
+
+        Diagnostics (detached, keys start with ``_``): ``_teacher_probs`` (Sinkhorn targets, (2, B, K)),
+        ``_teacher_logits`` (the teacher's DINO-head logits *before* Sinkhorn, (2, B, K); its softmax at
+        ``teacher_temp`` shows prototype collapse, which the balanced targets hide), ``_student_cls``
+        and ``_patch_tokens``.  The Gram term is zero while ``self.gram_active`` is False (the module
+        sets it per step: before ``loss.gram_teacher_start`` there is no snapshot to anchor to).
+        """
         lc = self.cfg.loss
         g, loc = batch["global_crops"], batch["local_crops"]
         n_global = 2
@@ -137,19 +180,25 @@ class MultiViewDINO(nn.Module):
             losses["ibot"] = cls_g.sum() * 0.0
 
         if lc.koleo_weight > 0:
-            losses["koleo"] = sum(self.koleo_loss(c) for c in cls_g.chunk(n_global)) / n_global
+            # summed over the global crops (dinov3: koleo_scale = n_global_crops)
+            losses["koleo"] = self.koleo_loss(cls_g.view(n_global, b, -1))
         else:
             losses["koleo"] = cls_g.sum() * 0.0
 
-        if lc.gram_weight > 0:
-            losses["gram"] = self.gram_loss(s_glob["x_norm_patchtokens"], targets["patch_tokens"],
-                                            generator=gram_generator)
+        if lc.gram_weight > 0 and self.gram_active:
+            if self.gram_teacher is not None:
+                with torch.no_grad():
+                    gram_target = self.gram_teacher.forward_features(g)["x_norm_patchtokens"]
+            else:
+                gram_target = targets["patch_tokens"]
+            losses["gram"] = self.gram_loss(s_glob["x_norm_patchtokens"], gram_target, generator=gram_generator)
         else:
             losses["gram"] = cls_g.sum() * 0.0
 
         losses["total"] = (lc.dino_weight * losses["dino"] + lc.ibot_weight * losses["ibot"]
                            + lc.koleo_weight * losses["koleo"] + lc.gram_weight * losses["gram"])
         losses["_teacher_probs"] = targets["dino_probs"].detach()
+        losses["_teacher_logits"] = targets["dino_logits"].detach()
         losses["_student_cls"] = cls_g.detach()
         losses["_patch_tokens"] = s_glob["x_norm_patchtokens"].detach()
         return losses

@@ -1,8 +1,9 @@
 """LightningModule: optimiser groups (layer-wise lr decay, no-decay set), schedules, EMA, metrics.
 
-Lightning owns the engine (devices, DDP/FSDP, precision, clipping, checkpoint I/O); this module owns
-what DINOv3 adds on top: per-step lr / weight decay / teacher temperature / momentum from pure
-schedules, the frozen last layer during the first epoch, and the EMA teacher update after each step.
+Lightning owns the engine (devices, DDP/FSDP, precision, checkpoint I/O); this module owns what
+DINOv3 adds on top: per-step lr / weight decay / teacher temperature / momentum from pure schedules,
+the frozen last layer during the first epoch, gradient clipping per module (backbone, DINO head, iBOT
+head), FSDP2 sharding, the Gram teacher snapshots and the EMA teacher update after each step.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import torch
 from dinocell.config import Config, to_dict
 from dinocell.data.sources import FieldSource, load_resized_fields
 from dinocell.errors import UserError
+from dinocell.track import diagnostics
 from dinocell.train import schedules as sched
 from dinocell.train.checkpoint import check_resume
 from dinocell.train.history import LossHistory
 from dinocell.train.meta_arch import MultiViewDINO
+from dinocell.train.sharding import clip_grad_norm_per_module, shard_meta
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,20 @@ class NonFiniteLossError(UserError):
 
 
 _NO_DECAY_NAMES = ("cls_token", "reg_token", "mask_token", "pos_embed", "gamma", "storage_tokens")
+# Top-level names a backbone parameter may start with (after the timm ``model.`` prefix).  Anything else
+# (e.g. ``_orig_mod.`` from wrapping the backbone in torch.compile) would silently fall into the last
+# layer-decay bucket, so param_groups refuses it.
+_BACKBONE_PREFIXES = ("blocks.", "patch_embed.", "cls_token", "reg_token", "mask_token", "pos_embed", "norm_pre.",
+                      "norm.", "fc_norm.", "head.")
+
+
+def _backbone_layer_id(backbone: torch.nn.Module, sub: str) -> int:
+    """``backbone.layer_id(sub)``, after checking the name is one the layer-wise decay knows."""
+    bare = sub.removeprefix("model.")
+    if not bare.startswith(_BACKBONE_PREFIXES):
+        raise AssertionError(f"backbone parameter {sub!r} has no layer id for layer-wise lr decay (a wrapper "
+                             "renamed it? compile blocks in place with MultiViewDINO.compile_blocks)")
+    return backbone.layer_id(sub)
 
 
 def param_groups(meta: MultiViewDINO, cfg: Config) -> list[dict[str, Any]]:
@@ -47,7 +64,7 @@ def param_groups(meta: MultiViewDINO, cfg: Config) -> list[dict[str, Any]]:
             continue
         if name.startswith("backbone."):
             sub = name[len("backbone."):]
-            lr_mult = oc.layerwise_decay ** (n_layers - backbone.layer_id(sub))
+            lr_mult = oc.layerwise_decay ** (n_layers - _backbone_layer_id(backbone, sub))
             if "patch_embed" in sub:
                 lr_mult *= oc.patch_embed_lr_mult
         else:
@@ -95,6 +112,10 @@ class DinoCellModule(L.LightningModule):
         self.loss_history = LossHistory()
         # Step at which a still-uniform teacher is reported (once): past the first tenth of the run.
         self._uniform_check_step = max(20, total_steps // 10)
+        self._collapse_reported = False
+        # First non-finite loss since the last check, kept on the device (no host sync per step).
+        self._bad_step: torch.Tensor | None = None
+        self._bad_loss: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ data
     def _examples(self, n: int) -> tuple[torch.Tensor, list[int]]:
@@ -105,9 +126,57 @@ class DinoCellModule(L.LightningModule):
             return torch.zeros(0, len(self.channel_names), size, size), []
         return torch.stack(fields), labels
 
+    # ------------------------------------------------------------------ engine
+    def configure_model(self) -> None:
+        """Under ``train.strategy=fsdp`` (Lightning's ModelParallelStrategy): FSDP2 over all ranks."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        if any(hasattr(p, "device_mesh") for p in self.meta.parameters()):
+            return  # already sharded (configure_model may run again)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # the strategy's device, not self.device: the module may still sit on the CPU here
+        mesh = init_device_mesh(self.trainer.strategy.root_device.type, (self.trainer.world_size,))
+        shard_meta(self.meta, mesh)
+
+    def on_fit_end(self) -> None:
+        """Under FSDP, replace the EMA teacher backbone by a gathered, unsharded copy on every rank.
+
+        What runs after ``fit`` -- the final checkpoint, rank 0's before/after evaluation and export --
+        then needs no collective: a sharded backbone called on rank 0 alone would wait for its peers.
+        """
+        bb = self.meta.teacher["backbone"]
+        if not any(hasattr(p, "device_mesh") for p in bb.parameters()):
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from dinocell.models.backbone import build_backbone
+
+        full = get_model_state_dict(bb, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        plain = build_backbone(self.cfg.model, img_size=self.cfg.data.views.global_crop_size).to(self.device)
+        plain.load_state_dict(full, strict=True)
+        plain.requires_grad_(False)
+        self.meta.teacher["backbone"] = plain.eval()
+
     # ------------------------------------------------------------------ optimiser
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.meta, self.cfg)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        """Clip backbone, DINO head and iBOT head to ``optim.clip_grad`` each, as DINOv3 does.
+
+        Lightning's own clipping (one global norm, refused by its FSDP plugins) stays off; this hook runs
+        after AMP unscaling, on every rank.
+        """
+        if self.cfg.optim.clip_grad <= 0:
+            return
+        norms = clip_grad_norm_per_module(self.meta.student, self.cfg.optim.clip_grad)
+        if self._should_log(self.global_step):
+            self.log_dict({f"gradients/{k}_norm": v.detach() for k, v in norms.items()}, on_step=True,
+                          on_epoch=False, batch_size=self.cfg.data.batch_size)
 
     def _apply_schedules(self, step: int) -> dict[str, float]:
         values = self.schedules.at(min(step, self.total_steps - 1))
@@ -126,16 +195,18 @@ class DinoCellModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         step = self.global_step
         values = self._apply_schedules(step)
+        lc = self.cfg.loss
+        if sched.gram_refresh_due(step, lc.gram_teacher_start, lc.gram_teacher_every):
+            self.meta.refresh_gram_teacher()
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed * 1_000_003 + step)
+        self.meta.gram_active = step >= lc.gram_teacher_start
         out = self.meta(batch, values["teacher_temp"], gram_generator=gen)
         total = out["total"]
-        if not torch.isfinite(total.detach()).all():
-            raise NonFiniteLossError(
-                f"loss is {total.item()} at step {step}; stopping (the last good checkpoint in "
-                f"checkpoints/ is kept). Lower optim.lr or check the data scaling."
-            )
+        self._track_finite(total.detach(), step)
+        if self._finite_check_due(step):
+            self._raise_if_not_finite(step)
         self._last_values = values
-        self.loss_history.append(float(total.detach()))
+        self.loss_history.record(total)
         # ModelCheckpoint keeps the newest N checkpoints by this value (not sent to the loggers)
         self.log("ckpt_step", float(step + 1), logger=False, prog_bar=False, batch_size=1)
         if step == self._uniform_check_step:
@@ -144,10 +215,42 @@ class DinoCellModule(L.LightningModule):
             self._log_step(out, values, batch)
         return total
 
-    def _check_teacher_targets(self, probs: torch.Tensor, step: int, teacher_temp: float) -> None:
-        from dinocell.track.diagnostics import uniform_teacher_message
+    def _track_finite(self, total: torch.Tensor, step: int) -> None:
+        """Remember the first non-finite loss on the device: ``where`` instead of an ``if`` (no sync)."""
+        bad = ~torch.isfinite(total)
+        if self._bad_step is None or self._bad_loss is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=total.device)
+            self._bad_loss = torch.zeros((), dtype=total.dtype, device=total.device)
+        first = bad & (self._bad_step < 0)
+        self._bad_step = torch.where(first, torch.full_like(self._bad_step, step), self._bad_step)
+        self._bad_loss = torch.where(first, total, self._bad_loss)
 
-        msg = uniform_teacher_message(probs, step, teacher_temp)
+    def _finite_check_due(self, step: int) -> bool:
+        """Every ``train.finite_check_every`` steps, on logged steps, on the last step and before every
+        checkpoint (so no checkpoint ever holds weights updated from a NaN loss)."""
+        every = self.cfg.train.finite_check_every
+        ckpt = max(1, self.cfg.train.checkpoint_every_steps)
+        return (step % every == 0 or (step + 1) % ckpt == 0 or step >= self.total_steps - 1
+                or self._should_log(step))
+
+    def _raise_if_not_finite(self, step: int) -> None:
+        """Raise on every rank when any rank saw a non-finite loss (one rank stopping alone would leave
+        the others waiting in the next all-reduce)."""
+        if self._bad_step is None or self._bad_loss is None:
+            return
+        any_bad = (self._bad_step >= 0).to(torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(any_bad, op=torch.distributed.ReduceOp.MAX)
+        if not int(any_bad):  # the one host sync of the check
+            return
+        bad_step = int(self._bad_step)
+        where = (f"loss is {float(self._bad_loss)} at step {bad_step}" if bad_step >= 0
+                 else f"loss became non-finite on another rank by step {step}")
+        raise NonFiniteLossError(f"{where}; stopping (the last good checkpoint in checkpoints/ is kept). "
+                                 "Lower optim.lr or check the data scaling.")
+
+    def _check_teacher_targets(self, probs: torch.Tensor, step: int, teacher_temp: float) -> None:
+        msg = diagnostics.uniform_teacher_message(probs, step, teacher_temp)
         if msg is not None and self.trainer.global_rank == 0:
             log.warning(msg)
 
@@ -164,14 +267,15 @@ class DinoCellModule(L.LightningModule):
             "training/epoch": self.global_step / self.steps_per_epoch, "training/iteration": self.global_step,
             "perf/data_time": self._t_data,
         })
-        try:
-            from dinocell.track import diagnostics
-
-            metrics.update(diagnostics.collapse_stats(out["_teacher_probs"], out["_student_cls"],
-                                                      out["_student_cls"], out["_patch_tokens"]))
-            metrics.update(diagnostics.system_stats())
-        except (ImportError, AttributeError):
-            pass
+        metrics.update(diagnostics.collapse_stats(out["_teacher_probs"], out["_student_cls"],
+                                                  out["_student_cls"], out["_patch_tokens"]))
+        usage = diagnostics.prototype_usage_stats(out["_teacher_logits"], values["teacher_temp"])
+        metrics.update(usage)
+        msg = diagnostics.collapsed_teacher_message(usage, self.global_step)
+        if msg is not None and not self._collapse_reported and self.trainer.global_rank == 0:
+            log.warning(msg)
+            self._collapse_reported = True
+        metrics.update(diagnostics.system_stats())
         if hasattr(self.source, "metrics"):
             metrics.update({k: float(v) for k, v in self.source.metrics().items() if k.startswith("s3/")})
         loader = getattr(self.trainer, "train_dataloader", None)
@@ -182,11 +286,7 @@ class DinoCellModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._should_log(self.global_step):
             return
-        try:
-            from dinocell.track.diagnostics import grad_stats
-        except ImportError:
-            return
-        self.log_dict(grad_stats(self.meta.student.named_parameters()), on_step=True, on_epoch=False,
+        self.log_dict(diagnostics.grad_stats(self.meta.student.named_parameters()), on_step=True, on_epoch=False,
                       batch_size=self.cfg.data.batch_size)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -225,7 +325,8 @@ class DinoCellModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_resume(self.state_dict(), checkpoint, to_dict(self.cfg))
+        if "state_dict" in checkpoint:  # FSDP2 (ModelParallelStrategy) loads and removes it beforehand
+            check_resume(self.state_dict(), checkpoint, to_dict(self.cfg))
         self.loss_history = LossHistory.from_state(checkpoint.get("dinocell", {}).get("loss_history"))
         state = checkpoint.get("dinocell", {}).get("rng")
         if not state:

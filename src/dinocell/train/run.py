@@ -40,10 +40,12 @@ def resolve_precision(precision: str) -> str:
 def _strategy(cfg: Config) -> Any:
     s = cfg.train.strategy
     if s == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
-        from timm.models.eva import EvaBlock
+        # FSDP2 (fully_shard, as dinov3): the module shards itself over all ranks in configure_model (the
+        # strategy's own nodes x processes mesh is unused); checkpoints are gathered into one full file on
+        # rank 0, the same format as single-process and DDP runs.
+        from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return FSDPStrategy(auto_wrap_policy={EvaBlock}, sharding_strategy="FULL_SHARD")
+        return ModelParallelStrategy(save_distributed_checkpoint=False)
     if s == "ddp":
         # iBOT head parameters get no gradient when iBOT is off
         return "ddp_find_unused_parameters_true" if cfg.loss.ibot_weight == 0 else "ddp"
@@ -127,8 +129,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
         # --max-steps only stops it earlier
         max_steps=cfg.train.max_steps or -1, max_epochs=1, logger=logger if logger is not None else False,
         callbacks=_callbacks(cfg, run_dir), plugins=[AtomicCheckpointIO(cfg.train.keep_last_n)],
-        gradient_clip_val=cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else None,
-        gradient_clip_algorithm="norm", enable_progress_bar=cfg.train.progress_bar,
+        enable_progress_bar=cfg.train.progress_bar,  # clipping: per module, in the LightningModule
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         log_every_n_steps=1, use_distributed_sampler=False, default_root_dir=str(run_dir),
         deterministic=False,
@@ -141,7 +142,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
         save_config(cfg, run_dir)
     module = DinoCellModule(cfg, data.train_source, data.steps_per_epoch, data.total_steps, data.global_batch)
     if cfg.train.compile:
-        module.meta.student["backbone"] = torch.compile(module.meta.student["backbone"])
+        module.meta.compile_blocks()  # in place: parameter names (lr decay, checkpoints) unchanged
 
     evaluator = _Evaluator(cfg, run_dir, data.heldout)
     before = evaluator.before(module) if trainer.is_global_zero else None

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from dinocell.config import LossConfig, OptimConfig
 from dinocell.errors import ConfigError
 
-__all__ = ["Schedules", "cosine", "freeze_last_layer", "from_config", "linear_warmup"]
+__all__ = ["Schedules", "cosine", "freeze_last_layer", "from_config", "gram_refresh_due", "linear_warmup"]
 
 REFERENCE_BATCH = 1024  # DINOv2/v3 learning rates are quoted per 1024 images
+SQRT_SCALE_FACTOR = 4.0  # dinov3 ``sqrt_wrt_1024``: lr * 4 * sqrt(global_batch / 1024)
 
 
 def _check_step(step: int) -> None:
@@ -75,6 +76,19 @@ def freeze_last_layer(step: int, steps_per_epoch: int, freeze_epochs: int) -> bo
     return step < max(freeze_epochs, 0) * steps_per_epoch
 
 
+def gram_refresh_due(step: int, start: int, every: int) -> bool:
+    """True when the Gram teacher takes a new snapshot of the EMA teacher before ``step``.
+
+    DINOv3 anchors to a frozen earlier teacher and refreshes it every ``every`` steps
+    (``gram.update_frequency``); here the first snapshot is at ``start`` and ``every = 0`` never
+    refreshes it.  A pure function of the step, so a resumed run refreshes at the same steps.
+    """
+    _check_step(step)
+    if step < start:
+        return False
+    return step == start or (every > 0 and (step - start) % every == 0)
+
+
 @dataclass(frozen=True)
 class Schedules:
     """All step-driven hyper-parameters of a run; :meth:`at` evaluates them at one step."""
@@ -120,8 +134,8 @@ def from_config(
 ) -> Schedules:
     """Build :class:`Schedules` from the config, converting epochs to steps.
 
-    ``optim.scale_lr == "sqrt"`` scales the peak lr by ``sqrt(global_batch / 1024)`` (DINOv2/v3 rule;
-    ``min_lr`` is not scaled).  ``max_steps`` (e.g. ``train.max_steps``) shortens the run, and with it
+    ``optim.scale_lr == "sqrt"`` scales the peak lr by ``4 * sqrt(global_batch / 1024)``, dinov3's
+    ``sqrt_wrt_1024`` rule (``min_lr`` is not scaled, as in dinov3's default schedules).  ``max_steps`` (e.g. ``train.max_steps``) shortens the run, and with it
     the cosine horizon.  Warm-ups longer than the run are clamped to it.
     """
     if steps_per_epoch < 1:
@@ -145,7 +159,7 @@ def from_config(
         raise ConfigError("config keys 'loss.teacher_temp' and 'loss.warmup_teacher_temp' must be > 0")
 
     if optim_cfg.scale_lr == "sqrt":
-        lr = optim_cfg.lr * math.sqrt(global_batch / REFERENCE_BATCH)
+        lr = optim_cfg.lr * SQRT_SCALE_FACTOR * math.sqrt(global_batch / REFERENCE_BATCH)
     elif optim_cfg.scale_lr == "none":
         lr = optim_cfg.lr
     else:
