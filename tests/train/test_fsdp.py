@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from dinocell.config import load_config
+from dinocell.train.checkpoint import load_checkpoint_file
 from dinocell.train.meta_arch import MultiViewDINO
-from dinocell.train.run import load_checkpoint_file
 from tests_tiny import TINY
 
 REPO = Path(__file__).resolve().parents[2]
