@@ -48,7 +48,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_spec(args: argparse.Namespace) -> Any:
-    from dinocell.extract.volumes import ModelSpec
+    from dinocell.extract.volumes.config import ModelSpec
 
     return ModelSpec(backbone=args.backbone, model_name=args.model_name, weights=args.weights)
 
@@ -60,14 +60,14 @@ def _model_spec(args: argparse.Namespace) -> Any:
 
 def _cmd_extract_volumes(args: argparse.Namespace) -> int:
     from dinocell.extract.runner import ClusterOptions, plan_indices, run_extraction
-    from dinocell.extract.volumes import ExtractionConfig, S3Options
+    from dinocell.extract.volumes.config import ExtractionConfig, S3Options
 
     cfg = ExtractionConfig(
         output_dir=args.output_dir, manifest=args.manifest,
         base_resolution=_floats(args.base_resolution) if args.base_resolution else None,
         output_image_dim=args.output_image_dim, min_label_fraction=args.min_label_fraction,
         min_unique_ids=args.min_unique_ids, min_ground_truth_fraction=args.min_ground_truth_fraction,
-        max_tries=args.max_tries, seed=args.seed, axes=args.axes, batch_size=args.batch_size,
+        max_tries=args.max_tries, seed=args.seed, axes=args.axes, store=args.store, batch_size=args.batch_size,
         compression=args.compression, compression_level=args.compression_level, checksum=args.checksum,
         chunks=[int(v) for v in _floats(args.chunks)] if args.chunks else None,
         feature_dtype=args.feature_dtype, gpu=args.gpu, model=_model_spec(args),
@@ -91,7 +91,7 @@ def _cmd_extract_volumes(args: argparse.Namespace) -> int:
 
 def _register_extract_volumes(sub: Any) -> None:
     p = sub.add_parser("extract-volumes", help="pre-extract DINOv3 features of 3-D volumes to zarr",
-                       description="Extract per-voxel features of 3-D volumes listed in a manifest (default: "
+                       description="Extract DINOv3 features of 3-D volumes listed in a manifest (default: "
                                    "built-in synthetic volumes) into OUTPUT_DIR, resumably, locally or on "
                                    "LSF/SLURM via Dask.")
     p.add_argument("--output-dir", required=True)
@@ -113,7 +113,10 @@ def _register_extract_volumes(sub: Any) -> None:
     crop.add_argument("--seed", type=int, default=0, help="combined with the volume index")
     feat = p.add_argument_group("features and storage")
     feat.add_argument("--axes", choices=("z", "zyx"), default="z",
-                      help="slice along z only, or along z, y and x and average")
+                      help="slice along z only, or along z, y and x and average (needs --store voxel)")
+    feat.add_argument("--store", choices=("patch", "voxel"), default="patch",
+                      help="patch (default): features at the ViT's patch grid, ~256x smaller, upsample while "
+                           "training; voxel: features upsampled to every voxel")
     feat.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     feat.add_argument("--compression", choices=("none", "zstd", "blosc-lz4"), default="zstd")
     feat.add_argument("--compression-level", type=int)
