@@ -48,7 +48,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_spec(args: argparse.Namespace) -> Any:
-    from dinocell.extract.volumes.config import ModelSpec
+    from dinocell.extract.volumes import ModelSpec
 
     return ModelSpec(backbone=args.backbone, model_name=args.model_name, weights=args.weights)
 
@@ -60,7 +60,7 @@ def _model_spec(args: argparse.Namespace) -> Any:
 
 def _cmd_extract_volumes(args: argparse.Namespace) -> int:
     from dinocell.extract.runner import ClusterOptions, plan_indices, run_extraction
-    from dinocell.extract.volumes.config import ExtractionConfig, S3Options
+    from dinocell.extract.volumes import ExtractionConfig, S3Options
 
     cfg = ExtractionConfig(
         output_dir=args.output_dir, manifest=args.manifest,
