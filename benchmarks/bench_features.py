@@ -7,13 +7,15 @@
   number of bytes.  Storage variants: uncompressed without checksum (the P4 figure), uncompressed
   + crc32c, blosc-lz4 + crc32c, zstd (+ frame checksum, the default).  Interleaved repetitions,
   medians.
-* P5: seconds to extract the same volume on the fly (raw crop read + per-slice ViT + upsampling,
-  model already loaded) ÷ seconds to load it from the cache (default zstd storage; the table also
-  shows uncompressed storage).
+* P5: seconds to produce a training-ready item on the fly (crop sampling: raw + gt + mask, then the
+  per-slice ViT to patch features, model already loaded) ÷ seconds to load the same item from the
+  compact patch store (default zstd storage: patch-grid features + full-resolution gt/mask).  The
+  table also shows the seed's figure: on-the-fly voxel features (+ bilinear upsampling to every
+  voxel) ÷ loading them from the voxel store, and the time breakdown of both sides.
 * P6: slices/s of the extraction's encoder stage (``encode_features(pool="patch")`` on the volume's
   slices, as ``compute_volume_features`` calls it) ÷ slices/s of a bare timm ``forward_features``
   loop over the same tensors and batch size.  The table also shows the whole per-slice stage
-  including bilinear upsampling to every voxel, which the bare loop does not do.
+  including bilinear upsampling to every voxel (the voxel store), which the bare loop does not do.
 
 Model: ViT-S/16 (DINOv3 small, random init: weights do not change timing), 128^3 crops; ``--quick``:
 the tiny test ViT (embed 32, patch 8) on 64^3.  The last three lines are
@@ -37,10 +39,13 @@ import torch
 from dinocell.extract.dataset import FeatureVolumeDataset
 from dinocell.extract.encode import encode_features
 from dinocell.extract.synthetic_volumes import write_synthetic_dataset
+from dinocell.extract.upsample import Upsample
 from dinocell.extract.volumes import (
+    ARRAYS,
     ExtractionConfig,
     ModelSpec,
     RandomInitWarning,
+    compute_patch_features,
     compute_volume_features,
     extract_volume,
     load_manifest,
@@ -68,7 +73,7 @@ def _rewrite(src: Path, dst: Path, compression: str, checksum: bool) -> dict[str
 
     import tensorstore as ts
 
-    from dinocell.extract.volumes import ARRAYS, array_spec, dir_size_bytes, volume_paths, write_json_atomic
+    from dinocell.extract.volumes import array_spec, dir_size_bytes, volume_paths, write_json_atomic
 
     meta = json.loads(volume_paths(src, 0)["metadata"].read_text())
     dst.mkdir(parents=True, exist_ok=True)
@@ -108,22 +113,32 @@ def main() -> None:
         rows.append(("model", f"{info['name']} embed {info['embed_dim']} patch {info['patch_size']} "
                               f"blocks {info['n_blocks']} (random init), {torch.get_num_threads()} threads"))
 
-        # ---- cached volumes in three storage variants (same crop, same model)
+        # ---- cached volumes: the voxel store in four storage variants (same crop, same model) ...
         variants = {"none": ("none", False), "none+crc32c": ("none", True),
                     "blosc-lz4+crc32c": ("blosc-lz4", True), "zstd": ("zstd", True)}
         dirs = {}
         for name, (comp, checksum) in variants.items():
             d = tmp / name
             cfg = ExtractionConfig(output_dir=str(d), manifest=str(manifest), output_image_dim=dim,
-                                   compression=comp, checksum=checksum, model=spec)
+                                   compression=comp, checksum=checksum, model=spec, store="voxel")
             if not dirs:
                 meta = extract_volume(cfg, 0, model=model, model_info=info)
-                rows.append(("extraction (features)", f"{meta['timing']['extraction_seconds']:.2f} s"))
+                rows.append(("extraction (voxel features)", f"{meta['timing']['extraction_seconds']:.2f} s"))
             else:  # same volume, other storage: rewrite the arrays instead of recomputing them
                 meta = _rewrite(next(iter(dirs.values())), d, comp, checksum)
             dirs[name] = d
             rows.append((f"write {name}", f"{meta['timing']['write_seconds']:.2f} s, "
                                           f"{meta['storage']['total_gb'] * 1e3:.1f} MB on disk"))
+        # ... and the patch store (the default: zstd, features at the patch grid)
+        patch_cfg = ExtractionConfig(output_dir=str(tmp / "patch"), manifest=str(manifest), output_image_dim=dim,
+                                     model=spec)
+        meta = extract_volume(patch_cfg, 0, model=model, model_info=info)
+        rows.append(("extraction (patch features)", f"{meta['timing']['extraction_seconds']:.2f} s"))
+        rows.append(("write patch (zstd)", f"{meta['timing']['write_seconds']:.2f} s, "
+                                           f"{meta['storage']['total_gb'] * 1e3:.2f} MB on disk (features "
+                                           f"{meta['storage']['features_gb'] * 1e3:.2f} MB, shape "
+                                           f"{meta['shapes']['features']})"))
+        patch_ds = FeatureVolumeDataset(tmp / "patch")
         datasets = {k: FeatureVolumeDataset(d) for k, d in dirs.items()}
         nbytes = datasets["none"].nbytes(0)
         raw = tmp / "raw.bin"
@@ -140,22 +155,54 @@ def main() -> None:
             rows.append((f"read {k}", f"{mbs[k]:8.0f} MB/s  ({t[k] * 1e3:.1f} ms){ratio}"))
         p4 = mbs["none"] / mbs["fromfile"]
 
-        # ---- P5: on-the-fly extraction vs cached load (default zstd storage)
+        # ---- P5: on-the-fly training-ready item vs cached load (patch store; the seed's voxel figure too)
         cfg = ExtractionConfig(output_dir=str(tmp / "otf"), manifest=str(manifest), output_image_dim=dim, model=spec)
         entries = load_manifest(manifest)
+        parts: dict[str, list[float]] = {"sampling": [], "patch features": [], "voxel features": []}
 
-        def on_the_fly() -> np.ndarray:
+        def on_the_fly(kind: str) -> Any:
+            t0 = time.perf_counter()
             crop = sample_crop(entries, 0, cfg)
-            return compute_volume_features(crop.raw, model, cfg.axes, cfg.batch_size, cfg.feature_dtype)
+            t1 = time.perf_counter()
+            if kind == "patch":
+                feats = compute_patch_features(crop.raw, model, cfg.batch_size, cfg.feature_dtype)
+            else:
+                feats = compute_volume_features(crop.raw, model, "z", cfg.batch_size, cfg.feature_dtype)
+            parts["sampling"].append(t1 - t0)
+            parts[f"{kind} features"].append(time.perf_counter() - t1)
+            return feats, crop.gt, crop.mask
 
-        t5 = _median_interleaved({"otf": on_the_fly, "zstd": lambda: datasets["zstd"][0],
-                                  "none": lambda: datasets["none"][0]}, max(3, reps // 2))
-        rows.append(("on-the-fly extraction", f"{t5['otf']:.3f} s per volume"))
-        rows.append(("cached load (zstd, default)", f"{t5['zstd'] * 1e3:.1f} ms per volume  "
-                                                    f"ratio {t5['otf'] / t5['zstd']:.1f}"))
-        rows.append(("cached load (none)", f"{t5['none'] * 1e3:.1f} ms per volume  "
-                                           f"ratio {t5['otf'] / t5['none']:.1f}"))
-        p5 = t5["otf"] / t5["zstd"]
+        # Two interleaved groups: the small patch reads are not timed right after 1.6 GB voxel reads.
+        store = patch_ds.stores(0)
+        n5 = max(3, reps // 2)
+        t5 = _median_interleaved({
+            "otf patch": lambda: on_the_fly("patch"), "patch": lambda: patch_ds[0],
+            **{f"patch {n}": (lambda n=n: store[n].read().result()) for n in ARRAYS}}, n5)
+        t5.update(_median_interleaved({
+            "otf voxel": lambda: on_the_fly("voxel"), "voxel zstd": lambda: datasets["zstd"][0],
+            "voxel none": lambda: datasets["none"][0]}, n5))
+        med = {k: statistics.median(v) for k, v in parts.items()}
+        rows.append(("on-the-fly item (patch)", f"{t5['otf patch']:.3f} s (median parts: sampling {med['sampling']:.3f} s "
+                                                f"+ ViT patch features {med['patch features']:.3f} s)"))
+        rows.append(("cached load (patch, zstd)", f"{t5['patch'] * 1e3:.1f} ms (features "
+                                                  f"{t5['patch features'] * 1e3:.1f} + gt {t5['patch gt'] * 1e3:.1f} "
+                                                  f"+ mask {t5['patch mask'] * 1e3:.1f} ms read alone)  "
+                                                  f"ratio {t5['otf patch'] / t5['patch']:.1f}"))
+        rows.append(("on-the-fly item (voxel)", f"{t5['otf voxel']:.3f} s (median parts: sampling {med['sampling']:.3f} s "
+                                                f"+ ViT + upsampling {med['voxel features']:.3f} s)"))
+        rows.append(("cached load (voxel, zstd)", f"{t5['voxel zstd'] * 1e3:.1f} ms  "
+                                                  f"ratio {t5['otf voxel'] / t5['voxel zstd']:.1f} (the seed's P5)"))
+        rows.append(("cached load (voxel, none)", f"{t5['voxel none'] * 1e3:.1f} ms  "
+                                                  f"ratio {t5['otf voxel'] / t5['voxel none']:.1f}"))
+        # What the training step adds (on the GPU in practice): upsampling logits of a 1x1x1 head.
+        feats0 = patch_ds[0][0][None].float()
+        head = torch.nn.Conv3d(feats0.shape[1], len(meta["statistics"]["classes"]), 1)
+        up = Upsample(patch_ds.grids[0].volume_shape)
+        with torch.no_grad():
+            t_up = _median_interleaved({"up": lambda: up(head(feats0))}, 3)["up"]
+        rows.append(("head + Upsample of logits, CPU", f"{t_up * 1e3:.1f} ms ({feats0.shape[1]} features -> "
+                                                       f"{head.out_channels} classes at {up.size}; not in P5)"))
+        p5 = t5["otf patch"] / t5["patch"]
 
         # ---- P6: encoder stage vs bare timm loop on the same slices
         crop = sample_crop(entries, 0, cfg)

@@ -1,4 +1,4 @@
-"""Tiny synthetic volumes and one shared extraction (tiny random ViT, 16^3 crops) for the extract tests."""
+"""Tiny synthetic volumes and shared extractions (tiny random ViT, 16^3 crops, both stores) for the extract tests."""
 
 from __future__ import annotations
 
@@ -43,11 +43,8 @@ def make_cfg():
     return _make_cfg
 
 
-@pytest.fixture(scope="session")
-def extracted_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_manifest: Path) -> Path:
-    """Volumes 0 and 1 extracted once for the whole session (copy it before modifying it)."""
-    out = tmp_path_factory.mktemp("extracted")
-    cfg = _make_cfg(out, synthetic_manifest)
+def _extract_both(out: Path, manifest: Path, store: str) -> Path:
+    cfg = _make_cfg(out, manifest, store=store)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomInitWarning)
         for i in (0, 1):
@@ -55,9 +52,29 @@ def extracted_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_manifest: 
     return out
 
 
+@pytest.fixture(scope="session")
+def extracted_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_manifest: Path) -> Path:
+    """Volumes 0 and 1 in the voxel store, extracted once for the session (copy it before modifying it)."""
+    return _extract_both(tmp_path_factory.mktemp("extracted"), synthetic_manifest, "voxel")
+
+
+@pytest.fixture(scope="session")
+def extracted_patch_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_manifest: Path) -> Path:
+    """The same two volumes in the patch store (the default): features (32, 16, 2, 2), gt/mask 16^3."""
+    return _extract_both(tmp_path_factory.mktemp("extracted_patch"), synthetic_manifest, "patch")
+
+
 @pytest.fixture
 def extracted_copy(extracted_dir: Path, tmp_path: Path) -> Path:
-    """A private copy of the shared extraction, safe to corrupt."""
+    """A private copy of the shared voxel-store extraction, safe to corrupt."""
     dst = tmp_path / "copy"
     shutil.copytree(extracted_dir, dst)
+    return dst
+
+
+@pytest.fixture
+def extracted_patch_copy(extracted_patch_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the shared patch-store extraction, safe to corrupt."""
+    dst = tmp_path / "patch_copy"
+    shutil.copytree(extracted_patch_dir, dst)
     return dst

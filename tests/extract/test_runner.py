@@ -99,7 +99,7 @@ def test_dry_run_job_scripts(tmp_path, make_cfg, kind, needles):
 _KILL_SCRIPT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import dinocell.extract.volumes as V
+    import dinocell.extract.volumes.store as V
 
     ready = Path(sys.argv[2])
     original = V.array_spec

@@ -36,6 +36,7 @@ from dinocell.extract.volumes import (
     sample_raw,
     volume_paths,
 )
+from dinocell.extract.volumes import features as VF
 
 # ------------------------------------------------------------------------------------------ URIs
 
@@ -256,7 +257,8 @@ def test_extract_volume_outputs(extracted_dir):
     ("none", False, ["bytes"]), ("none", True, ["bytes", "crc32c"]),
     ("blosc-lz4", True, ["bytes", "blosc", "crc32c"]), ("zstd", False, ["bytes", "zstd"])])
 def test_compression_and_chunks(synthetic_manifest, tmp_path, compression, checksum, codecs, make_cfg):
-    cfg = make_cfg(tmp_path, synthetic_manifest, compression=compression, checksum=checksum, chunks=[8, 8, 16, 16])
+    cfg = make_cfg(tmp_path, synthetic_manifest, compression=compression, checksum=checksum, chunks=[8, 8, 16, 16],
+                   store="voxel")
     extract_volume(cfg, 0)
     zarr = json.loads((tmp_path / "volume_000000_features.zarr" / "zarr.json").read_text())
     assert [c["name"] for c in zarr["codecs"]] == codecs
@@ -308,11 +310,11 @@ def test_config_roundtrip():
 
 
 def test_random_init_warns_and_is_seeded(monkeypatch):
-    monkeypatch.setattr(V, "_MODEL_CACHE", {})
+    monkeypatch.setattr(VF, "_MODEL_CACHE", {})
     with pytest.warns(RandomInitWarning, match="RANDOM weights"):
         m1, info = load_model(ModelSpec(seed=1), 16)
     assert info["source"] == "random-init" and info["embed_dim"] == 32 and info["patch_size"] == 8
-    monkeypatch.setattr(V, "_MODEL_CACHE", {})
+    monkeypatch.setattr(VF, "_MODEL_CACHE", {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         m2, _ = load_model(ModelSpec(seed=1), 16)
@@ -328,7 +330,7 @@ def test_backbone_from_export_and_run_folder(tmp_path, monkeypatch):
     torch.manual_seed(7)
     bb = build_backbone(mcfg, 16)
     export = save_backbone(bb, tmp_path / "export" / "backbone.safetensors")
-    monkeypatch.setattr(V, "_MODEL_CACHE", {})
+    monkeypatch.setattr(VF, "_MODEL_CACHE", {})
     loaded, info = load_model(ModelSpec(backbone=str(export)), 16)
     assert info["source"] == "export"
     torch.testing.assert_close(loaded.state_dict(), bb.state_dict())
@@ -341,7 +343,7 @@ def test_backbone_from_export_and_run_folder(tmp_path, monkeypatch):
     teacher = {f"teacher.backbone.{k}": v for k, v in bb.state_dict().items()}
     student = {f"student.backbone.{k}": torch.zeros_like(v) for k, v in bb.state_dict().items()}
     torch.save({"state_dict": {**student, **teacher}}, run / "checkpoints" / "last.ckpt")
-    monkeypatch.setattr(V, "_MODEL_CACHE", {})
+    monkeypatch.setattr(VF, "_MODEL_CACHE", {})
     loaded, info = load_model(ModelSpec(backbone=str(run)), 16)
     assert info["source"] == "checkpoint"
     torch.testing.assert_close(loaded.state_dict(), bb.state_dict())  # the teacher, not the student

@@ -21,12 +21,8 @@ from typing import Any
 import numpy as np
 
 from dinocell.errors import DataError
-from dinocell.extract.volumes import (
-    ARRAYS,
-    quick_verify,
-    read_metadata,
-    volume_paths,
-)
+from dinocell.extract.volumes.config import ARRAYS, require_volumes
+from dinocell.extract.volumes.store import quick_verify, read_metadata, volume_paths
 
 _NAME = re.compile(r"^volume_(\d{6,})_(features\.zarr|gt\.zarr|mask\.zarr|metadata\.json)$")
 _ERR = re.compile(r"^volume_(\d{6,})\.err$")
@@ -88,7 +84,8 @@ def scan_output(output_dir: str | os.PathLike[str]) -> dict[str, set[int]]:
 def verify_volume(output_dir: str | os.PathLike[str], index: int, max_in_flight: int = 8) -> list[str]:
     """Read every chunk of a volume's arrays and list the problems (empty list = healthy).
 
-    Checks: metadata and zarr.json agree (shape, dtype, chunk count), every chunk decodes (a
+    Works for both stores (patch / voxel).  Checks: metadata and zarr.json agree (shape, dtype, chunk
+    count), the feature grid matches the array shapes, every chunk decodes (a
     corrupt or truncated chunk fails zstd/blosc/crc32c decoding or its size check), features are
     finite, the mask holds only 0/1 and ground truth is zero outside the mask.
     """
@@ -207,6 +204,7 @@ def check_output(output_dir: str | os.PathLike[str], verify: bool = False, sampl
         c = dict(m.get("configuration", {}))
         model = c.get("model", {})
         key_cfg = {"model": {k: model.get(k) for k in ("source", "path", "name", "embed_dim", "patch_size")},
+                   "store": m.get("store", "voxel"),
                    **{k: c.get(k) for k in ("resolution_nm", "output_image_dim", "axes", "compression",
                                             "chunks", "feature_dtype")}}
         key = json.dumps(key_cfg, sort_keys=True)
@@ -233,6 +231,7 @@ def check_output(output_dir: str | os.PathLike[str], verify: bool = False, sampl
         "verify": None,
     }
     if verify:
+        require_volumes(("tensorstore",), "check --verify")
         if verify_indices:
             chosen = [int(i) for i in verify_indices]
         elif sample_size is not None and sample_size < len(completed):
@@ -285,7 +284,7 @@ def format_report(report: dict[str, Any]) -> str:
         cfg = c["configuration"]
         lines.append(f"configuration x{c['volumes']}: model {cfg['model'].get('name')} "
                      f"({cfg['model'].get('source')}), resolution {cfg.get('resolution_nm')} nm, dim "
-                     f"{cfg.get('output_image_dim')}, axes {cfg.get('axes')}, {cfg.get('compression')}, "
+                     f"{cfg.get('output_image_dim')}, axes {cfg.get('axes')}, {cfg.get('store')} store, {cfg.get('compression')}, "
                      f"chunks {cfg.get('chunks')}")
     v = report.get("verify")
     if v is not None:

@@ -72,7 +72,7 @@ def _cmd_extract_volumes(args: argparse.Namespace) -> int:
         base_resolution=_floats(args.base_resolution) if args.base_resolution else None,
         output_image_dim=args.output_image_dim, min_label_fraction=args.min_label_fraction,
         min_unique_ids=args.min_unique_ids, min_ground_truth_fraction=args.min_ground_truth_fraction,
-        max_tries=args.max_tries, seed=args.seed, axes=args.axes, batch_size=args.batch_size,
+        max_tries=args.max_tries, seed=args.seed, axes=args.axes, store=args.store, batch_size=args.batch_size,
         compression=args.compression, compression_level=args.compression_level, checksum=args.checksum,
         chunks=[int(v) for v in _floats(args.chunks)] if args.chunks else None,
         feature_dtype=args.feature_dtype, gpu=args.gpu, model=_model_spec(args),
@@ -96,7 +96,7 @@ def _cmd_extract_volumes(args: argparse.Namespace) -> int:
 
 def _register_extract_volumes(sub: Any) -> None:
     p = sub.add_parser("extract-volumes", help="pre-extract DINOv3 features of 3-D volumes to zarr",
-                       description="Extract per-voxel features of 3-D volumes listed in a manifest (default: "
+                       description="Extract DINOv3 features of 3-D volumes listed in a manifest (default: "
                                    "built-in synthetic volumes) into OUTPUT_DIR, resumably, locally or on "
                                    "LSF/SLURM via Dask.")
     p.add_argument("--output-dir", required=True)
@@ -118,7 +118,10 @@ def _register_extract_volumes(sub: Any) -> None:
     crop.add_argument("--seed", type=int, default=0, help="combined with the volume index")
     feat = p.add_argument_group("features and storage")
     feat.add_argument("--axes", choices=("z", "zyx"), default="z",
-                      help="slice along z only, or along z, y and x and average")
+                      help="slice along z only, or along z, y and x and average (needs --store voxel)")
+    feat.add_argument("--store", choices=("patch", "voxel"), default="patch",
+                      help="patch (default): features at the ViT's patch grid, ~256x smaller, upsample while "
+                           "training; voxel: features upsampled to every voxel")
     feat.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     feat.add_argument("--compression", choices=("none", "zstd", "blosc-lz4"), default="zstd")
     feat.add_argument("--compression-level", type=int)

@@ -5,6 +5,10 @@ whose chunks TensorStore already reads and decodes on its thread pools.  Issuing
 whole batch at once (``__getitems__``) keeps all chunks in flight without forking worker processes
 that would each need their own copy of the pools; ``num_workers=0`` is therefore the default.
 Uncompressed chunks are memory-mapped (``file_io_mode: memmap``), which avoids one copy per read.
+
+A patch-store volume yields its features at the ViT's patch grid and gt/mask at full resolution;
+:meth:`FeatureVolumeDataset.upsampler` gives the module that maps features (or logits) to voxels on
+the training device.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinocell.errors import DataError
 from dinocell.extract.check import scan_output
-from dinocell.extract.volumes import ARRAYS, read_metadata, volume_paths
+from dinocell.extract.upsample import Upsample
+from dinocell.extract.volumes.config import ARRAYS, require_volumes
+from dinocell.extract.volumes.store import FeatureGrid, read_metadata, volume_paths
 
 
 def feature_context(num_threads: int = 8, cache_bytes: int = 0, memmap: bool = True) -> Any:
@@ -50,14 +56,16 @@ def completed_indices(preprocessed_dir: str | os.PathLike[str]) -> list[int]:
 class FeatureVolumeDataset(Dataset):
     """Cached volumes as ``(features, gt, mask[, metadata])`` tensors.
 
-    ``features`` (C, D, H, W) float16, ``gt`` (K, D, H, W) int32 instance ids per class, ``mask``
-    (1, D, H, W) bool.  ``volume_indices`` selects volumes (all completed ones by default); asking
-    for an incomplete one is a :class:`DataError`.
+    ``features`` float16: (C, D, H/p, W/p) from a patch store, (C, D, H, W) from a voxel store;
+    ``gt`` (K, D, H, W) int32 instance ids per class, ``mask`` (1, D, H, W) bool, always at full
+    resolution.  ``grids[item]`` maps feature cells to voxels.  ``volume_indices`` selects volumes
+    (all completed ones by default); asking for an incomplete one is a :class:`DataError`.
     """
 
     def __init__(self, preprocessed_dir: str | os.PathLike[str], volume_indices: Sequence[int] | None = None,
                  num_threads: int = 8, return_metadata: bool = False, cache_bytes: int = 0,
                  memmap: bool = True) -> None:
+        require_volumes(("tensorstore",), "FeatureVolumeDataset")
         self.root = Path(preprocessed_dir)
         if not self.root.is_dir():
             raise DataError(f"preprocessed directory not found: {self.root}")
@@ -78,6 +86,7 @@ class FeatureVolumeDataset(Dataset):
             if meta is None:
                 raise DataError(f"metadata of volume {i} in {self.root} is unreadable")
             self.metadata.append(meta)
+        self.grids = [FeatureGrid.from_metadata(m) for m in self.metadata]
         self.num_threads = num_threads
         self.return_metadata = return_metadata
         self.cache_bytes = cache_bytes
@@ -117,6 +126,10 @@ class FeatureVolumeDataset(Dataset):
             except Exception as e:
                 raise DataError(f"cannot open volume {self.indices[item]}: {str(e).splitlines()[0]}") from None
         return self._stores[item]
+
+    def upsampler(self, item: int = 0, mode: str = "trilinear") -> Upsample:
+        """Module upsampling item ``item``'s features (or logits on its grid) to its gt/mask voxels."""
+        return Upsample(self.grids[item].volume_shape, mode)
 
     def nbytes(self, item: int) -> int:
         """Decoded bytes of one item (features + gt + mask)."""

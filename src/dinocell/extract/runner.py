@@ -4,7 +4,7 @@ Why Dask: one code path for a laptop (``LocalCluster`` on 127.0.0.1, dashboard o
 (dask-jobqueue ``LSFCluster``/``SLURMCluster`` with adaptive scaling, so jobs are released as soon
 as the queue of volumes drains).  Every volume is an independent task that is
 
-* skipped when its metadata exists and :func:`~dinocell.extract.volumes.quick_verify` passes
+* skipped when its metadata exists and :func:`~dinocell.extract.volumes.store.quick_verify` passes
   (so reruns and preempted jobs resume where they stopped),
 * isolated: an exception writes ``logs/volume_NNNNNN.err`` and the other volumes continue,
 * complete only once its metadata JSON has been written (last, atomically).
@@ -27,14 +27,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dinocell.errors import ConfigError, DataError
-from dinocell.extract.volumes import (
-    ExtractionConfig,
-    RandomInitWarning,
-    extract_volume,
-    quick_verify,
-    volume_paths,
-    write_json_atomic,
-)
+from dinocell.extract.volumes.config import ExtractionConfig, RandomInitWarning, require_volumes
+from dinocell.extract.volumes.pipeline import extract_volume
+from dinocell.extract.volumes.store import quick_verify, volume_paths, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +242,7 @@ def _update_run_record(cfg: ExtractionConfig, indices: list[int], opts: ClusterO
 
 def _check_inputs(cfg: ExtractionConfig) -> None:
     """Fail in the driver, before any job is queued, on a bad manifest or model path."""
-    from dinocell.extract.volumes import load_manifest
+    from dinocell.extract.volumes.manifest import load_manifest
 
     load_manifest(cfg.manifest)  # type: ignore[arg-type]
     for what, p in (("--backbone", cfg.model.backbone), ("--weights", cfg.model.weights)):
@@ -266,6 +261,8 @@ def run_extraction(cfg: ExtractionConfig, indices: Sequence[int], opts: ClusterO
     opts = opts or ClusterOptions()
     opts.validate()
     cfg.validate()
+    require_volumes(("tensorstore",) + (() if opts.cluster == "serial" else ("dask", "distributed"))
+                    + (("dask_jobqueue",) if opts.cluster in ("lsf", "slurm") else ()), "extract-volumes")
     out = out or sys.stdout
     indices = list(indices)
     if not indices:
