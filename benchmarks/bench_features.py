@@ -37,7 +37,6 @@ import numpy as np
 import torch
 
 from dinocell.extract.dataset import FeatureVolumeDataset
-from dinocell.extract.encode import encode_features
 from dinocell.extract.synthetic_volumes import write_synthetic_dataset
 from dinocell.extract.upsample import Upsample
 from dinocell.extract.volumes import (
@@ -52,6 +51,7 @@ from dinocell.extract.volumes import (
     load_model,
     sample_crop,
 )
+from dinocell.models.encode import encode_features
 
 
 def _median_interleaved(fns: dict[str, Any], reps: int) -> dict[str, float]:

@@ -340,8 +340,8 @@ def test_backbone_from_export_and_run_folder(tmp_path, monkeypatch):
     cfg = Config()
     cfg.model = mcfg
     save_config(cfg, run)
-    teacher = {f"teacher.backbone.{k}": v for k, v in bb.state_dict().items()}
-    student = {f"student.backbone.{k}": torch.zeros_like(v) for k, v in bb.state_dict().items()}
+    teacher = {f"meta.teacher.backbone.{k}": v for k, v in bb.state_dict().items()}
+    student = {f"meta.student.backbone.{k}": torch.zeros_like(v) for k, v in bb.state_dict().items()}
     torch.save({"state_dict": {**student, **teacher}}, run / "checkpoints" / "last.ckpt")
     monkeypatch.setattr(VF, "_MODEL_CACHE", {})
     loaded, info = load_model(ModelSpec(backbone=str(run)), 16)

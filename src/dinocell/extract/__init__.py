@@ -23,7 +23,7 @@ def __getattr__(name: str) -> Any:
 
         return FeatureGrid
     if name == "encode_features":
-        from dinocell.extract.encode import encode_features
+        from dinocell.models.encode import encode_features
 
         return encode_features
     raise AttributeError(name)

@@ -39,44 +39,6 @@ _MODEL_CACHE: dict[str, tuple[Any, dict[str, Any]]] = {}
 _MODEL_LOCK = threading.Lock()
 
 
-def _match_backbone_state(state: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
-    """Find the prefix under which a checkpoint stores the backbone (teacher preferred)."""
-    first = keys[0]
-    prefixes = {k[: -len(first)] for k in state if k.endswith(first)}
-    complete = [p for p in prefixes if all(p + k in state for k in keys)]
-    if not complete:
-        raise DataError("checkpoint holds no complete backbone state dict matching the run's model config")
-    complete.sort(key=lambda p: (("teacher" not in p), ("student" in p), len(p)))
-    p = complete[0]
-    return {k: state[p + k] for k in keys}
-
-
-def _load_from_run_folder(folder: Path, img_size: int) -> tuple[Any, dict[str, Any]]:
-    exports = sorted(folder.glob("export/*.safetensors")) + sorted(folder.glob("*.safetensors"))
-    if exports:
-        from dinocell.models.backbone import load_backbone
-
-        path = max(exports, key=lambda p: p.stat().st_mtime)
-        return load_backbone(path), {"source": "export", "path": str(path)}
-    ckpt = folder / "checkpoints" / "last.ckpt"
-    cfg_path = folder / "config.yaml"
-    if ckpt.is_file() and cfg_path.is_file():
-        import torch
-        import yaml
-
-        from dinocell.config import config_from_dict
-        from dinocell.models.backbone import build_backbone
-
-        cfg = config_from_dict(yaml.safe_load(cfg_path.read_text()) or {})
-        cfg.model.pretrained = None
-        model = build_backbone(cfg.model, img_size)
-        obj = torch.load(ckpt, map_location="cpu", weights_only=True)
-        state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-        model.load_state_dict(_match_backbone_state(state, list(model.state_dict())))
-        return model, {"source": "checkpoint", "path": str(ckpt)}
-    raise DataError(f"run folder {folder} has neither export/*.safetensors nor checkpoints/last.ckpt + config.yaml")
-
-
 def load_model(spec: ModelSpec, img_size: int = 224, device: str | None = None) -> tuple[Any, dict[str, Any]]:
     """Build the backbone described by ``spec`` in eval mode; cached per process (cluster workers)."""
     key = json.dumps([dataclasses.asdict(spec), img_size, device], sort_keys=True)
@@ -87,34 +49,30 @@ def load_model(spec: ModelSpec, img_size: int = 224, device: str | None = None) 
 
         from dinocell.config import ModelConfig
 
-        if spec.backbone:
-            path = Path(spec.backbone)
-            if path.is_dir():
-                model, info = _load_from_run_folder(path, img_size)
-            elif path.is_file():
-                from dinocell.models.backbone import load_backbone
+        if spec.backbone or spec.weights:
+            # a run folder, checkpoint, export or official .pth: the project's one loader
+            from dinocell.models.loading import load_model as load_saved
 
-                model, info = load_backbone(path), {"source": "export", "path": str(path)}
-            else:
-                raise DataError(f"--backbone not found: {path}")
+            path = Path(spec.backbone or spec.weights)
+            if not path.exists():
+                raise DataError(f"--{'backbone' if spec.backbone else 'weights'} not found: {path}")
+            loaded = load_saved(path, model_name=spec.model_name)
+            model = loaded.backbone
+            kind = ("checkpoint" if path.is_dir() and loaded.run_dir is not None or path.suffix == ".ckpt"
+                    else "official" if path.suffix in (".pth", ".pt") else "export")
+            info = {"source": kind, "path": str(path), "description": loaded.description}
         else:
             from dinocell.models.backbone import build_backbone
 
-            if spec.model_name:
-                mcfg = ModelConfig(name=spec.model_name, in_chans=1, pretrained=spec.weights)
-                if spec.weights and not Path(spec.weights).is_file():
-                    raise DataError(f"--weights not found: {spec.weights}")
-            else:
-                mcfg = ModelConfig(**TINY_MODEL)
+            mcfg = ModelConfig(name=spec.model_name, in_chans=1) if spec.model_name else ModelConfig(**TINY_MODEL)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.seed)
                 model = build_backbone(mcfg, img_size)
-            info = {"source": "official" if spec.weights else "random-init", "path": spec.weights}
-            if not spec.weights:
-                what = f"'{spec.model_name}'" if spec.model_name else "a tiny ViT (embed 32, depth 2, patch 8)"
-                warnings.warn(f"no --backbone/--weights given: using {what} with RANDOM weights "
-                              f"(seed {spec.seed}); features only exercise the pipeline", RandomInitWarning,
-                              stacklevel=2)
+            info = {"source": "random-init", "path": None}
+            what = f"'{spec.model_name}'" if spec.model_name else "a tiny ViT (embed 32, depth 2, patch 8)"
+            warnings.warn(f"no --backbone/--weights given: using {what} with RANDOM weights "
+                          f"(seed {spec.seed}); features only exercise the pipeline", RandomInitWarning,
+                          stacklevel=2)
         dev = device or "cpu"
         model = model.to(dev).eval()
         for p in model.parameters():
@@ -148,7 +106,7 @@ def resolve_device(cfg: ExtractionConfig) -> str:
 
 def _encode(model: Any, x: Any, batch_size: int) -> Any:
     """Patch-feature maps ``(B, C, h, w)`` of a batch of 1-channel slices (the one encoder call)."""
-    from dinocell.extract.encode import encode_features
+    from dinocell.models.encode import encode_features
 
     return encode_features(model, x, pool="patch", batch_size=batch_size)
 
