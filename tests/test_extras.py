@@ -73,3 +73,17 @@ def test_missing_extra_is_one_line_naming_it(tmp_path: Path) -> None:
     assert res.returncode == 2, res.stdout + res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "dinocell[s3]" in lines[0], res.stderr
+
+
+def test_wandb_logger_without_the_extra_is_one_line(tmp_path: Path) -> None:
+    res = _run(
+        f"""
+        from dinocell.cli import main
+        raise SystemExit(main(["pretrain", "--output-dir", {str(tmp_path / "run")!r}, "track.logger=wandb",
+                               "--max-steps", "1"]))
+        """,
+        tmp_path,
+    )
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and "Warning" not in ln]
+    assert lines and "dinocell[wandb]" in lines[-1], res.stderr

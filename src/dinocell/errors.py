@@ -17,3 +17,25 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """Bad data: missing path, no matching files, unreadable image, unknown channel."""
+
+
+def require_extra(extra: str, modules: tuple[str, ...] | list[str], what: str) -> None:
+    """Raise a one-line :class:`UserError` naming ``pip install 'dinocell[<extra>]'`` when one of
+    ``modules`` cannot be found.
+
+    Why up front instead of a late ImportError: the extras (s3, volumes, wandb, profiling) are optional,
+    the 2-D core never needs them, and a run should stop before it writes anything, with the fix in
+    the message. ``find_spec`` locates a module without importing it.
+    """
+    import importlib.util
+
+    def importable(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    missing = [m for m in modules if not importable(m)]
+    if missing:
+        raise UserError(f"{what} needs the optional package(s) {', '.join(missing)}: "
+                        f"pip install 'dinocell[{extra}]'")

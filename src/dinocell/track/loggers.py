@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 from lightning.pytorch.utilities import rank_zero_only
 
 from dinocell.config import Config, to_dict
-from dinocell.errors import ConfigError
+from dinocell.errors import ConfigError, require_extra
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ def _build(cfg: Config, run_dir: str | os.PathLike[str], resume: bool = False) -
         return None
     params = logged_config(cfg)
     if kind == "wandb":
+        require_extra("wandb", ("wandb",), "track.logger=wandb")
         from lightning.pytorch.loggers import WandbLogger
 
         mode = wandb_mode()

@@ -18,11 +18,10 @@ import re
 import threading
 from typing import Any
 
-from dinocell.errors import ConfigError, DataError, UserError
+from dinocell.errors import ConfigError, DataError, require_extra
 
 #: Keys of ``data.s3.filters``.
 FILTER_KEYS = ("project", "source", "batch", "plate", "well", "site", "channel")
-S3_EXTRA_HINT = "reading s3:// sources needs boto3: pip install 'dinocell[s3]'"
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 _THROTTLE_CODES = {"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
                    "RequestLimitExceeded", "ProvisionedThroughputExceededException"}
@@ -86,12 +85,11 @@ class AttemptCounter:
 
 def make_client(s3cfg: Any, pool: int | None = None) -> tuple[Any, AttemptCounter]:
     """A boto3 S3 client (unsigned unless ``sign``; adaptive retries) and its attempt counter."""
-    try:
-        import boto3
-        from botocore import UNSIGNED
-        from botocore.config import Config as BotoConfig
-    except ImportError:
-        raise UserError(S3_EXTRA_HINT) from None
+    require_extra("s3", ("boto3", "botocore"), "reading s3:// sources")
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config as BotoConfig
+
     kwargs: dict[str, Any] = {
         "region_name": s3cfg.region,
         "connect_timeout": s3cfg.timeout_s,

@@ -8,14 +8,13 @@ volume's metadata, so it must stay a plain, JSON-round-trippable record.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from dinocell.errors import ConfigError, UserError
+from dinocell.errors import ConfigError, require_extra
 
 FORMAT_VERSION = 1
 COMPRESSIONS = ("none", "zstd", "blosc-lz4")
@@ -43,24 +42,13 @@ class RandomInitWarning(UserWarning):
     """The backbone has random weights: features are only good for testing the pipeline."""
 
 
-def _importable(module: str) -> bool:
-    """Whether ``module`` can be found, without importing it (find_spec only locates it)."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def require_volumes(modules: Sequence[str] = ("tensorstore",), what: str = "3-D volume features") -> None:
     """Raise a one-line :class:`UserError` naming the ``volumes`` extra when one of ``modules`` is missing.
 
     Why a check up front instead of a late ImportError: tensorstore / dask are optional (the 2-D
     toolkit never needs them), and a cluster run should fail in the driver, not in every worker.
     """
-    missing = [m for m in modules if not _importable(m)]
-    if missing:
-        raise UserError(f"{what} needs the optional package(s) {', '.join(missing)}: "
-                        "pip install 'dinocell[volumes]'")
+    require_extra("volumes", tuple(modules), what)
 
 
 @dataclass
