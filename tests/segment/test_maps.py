@@ -62,7 +62,7 @@ def test_tile_starts_cover_exactly() -> None:
     for n, tile, stride in ((1224, 256, 192), (904, 256, 192), (64, 64, 48), (100, 30, 7)):
         starts = tile_starts(n, tile, stride)
         assert starts[0] == 0 and starts[-1] == n - tile
-        assert all(b - a <= tile for a, b in zip(starts, starts[1:]))
+        assert all(b - a <= tile for a, b in zip(starts, starts[1:], strict=False))
     assert tile_starts(20, 64, 48) == [0]
 
 

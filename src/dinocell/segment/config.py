@@ -134,10 +134,10 @@ def validate(cfg: SegmentConfig) -> None:
 def segment_config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> SegmentConfig:
     """Defaults, then ``data`` (a YAML mapping or a run's config.yaml), then overrides; strict."""
     cfg = SegmentConfig()
-    _merge(cfg, data)
+    _merge(cfg, data, root=SegmentConfig)
     for item in overrides:
         key, value = _parse_override(item)
-        _merge(cfg, _nest(key, value))
+        _merge(cfg, _nest(key, value), root=SegmentConfig)
     validate(cfg)
     return cfg
 

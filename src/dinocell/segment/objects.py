@@ -51,6 +51,6 @@ def measure_objects(labels: np.ndarray, raw: np.ndarray, channels: Sequence[str]
     cols[f"{pre}_AreaShape_BoundingBoxMaximum_X"] = props["bbox-3"].astype(np.int64)
     cols[f"{pre}_AreaShape_BoundingBoxMaximum_Y"] = props["bbox-2"].astype(np.int64)
     for c, name in enumerate(channels):
-        key = f"intensity_mean-{c}" if len(channels) > 1 else "intensity_mean"
+        key = f"intensity_mean-{c}" if f"intensity_mean-{c}" in props else "intensity_mean"
         cols[f"{pre}_Intensity_MeanIntensity_{name}"] = props[key].astype(np.float64)
     return pd.DataFrame(cols)
