@@ -50,11 +50,8 @@ def _quiet_lightning() -> None:
 
 
 def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | None = None,
-        resume: bool = True, net: SegmentationNet | None = None) -> dict[str, Any]:
-    """Train the segmenter into ``output_dir`` (resuming ``checkpoints/last.ckpt``); returns the summary.
-
-    ``net`` lets a caller pass a ready model (the benchmark reuses a backbone already in memory).
-    """
+        resume: bool = True) -> dict[str, Any]:
+    """Train the segmenter into ``output_dir`` (resuming ``checkpoints/last.ckpt``); returns the summary."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -75,8 +72,7 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
             old.unlink()
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     inputs, targets, channels = training_fields(cfg)
-    if net is None:
-        net = SegmentationNet(load_backbone_for_segmentation(cfg.model.backbone, cfg.model.arch), cfg.model)
+    net = SegmentationNet(load_backbone_for_segmentation(cfg.model.backbone, cfg.model.arch), cfg.model)
     save_config(cfg, run_dir)  # type: ignore[arg-type]
     dataset = CropDataset(inputs, targets, cfg.task.crop_size, cfg.train.steps * cfg.train.batch_size,
                           seed=cfg.train.seed)
