@@ -33,6 +33,10 @@ from dinocell.errors import DataError
 log = logging.getLogger(__name__)
 
 MASK_SUFFIXES = (".tif", ".tiff", ".png")
+
+
+class MissingMaskError(DataError):
+    """A field has no mask for the requested object class (skippable, unlike a malformed mask)."""
 MEAN = "mean"
 
 
@@ -164,7 +168,7 @@ class MaskFinder:
         path = self.find(rec)
         if path is None:
             looked = self.candidates(rec)[:2]
-            raise DataError(f"no {self.objects} masks found for field {rec.key} (looked for "
+            raise MissingMaskError(f"no {self.objects} masks found for field {rec.key} (looked for "
                             f"{', '.join(looked) if looked else 'FileName_Mask' + self.objects.capitalize()})")
         return read_mask(path)
 
@@ -188,12 +192,10 @@ def iter_annotated(source: FieldSource, finder: MaskFinder, limit: int | None = 
     for rec in source.records:
         try:
             planes, labels = annotated_field(source, finder, rec)
-        except DataError as e:
-            if "no " in str(e) and "masks found" in str(e):
-                first_missing = first_missing or str(e)
-                log.warning("%s", e)
-                continue
-            raise
+        except MissingMaskError as e:
+            first_missing = first_missing or str(e)
+            log.warning("%s", e)
+            continue
         yield rec, planes, labels
         n += 1
         if limit is not None and n >= limit:
