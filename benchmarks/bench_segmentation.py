@@ -78,14 +78,16 @@ def main() -> None:
     p.add_argument("--pretrain-steps", type=int, default=None, help="override the pretraining length")
     p.add_argument("--steps", type=int, default=None, help="segmenter training steps")
     p.add_argument("--eval-fields", type=int, default=None, help="held-out fields per evaluation")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a loaded 2-core machine OpenMP barriers waste most of a 2-thread run)")
     args = p.parse_args()
 
     import torch
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     work = args.work or ROOT / "runs" / ("bench_segmentation_quick" if args.quick else "bench_segmentation")
     runs = args.runs or work / "pretrain"
-    pre_steps = args.pretrain_steps or (150 if args.quick else None)
+    pre_steps = args.pretrain_steps or (120 if args.quick else None)
     steps = args.steps or (150 if args.quick else 300)
     n_eval = args.eval_fields or (16 if args.quick else 64)
 
