@@ -136,3 +136,25 @@ def test_backbone_of_another_architecture_exits_2(run: Path, tmp_path: Path,
 def test_bad_config_and_run_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _fails(["segment", "fit", "--output-dir", str(tmp_path), "task.chanel=DNA"], capsys, "task.channel")
     _fails(["segment", "evaluate", str(tmp_path), "--data", "synthetic"], capsys, "no segmentation checkpoint")
+
+
+def test_finetune_mode_trains_the_backbone(run: Path, tmp_path: Path) -> None:
+    """Same seed, same initial backbone: the frozen run keeps it, the fine-tuned run changes it."""
+    from dinocell.segment.run import load_segmenter
+
+    out = tmp_path / "ft"
+    assert main(["segment", "fit", "--output-dir", str(out), *TINY, "model.mode=finetune", "train.steps=2"]) == 0
+    net, cfg, _ = load_segmenter(out)
+    assert cfg.model.mode == "finetune" and not net.frozen
+    tuned = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    frozen = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    keys = [k for k in frozen if k.startswith("net.backbone.model.blocks.")]
+    assert keys and any(not torch.equal(tuned[k], frozen[k]) for k in keys)
+    # the frozen run still holds the seeded initial backbone
+    import lightning as L
+
+    from dinocell.segment.model import load_backbone_for_segmentation
+
+    L.seed_everything(0, verbose=False)
+    init = load_backbone_for_segmentation(None, cfg.model.arch).state_dict()
+    assert all(torch.equal(init[k[len("net.backbone."):]], frozen[k]) for k in keys)
