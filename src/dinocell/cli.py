@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "dinocell.train.cli",
     "dinocell.evaluate.cli",
     "dinocell.extract.cli",
+    "dinocell.segment.cli",
 )
 
 

@@ -294,11 +294,12 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(dotted: str) -> ConfigError:
-    close = difflib.get_close_matches(dotted, _all_keys(Config), n=1, cutoff=0.5)
+def _unknown_key(dotted: str, root: type | None = None) -> ConfigError:
+    keys = _all_keys(root or Config)
+    close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.5)
     if not close:  # fall back to matching the last component only
         leaf = dotted.rsplit(".", 1)[-1]
-        close = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] == leaf][:1]
+        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf][:1]
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{dotted}'{hint}")
 
@@ -363,8 +364,9 @@ def _coerce(value: Any, tp: Any, dotted: str) -> Any:
     return value
 
 
-def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
-    """Merge a nested mapping into dataclass instance ``obj`` in place, strictly."""
+def _merge(obj: Any, data: dict[str, Any], prefix: str = "", root: type | None = None) -> None:
+    """Merge a nested mapping into dataclass instance ``obj`` in place, strictly (``root``: the tree
+    whose keys an unknown key is compared with; default :class:`Config`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
     hints = typing.get_type_hints(type(obj))
@@ -372,10 +374,10 @@ def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in names:
-            raise _unknown_key(dotted)
+            raise _unknown_key(dotted, root)
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _merge(current, value if value is not None else {}, dotted + ".")
+            _merge(current, value if value is not None else {}, dotted + ".", root)
         else:
             setattr(obj, key, _coerce(value, hints[key], dotted))
 

@@ -348,3 +348,58 @@ def test_field_without_cells_renders_background(monkeypatch: pytest.MonkeyPatch)
     assert img.shape == (5, 32, 32)
     # only offset + background photons + noise: no structure above a few hundred counts
     assert 100 < img.mean() < 400 and img.max() < 600
+
+
+# --------------------------------------------------------------------------------------------------
+# instance masks
+# --------------------------------------------------------------------------------------------------
+
+
+def test_masks_do_not_change_the_image() -> None:
+    ds = SyntheticCellPainting(n_fields=6, size=64, seed=3)
+    for i in range(6):
+        img, masks = ds.field_and_masks(i)
+        np.testing.assert_array_equal(img, ds.field(i))
+        assert set(masks) == {"nuclei", "cells"}
+        for m in masks.values():
+            assert m.shape == (64, 64) and m.dtype == np.uint16
+
+
+def test_masks_are_instances_consistent_with_the_stains() -> None:
+    ds = SyntheticCellPainting(n_fields=4, size=128, seed=1)
+    img, masks = ds.field_and_masks(0)
+    cells, nuclei = masks["cells"], masks["nuclei"]
+    ids = np.unique(cells[cells > 0])
+    np.testing.assert_array_equal(ids, np.arange(1, ids.size + 1))  # consecutive from 1
+    assert ids.size >= 10
+    # every nucleus lies inside the cell with its number
+    assert np.all(cells[nuclei > 0] == nuclei[nuclei > 0])
+    # DNA is bright on nuclei, AGP marks cells: foreground brighter than background
+    dna, agp = img[0].astype(float), img[3].astype(float)
+    assert dna[nuclei > 0].mean() > 2 * dna[cells == 0].mean()
+    assert agp[cells > 0].mean() > agp[cells == 0].mean()
+
+
+def test_write_jump_folder_masks(tmp_path: Path) -> None:
+    out = tmp_path / "jump"
+    paths = write_jump_folder(out, n_fields=2, size=32, n_plates=1, wells_per_plate=4, sites_per_well=2,
+                              masks=True)
+    ds = SyntheticCellPainting(n_fields=2, size=32, n_plates=1, wells_per_plate=4, sites_per_well=2)
+    with open(out / "load_data.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for i, row in enumerate(rows):
+        _, masks = ds.field_and_masks(i)
+        for objects in ("Nuclei", "Cells"):
+            p = Path(row[f"PathName_Mask{objects}"]) / row[f"FileName_Mask{objects}"]
+            assert p.name == f"r01c01f{i + 1:02d}p01_{objects.lower()}_masks.tif"
+            assert p.parent == paths[0].parent
+            np.testing.assert_array_equal(tifffile.imread(p), masks[objects.lower()])
+    assert len(paths) == 2 * 5  # images only
+
+
+def test_data_synth_cli_writes_masks(tmp_path: Path) -> None:
+    from dinocell.cli import main
+
+    assert main(["data", "synth", "--out", str(tmp_path), "--fields", "1", "--size", "32"]) == 0
+    assert len(list(tmp_path.rglob("*_nuclei_masks.tif"))) == 1
+    assert len(list(tmp_path.rglob("*_cells_masks.tif"))) == 1

@@ -32,6 +32,8 @@ def register(sub: Any) -> None:
     synth.add_argument("--size", type=int, default=1080, help="field size in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--plates", type=int, default=1)
+    synth.add_argument("--no-masks", action="store_true",
+                       help="skip the instance masks (<field>_nuclei_masks.tif, <field>_cells_masks.tif)")
     synth.set_defaults(func=_synth)
 
 
@@ -80,6 +82,7 @@ def _synth(args: argparse.Namespace) -> int:
     if args.fields < 1 or args.size < 16:
         raise UserError("--fields must be >= 1 and --size >= 16")
     paths = write_jump_folder(args.out, n_fields=args.fields, size=args.size, seed=args.seed,
-                              n_plates=args.plates, progress=True)
-    print(f"wrote {len(paths)} TIFFs ({args.fields} fields x 5 channels, {args.size}px) to {args.out}")
+                              n_plates=args.plates, progress=True, masks=not args.no_masks)
+    masks = "" if args.no_masks else " + nuclei/cells instance masks"
+    print(f"wrote {len(paths)} TIFFs ({args.fields} fields x 5 channels, {args.size}px){masks} to {args.out}")
     return 0

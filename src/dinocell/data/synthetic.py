@@ -54,6 +54,13 @@ SYNTH_CHANNELS: tuple[str, ...] = ("DNA", "ER", "RNA", "AGP", "Mito")
 NOMINAL_SIZE = 128
 PLATE_ROWS, PLATE_COLS = 16, 24  # 384-well plate
 TIMESTAMP = "2024-01-01T00_00_00"
+#: Object classes of the instance masks, in the order files are written.
+MASK_OBJECTS: tuple[str, ...] = ("nuclei", "cells")
+
+
+def mask_file_name(field_stem: str, objects: str) -> str:
+    """Cellpose-style mask file name, one per object class: ``<field>_<objects>_masks.tif``."""
+    return f"{field_stem}_{objects.lower()}_masks.tif"
 
 # Imaging model (photo-electrons; gain 1 ADU/e-).
 _PEAK_PHOTONS = np.array([2600.0, 1300.0, 1500.0, 1400.0, 1700.0], dtype=np.float32)
@@ -169,8 +176,13 @@ def _place_cells(rng: np.random.Generator, size: int, radius: float, confluence:
 
 
 def render_field(rng: np.random.Generator, size: int, pheno: Phenotype,
-                 plate_gain: np.ndarray | None = None) -> np.ndarray:
-    """Render one field (5, size, size) uint16 for phenotype ``pheno`` from ``rng``."""
+                 plate_gain: np.ndarray | None = None,
+                 with_masks: bool = False) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Render one field (5, size, size) uint16 for phenotype ``pheno`` from ``rng``.
+
+    ``with_masks`` also returns the exact instance labels ``{"nuclei": ..., "cells": ...}`` (see
+    :func:`instance_masks`); the image is the same either way (the masks draw nothing from ``rng``).
+    """
     s = math.sqrt(size / NOMINAL_SIZE)
     f32 = np.float32
 
@@ -347,7 +359,31 @@ def render_field(rng: np.random.Generator, size: int, pheno: Phenotype,
     photons = illum[None] * (background[:, None, None] + gain[:, None, None].astype(f32) * stains)
     noise = rng.standard_normal(photons.shape, dtype=f32)
     adu = photons + np.sqrt(photons + f32(_READ_NOISE**2)) * noise + f32(_CAMERA_OFFSET)
-    return np.clip(np.rint(adu), 0, 65535).astype(np.uint16)
+    image = np.clip(np.rint(adu), 0, 65535).astype(np.uint16)
+    if with_masks:
+        return image, instance_masks(lab, cell, nucleus, n)
+    return image
+
+
+def instance_masks(owner: np.ndarray, cell: np.ndarray, nucleus: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Instance labels (0 = background) of the cells and nuclei of one rendered field.
+
+    ``owner`` is the weighted-Voronoi cell index of each pixel (``n`` = none), ``cell``/``nucleus`` the
+    pixels drawn as cytoplasm / nucleus before blurring.  Cells are numbered 1.. in the order they
+    first appear in the field (row-major); a nucleus carries the number of its cell, as CellProfiler
+    numbers nuclei and the cells grown from them, so a cell whose nucleus lies outside the field has
+    no nucleus.  uint16, or uint32 past 65535 objects.
+    """
+    ids = np.where(cell, owner, n)
+    present, first = np.unique(ids.ravel(), return_index=True)
+    present, first = present[present < n], first[present < n]
+    order = present[np.argsort(first, kind="stable")]
+    lut = np.zeros(n + 1, dtype=np.int64)
+    lut[order] = np.arange(1, order.size + 1)
+    dtype = np.uint16 if order.size <= np.iinfo(np.uint16).max else np.uint32
+    cells = lut[ids].astype(dtype)
+    nuclei = np.where(nucleus, cells, 0).astype(dtype)
+    return {"nuclei": nuclei, "cells": cells}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -462,6 +498,15 @@ class SyntheticCellPainting:
         rng = np.random.default_rng([self.seed, int(i)])
         return render_field(rng, self.size, PHENOTYPES[well % self.n_classes], self.plate_gain(plate))
 
+    def field_and_masks(self, i: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Field ``i`` (identical to :meth:`field`) plus its exact ``nuclei`` and ``cells`` instance labels."""
+        plate, well, _ = self.layout(i)
+        rng = np.random.default_rng([self.seed, int(i)])
+        out = render_field(rng, self.size, PHENOTYPES[well % self.n_classes], self.plate_gain(plate),
+                           with_masks=True)
+        assert isinstance(out, tuple)
+        return out
+
 
 # --------------------------------------------------------------------------------------------------
 # JUMP-layout export
@@ -483,7 +528,7 @@ def _write_atomic_tiff(path: Path, image: np.ndarray) -> None:
 def write_jump_folder(out_dir: str | os.PathLike, n_fields: int, size: int = 1080, seed: int = 0,
                       n_plates: int = 1, wells_per_plate: int = 8, sites_per_well: int = 4,
                       n_classes: int = 4, progress: bool = False, workers: int = 1,
-                      source: str = "source_4") -> list[Path]:
+                      source: str = "source_4", masks: bool = False) -> list[Path]:
     """Write ``n_fields`` synthetic fields as a JUMP/Phenix export plus ``<out_dir>/load_data.csv``.
 
     Layout: ``<out>/<plate>__<timestamp>-Measurement1/Images/rRRcCCfFFp01-chKsk1fk1fl1.tiff`` with the
@@ -491,6 +536,11 @@ def write_jump_folder(out_dir: str | os.PathLike, n_fields: int, size: int = 108
     uint16, each file written atomically.  ``workers > 1`` renders/writes fields in threads (numpy, cv2
     and the LZW codec release the GIL).  Returns the TIFF paths in field order, channels in
     :data:`SYNTH_CHANNELS` order.
+
+    ``masks``: also write the exact instance labels of each field beside its images,
+    ``rRRcCCfFFp01_nuclei_masks.tif`` and ``..._cells_masks.tif`` (:func:`mask_file_name`; uint16,
+    0 = background), and name them in ``load_data.csv`` (``FileName_Mask<Objects>`` /
+    ``PathName_Mask<Objects>``).
     """
     from dinocell.data.jump import CHANNEL_MAPS, format_name
 
@@ -517,7 +567,12 @@ def write_jump_folder(out_dir: str | os.PathLike, n_fields: int, size: int = 108
         folder.mkdir(parents=True, exist_ok=True)
 
     def work(i: int) -> None:
-        img = ds.field(i)
+        if masks:
+            img, labels = ds.field_and_masks(i)
+            for objects in MASK_OBJECTS:
+                _write_atomic_tiff(_mask_path(plans[i][1], objects), labels[objects])
+        else:
+            img = ds.field(i)
         for c, p in plans[i][1].items():
             _write_atomic_tiff(p, img[SYNTH_CHANNELS.index(c)])
 
@@ -541,14 +596,23 @@ def write_jump_folder(out_dir: str | os.PathLike, n_fields: int, size: int = 108
         if bar is not None:
             bar.close()
 
-    _write_load_data(out / "load_data.csv", plans)
+    _write_load_data(out / "load_data.csv", plans, masks)
     return [p for _, paths in plans for p in paths.values()]
 
 
-def _write_load_data(path: Path, plans: Sequence[tuple[dict[str, Any], dict[str, Path]]]) -> None:
+def _mask_path(paths: dict[str, Path], objects: str) -> Path:
+    """``<folder>/rRRcCCfFFp01_<objects>_masks.tif`` of a field whose channel files are ``paths``."""
+    first = paths[SYNTH_CHANNELS[0]]
+    return first.parent / mask_file_name(first.name.split("-ch")[0], objects)
+
+
+def _write_load_data(path: Path, plans: Sequence[tuple[dict[str, Any], dict[str, Path]]],
+                     masks: bool = False) -> None:
     """CellProfiler-style load_data table (absolute PathName folders), written atomically."""
     meta = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label", "Metadata_Control"]
     cols = meta + [f"{kind}_Orig{c}" for c in SYNTH_CHANNELS for kind in ("FileName", "PathName")]
+    objects = MASK_OBJECTS if masks else ()
+    cols += [f"{kind}_Mask{o.capitalize()}" for o in objects for kind in ("FileName", "PathName")]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", newline="") as fh:
@@ -558,6 +622,9 @@ def _write_load_data(path: Path, plans: Sequence[tuple[dict[str, Any], dict[str,
                 row = [md[m] for m in meta]
                 for c in SYNTH_CHANNELS:
                     row += [paths[c].name, str(paths[c].parent)]
+                for o in objects:
+                    mp = _mask_path(paths, o)
+                    row += [mp.name, str(mp.parent)]
                 w.writerow(row)
         os.replace(tmp, path)
     finally:

@@ -1,0 +1,123 @@
+"""The segmenter: a dinocell backbone, a light neck and an upsampling decoder to full resolution.
+
+Patch tokens of the last ``blocks`` blocks (timm ``forward_intermediates``, already (B, D, h, w)) are
+concatenated, projected by a 1x1 + 3x3 neck, then doubled in resolution ``ceil(log2(patch))`` times
+by (bilinear x2, 3x3 conv, GroupNorm, GELU) stages -- the DPT/DINOCell recipe minus the fusion of
+early layers, which a tiny frozen backbone does not need.  Heads: a normalised distance map and a
+foreground logit (DINOCell, SAMCell), optionally a Cellpose-style flow field.  The decoder sees only
+backbone features (no raw-pixel skip), so what it learns on one channel transfers to another exactly
+as far as the backbone's features do -- the point of the benchmark.
+
+:func:`load_backbone_for_segmentation` is the one place the segmenter obtains a backbone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinocell.config import ModelConfig
+from dinocell.models.backbone import DinoBackbone, build_backbone, load_backbone
+
+
+def load_backbone_for_segmentation(spec: str | None, arch: ModelConfig) -> DinoBackbone:
+    """The backbone named by ``spec``: an exported ``.safetensors`` (+ sidecar), a pretraining run folder
+    (its teacher), an official DINOv3 ``.pth`` loaded into ``arch``, or (``None``) ``arch`` randomly
+    initialised.  Weights that do not fit the architecture raise a one-line UserError."""
+    if not spec:
+        return build_backbone(replace(arch, pretrained=None))
+    p = Path(spec)
+    if p.is_dir():
+        from dinocell.train.export import load_run_backbone
+
+        return load_run_backbone(p)[0]
+    if p.suffix == ".safetensors":
+        return load_backbone(p)
+    return build_backbone(replace(arch, pretrained=str(p)))
+
+
+def backbone_from_arch(arch: dict[str, Any]) -> DinoBackbone:
+    """An untrained backbone of the architecture recorded in a checkpoint (``DinoBackbone.arch``)."""
+    cfg = ModelConfig(name=str(arch["timm_name"]), in_chans=int(arch["in_chans"]),
+                      patch_size=int(arch["patch_size"]), embed_dim=int(arch["embed_dim"]),
+                      depth=int(arch["depth"]), num_heads=int(arch["num_heads"]))
+    return build_backbone(cfg, img_size=int(arch.get("img_size", 224)))
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(8, ch), ch)
+
+
+class SegmentationNet(nn.Module):
+    """(B, 1, H, W) image in [0, 1] -> (B, K, H, W) maps: distance logit, foreground logit[, flows]."""
+
+    def __init__(self, backbone: DinoBackbone, cfg: Any) -> None:
+        super().__init__()
+        if backbone.in_chans != 1:
+            from dinocell.errors import UserError
+
+            raise UserError(f"the segmenter feeds one channel; this backbone expects {backbone.in_chans}")
+        self.backbone = backbone
+        self.frozen = cfg.mode == "frozen"
+        self.blocks = max(1, min(int(cfg.blocks), backbone.n_blocks))
+        self.input_scale = float(cfg.input_scale)
+        self.flows = bool(cfg.flow_head)
+        if self.frozen:
+            backbone.requires_grad_(False)
+            backbone.eval()
+        d, neck = backbone.embed_dim * self.blocks, int(cfg.neck_dim)
+        self.neck = nn.Sequential(nn.Conv2d(d, neck, 1), _norm(neck), nn.GELU(),
+                                  nn.Conv2d(neck, neck, 3, padding=1), _norm(neck), nn.GELU())
+        n_up = max(0, math.ceil(math.log2(backbone.patch_size)))
+        dims = [neck] + [max(int(cfg.decoder_dim), neck >> (i + 1)) for i in range(n_up)]
+        dims[-1] = int(cfg.decoder_dim) if n_up else neck
+        self.up = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(dims[i], dims[i + 1], 3, padding=1), _norm(dims[i + 1]), nn.GELU())
+            for i in range(n_up))
+        self.head = nn.Conv2d(dims[-1], 4 if self.flows else 2, 1)
+
+    @property
+    def n_outputs(self) -> int:
+        return self.head.out_channels
+
+    def train(self, mode: bool = True) -> SegmentationNet:
+        super().train(mode)
+        if self.frozen:  # a frozen backbone stays in eval mode (no drop-path) whatever Lightning does
+            self.backbone.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenated patch-token maps of the last ``blocks`` blocks, (B, D * blocks, h, w)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            maps = self.backbone.model.forward_intermediates(
+                x, indices=self.blocks, norm=True, output_fmt="NCHW", intermediates_only=True)
+        return torch.cat(list(maps), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        p = self.backbone.patch_size
+        # resize to the nearest patch multiple of the scaled size (RoPE takes any grid)
+        sh = max(p, round(h * self.input_scale / p) * p)
+        sw = max(p, round(w * self.input_scale / p) * p)
+        xs = x if (sh, sw) == (h, w) else F.interpolate(x, size=(sh, sw), mode="bilinear", align_corners=False)
+        y = self.neck(self.features(xs))
+        for stage in self.up:
+            y = stage(F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False))
+        y = self.head(y)
+        if y.shape[-2:] != (h, w):
+            y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
+        return y
+
+
+def activate(logits: torch.Tensor) -> torch.Tensor:
+    """Logits -> maps: distance and foreground through a sigmoid, flows through tanh."""
+    out = torch.sigmoid(logits[:, :2])
+    if logits.shape[1] > 2:
+        out = torch.cat([out, torch.tanh(logits[:, 2:])], dim=1)
+    return out

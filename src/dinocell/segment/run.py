@@ -1,0 +1,150 @@
+"""``dinocell segment fit``: annotated fields -> targets -> Lightning Trainer -> atomic checkpoints.
+
+The engine is the pretraining one: same Trainer settings, atomic checkpoint I/O read back with
+``weights_only=True``, ``DIR/checkpoints/last.ckpt`` resumed by rerunning the command, the same
+loggers (``track.logger``; csv by default here).  :func:`load_segmenter` rebuilds a trained model
+from its run folder (architecture recorded in the checkpoint, so no backbone file is needed).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dinocell.config import save_config
+from dinocell.errors import UserError
+from dinocell.segment.checkpoint import CKPT_DIR, LAST, checkpoint_io, load_checkpoint_file, resolve_precision
+from dinocell.segment.config import SegmentConfig, segment_config_from_dict
+from dinocell.segment.model import SegmentationNet, backbone_from_arch, load_backbone_for_segmentation
+from dinocell.segment.module import CKPT_KEY, SegmentModule
+
+log = logging.getLogger(__name__)
+
+
+def training_fields(cfg: SegmentConfig, source: Any = None) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """(input planes, targets, channel names) of every annotated training field, held in memory."""
+    from dinocell.data.sources import open_source
+    from dinocell.segment.data import MaskFinder, input_plane, iter_annotated
+    from dinocell.segment.targets import make_targets
+
+    source = source or open_source(cfg.data)
+    finder = MaskFinder.for_source(source, cfg.task.objects, str(cfg.data.source))
+    inputs, targets = [], []
+    for _, planes, labels in iter_annotated(source, finder):
+        inputs.append(input_plane(planes, source.channels, source.fluorescent, cfg.task.channel))
+        targets.append(make_targets(labels, flows=cfg.model.flow_head))
+    return inputs, targets, list(source.channels)
+
+
+def _quiet_lightning() -> None:
+    if not log.isEnabledFor(logging.DEBUG):
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | None = None,
+        resume: bool = True) -> dict[str, Any]:
+    """Train the segmenter into ``output_dir`` (resuming ``checkpoints/last.ckpt``); returns the summary."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dinocell.segment.data import CropDataset
+
+    _quiet_lightning()
+    run_dir = Path(output_dir)
+    if backbone is not None:
+        cfg.model.backbone = str(backbone)
+    if not cfg.track.name:
+        cfg.track.name = f"segment-{cfg.task.objects}-{cfg.task.channel}-{run_dir.name}"
+    cfg.output_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last = run_dir / CKPT_DIR / LAST
+    ckpt_path = str(last) if resume and last.is_file() else None
+    if not resume:
+        for old in (run_dir / CKPT_DIR).glob("*.ckpt"):
+            old.unlink()
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    inputs, targets, channels = training_fields(cfg)
+    net = SegmentationNet(load_backbone_for_segmentation(cfg.model.backbone, cfg.model.arch), cfg.model)
+    save_config(cfg, run_dir)  # type: ignore[arg-type]
+    dataset = CropDataset(inputs, targets, cfg.task.crop_size, cfg.train.steps * cfg.train.batch_size,
+                          seed=cfg.train.seed)
+    module = SegmentModule(cfg, net, dataset, channels)
+    logger = None
+    if cfg.track.logger != "none":
+        from dinocell.track.loggers import build_logger
+
+        logger = build_logger(cfg, run_dir, resume=ckpt_path is not None)  # type: ignore[arg-type]
+    trainer = L.Trainer(
+        accelerator=cfg.train.accelerator, devices=_devices(cfg.train.devices),
+        precision=resolve_precision(cfg.train.precision), max_steps=cfg.train.steps, max_epochs=-1,
+        logger=logger if logger is not None else False, plugins=[checkpoint_io()],
+        callbacks=[ModelCheckpoint(dirpath=run_dir / CKPT_DIR, filename="step{step:08d}",
+                                   auto_insert_metric_name=False,
+                                   every_n_train_steps=max(1, cfg.train.checkpoint_every_steps), save_last=True,
+                                   save_top_k=max(1, cfg.train.keep_last_n), monitor="ckpt_step", mode="max")],
+        enable_progress_bar=cfg.train.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, log_every_n_steps=1, default_root_dir=str(run_dir),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+        trainer.fit(module, ckpt_path=ckpt_path)
+    if trainer.global_step > 0:
+        trainer.save_checkpoint(last, weights_only=False)
+    losses = module.loss_history
+    k = max(1, min(20, len(losses) // 10))
+    summary = {"steps": trainer.global_step, "objects": cfg.task.objects, "channel": cfg.task.channel,
+               "fields": len(inputs), "backbone": cfg.model.backbone, "mode": cfg.model.mode,
+               "loss_first_mean": float(np.mean(losses[:k])) if losses else None,
+               "loss_last_mean": float(np.mean(losses[-k:])) if losses else None}
+    _write_json(run_dir / "summary.json", summary)
+    if logger is not None:
+        from dinocell.track.loggers import finalize
+
+        finalize(logger, run_dir)
+    return summary
+
+
+def _devices(value: str) -> Any:
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def load_segmenter(run_dir: str | os.PathLike[str]) -> tuple[SegmentationNet, SegmentConfig, list[str]]:
+    """(model in eval mode, its config, training channel names) from a ``segment fit`` run folder."""
+    p = Path(run_dir)
+    path = p / CKPT_DIR / LAST if p.is_dir() else p
+    if p.is_dir() and not path.is_file():
+        raise UserError(f"no segmentation checkpoint in {p} (expected {path}); run 'dinocell segment fit' first")
+    ckpt = load_checkpoint_file(path)
+    meta = ckpt.get(CKPT_KEY)
+    if not meta:
+        raise UserError(f"{path} is not a 'dinocell segment' checkpoint")
+    cfg = segment_config_from_dict(meta["config"])
+    net = SegmentationNet(backbone_from_arch(meta["backbone_arch"]), cfg.model)
+    state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{path}: model keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    periods = meta.get("rope_periods")
+    if periods is not None and net.backbone.model.rope is not None:
+        with torch.no_grad():
+            net.backbone.model.rope.periods.copy_(periods.to(net.backbone.model.rope.periods.dtype))
+    return net.eval(), cfg, list(meta.get("channel_names", []))
