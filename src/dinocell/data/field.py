@@ -20,7 +20,7 @@ from dinocell.errors import DataError
 #: Channels that are not fluorescent stains; they never enter the "mean of fluorescent channels" view.
 BRIGHTFIELD_NAMES = frozenset({"brightfield", "bf", "brightfield_1", "brightfield_2", "brightfield_3",
                                "brightfieldlow", "brightfieldhigh", "highzbf", "lowzbf"})
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 LOAD_DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 #: Order in which channels are listed when the user does not choose.
 STANDARD_CHANNELS = ("DNA", "RNA", "ER", "AGP", "Mito")

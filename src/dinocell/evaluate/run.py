@@ -30,12 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinocell.data.field import IMAGE_SUFFIXES
 from dinocell.errors import DataError, UserError
 from dinocell.evaluate.embed import data_config, load_fields, spread_indices
 from dinocell.models.loading import LoadedModel, load_model
-
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-
 
 # --------------------------------------------------------------------------------------------------
 # Labelled images

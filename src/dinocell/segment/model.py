@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinocell.config import ModelConfig
-from dinocell.models.backbone import DinoBackbone, build_backbone, load_backbone
+from dinocell.models.backbone import DinoBackbone, build_backbone
+from dinocell.models.loading import load_model
 
 
 def load_backbone_for_segmentation(spec: str | None, arch: ModelConfig) -> DinoBackbone:
@@ -33,13 +34,9 @@ def load_backbone_for_segmentation(spec: str | None, arch: ModelConfig) -> DinoB
     if not spec:
         return build_backbone(replace(arch, pretrained=None))
     p = Path(spec)
-    if p.is_dir():
-        from dinocell.train.export import load_run_backbone
-
-        return load_run_backbone(p)[0]
-    if p.suffix == ".safetensors":
-        return load_backbone(p)
-    return build_backbone(replace(arch, pretrained=str(p)))
+    if p.suffix in (".pth", ".pt"):  # official weights into the configured architecture (patch 16->8 etc.)
+        return build_backbone(replace(arch, pretrained=str(p)))
+    return load_model(p).backbone  # run folder, checkpoint, export, timm folder: the one loader
 
 
 def backbone_from_arch(arch: dict[str, Any]) -> DinoBackbone:

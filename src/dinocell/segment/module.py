@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinocell.config import to_dict
 from dinocell.segment.model import SegmentationNet
 from dinocell.train import schedules as sched
+from dinocell.train.checkpoint import check_compatible
 
 CKPT_KEY = "dinocell_segment"
 
@@ -106,7 +107,6 @@ class SegmentModule(L.LightningModule):
             self.log_dict({f"seg/{k}": v.detach() for k, v in out.items()}, on_step=True, on_epoch=False,
                           batch_size=batch["image"].shape[0])
             self.log("seg/lr", self._lr(self.global_step), on_step=True, on_epoch=False)
-        self.log("ckpt_step", float(self.global_step), on_step=True, on_epoch=False, logger=False)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -122,7 +122,5 @@ class SegmentModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from dinocell.segment.checkpoint import check_compatible
-
-        check_compatible(self.state_dict(), checkpoint.get("state_dict", {}), "last.ckpt")
+        check_compatible(self.state_dict(), checkpoint.get("state_dict", {}), "last.ckpt")  # one line on mismatch
         self.loss_history = list(checkpoint.get(CKPT_KEY, {}).get("loss_history", []))

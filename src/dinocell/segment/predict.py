@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from dinocell.config import to_dict
-from dinocell.data.sources import IMAGE_SUFFIXES, FieldSource, open_source
+from dinocell.data.field import IMAGE_SUFFIXES
+from dinocell.data.sources import FieldSource, open_source
 from dinocell.errors import DataError
 from dinocell.segment.config import SegmentConfig, segment_config_from_dict
 from dinocell.segment.data import MEAN, MaskFinder, input_plane, iter_annotated

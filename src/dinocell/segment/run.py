@@ -20,10 +20,11 @@ import torch
 
 from dinocell.config import save_config
 from dinocell.errors import UserError
-from dinocell.segment.checkpoint import CKPT_DIR, LAST, checkpoint_io, load_checkpoint_file, resolve_precision
 from dinocell.segment.config import SegmentConfig, segment_config_from_dict
 from dinocell.segment.model import SegmentationNet, backbone_from_arch, load_backbone_for_segmentation
 from dinocell.segment.module import CKPT_KEY, SegmentModule
+from dinocell.train.checkpoint import CKPT_DIR, LAST, AtomicCheckpointIO, load_checkpoint_file
+from dinocell.train.run import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,12 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
     trainer = L.Trainer(
         accelerator=cfg.train.accelerator, devices=_devices(cfg.train.devices),
         precision=resolve_precision(cfg.train.precision), max_steps=cfg.train.steps, max_epochs=-1,
-        logger=logger if logger is not None else False, plugins=[checkpoint_io()],
+        logger=logger if logger is not None else False, plugins=[AtomicCheckpointIO(cfg.train.keep_last_n)],
+        # keep-last-N is enforced by AtomicCheckpointIO (it also removes orphans of killed runs)
         callbacks=[ModelCheckpoint(dirpath=run_dir / CKPT_DIR, filename="step{step:08d}",
                                    auto_insert_metric_name=False,
                                    every_n_train_steps=max(1, cfg.train.checkpoint_every_steps), save_last=True,
-                                   save_top_k=max(1, cfg.train.keep_last_n), monitor="ckpt_step", mode="max")],
+                                   save_top_k=-1, enable_version_counter=False)],
         enable_progress_bar=cfg.train.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, log_every_n_steps=1, default_root_dir=str(run_dir),
     )

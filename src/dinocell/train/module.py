@@ -207,8 +207,6 @@ class DinoCellModule(L.LightningModule):
             self._raise_if_not_finite(step)
         self._last_values = values
         self.loss_history.record(total)
-        # ModelCheckpoint keeps the newest N checkpoints by this value (not sent to the loggers)
-        self.log("ckpt_step", float(step + 1), logger=False, prog_bar=False, batch_size=1)
         if step == self._uniform_check_step:
             self._check_teacher_targets(out["_teacher_probs"], step, values["teacher_temp"])
         if self._should_log(step):
