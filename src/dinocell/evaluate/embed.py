@@ -202,12 +202,13 @@ def _embed_chunk(model: LoadedModel, source: Any, records: Sequence[tuple[int, A
 
 
 def data_config(model: LoadedModel | None, source: str | None, overrides: Sequence[str] = (),
-                base: Config | None = None) -> Config:
+                base: Config | None = None, unseen_seed: bool = True) -> Config:
     """The data config for embedding/evaluation: the run's (channels) with the model's scaling,
     ``source`` and overrides.
 
-    ``synthetic`` with a training config uses *held-out* fields (the training seed + 10007), so a
-    model is never scored on the fields it was trained on.
+    ``synthetic`` with a training config and ``unseen_seed`` uses fields of another generator seed
+    (the training seed + 10007), so a model whose run kept no held-out wells is never scored on the
+    fields it was trained on.
     """
     cfg = base or (model.cfg if model is not None and model.cfg is not None else Config())
     data = to_dict(cfg)
@@ -215,7 +216,7 @@ def data_config(model: LoadedModel | None, source: str | None, overrides: Sequen
         data["data"]["scaling"] = asdict(model.preprocess.scaling)
     if source is not None:
         data["data"]["source"] = str(source)
-    if data["data"]["source"] == "synthetic" and model is not None and model.cfg is not None:
+    if unseen_seed and data["data"]["source"] == "synthetic" and model is not None and model.cfg is not None:
         data["data"]["synthetic"]["seed"] = model.cfg.data.synthetic.seed + HELD_OUT_SEED_OFFSET
     for item in overrides:
         if "=" not in item:
@@ -230,6 +231,37 @@ def data_config(model: LoadedModel | None, source: str | None, overrides: Sequen
             node = node[part]
         node[parts[-1]] = value
     return config_from_dict(data)  # strict: unknown keys fail with a suggestion
+
+
+def eval_source(model: LoadedModel, data: str | None, overrides: Sequence[str] = (),
+                base: Config | None = None) -> tuple[Any, str, int | None]:
+    """(source, description, held-out field count or None): the fields a model is scored or embedded on.
+
+    Without ``--data`` a model that comes with its run folder is measured on the run's *held-out wells*
+    of its own data source (``DIR/holdout.txt``, the wells training never read), never on synthetic
+    data in place of the user's plates.  A model with a training config but no run folder uses its
+    training source (all fields, with a warning); a bare export falls back to synthetic fields of an
+    unseen seed, and says so.  ``--data`` (or an experiment config) always wins: every field of it.
+    """
+    from dinocell.data.holdout import heldout_source, read_holdout_file
+    from dinocell.data.sources import open_source
+
+    run = model.run_dir
+    if data is None and base is None and run is not None and read_holdout_file(run) is not None:
+        cfg = data_config(model, None, overrides, unseen_seed=False)
+        held = heldout_source(run, open_source(cfg.data))
+        n = len(held.records)
+        return held, f"{cfg.data.source} (held-out wells of {run.name}: {n} fields)", n
+    if data is None and base is None and model.cfg is not None and model.cfg.data.source != "synthetic":
+        cfg = data_config(model, None, overrides)
+        log.warning("%s has no held-out wells on record: embedding every field of its training source %s "
+                    "(give --data to choose)", model.description, cfg.data.source)
+        return open_source(cfg.data), f"{cfg.data.source} (training source, no held-out record)", None
+    cfg = data_config(model, data or (None if base is not None else "synthetic"), overrides, base)
+    desc = cfg.data.source
+    if cfg.data.source == "synthetic" and data is None:
+        desc += f" (unseen generator seed {cfg.data.synthetic.seed}; the model carries no run folder)"
+    return open_source(cfg.data), desc, None
 
 
 def load_fields(source: Any, records: Sequence[Any], size: int | None) -> tuple[torch.Tensor, list[Any], list[str]]:
@@ -312,16 +344,15 @@ def run_embed(
     ``options`` are :class:`EmbedOptions` fields.  ``source`` (a FieldSource) replaces ``data`` /
     ``overrides``; ``base_config`` is an experiment config whose data section selects the fields.
     """
-    from dinocell.data.sources import open_source
     from dinocell.evaluate.patch_maps import PatchMapWriter
 
     opts = EmbedOptions(**options)
     opts.validate()
     m = model if isinstance(model, LoadedModel) else load_model(model, model_name=model_name, device=device)
     data_desc = getattr(source, "name", "given source")
+    heldout = None
     if source is None:
-        cfg = data_config(m, data or (None if base_config is not None else "synthetic"), overrides, base_config)
-        source, data_desc = open_source(cfg.data), cfg.data.source
+        source, data_desc, heldout = eval_source(m, data, overrides, base_config)
     tile = int(opts.tile or m.crop_size)
     idx = spread_indices(len(source.records), opts.limit)
     if not len(idx):
@@ -372,7 +403,8 @@ def run_embed(
              "wells": write_profiles(wells, out / "wells.parquet", opts.dtype)}
     info = {"fields": len(fields), "wells": len(wells), "features": len(feat), "skipped": skipped_all,
             "paths": {k: str(v) for k, v in paths.items()}, "tile": tile, "geometry": opts.geometry,
-            "view": opts.view, "pool": opts.pool, "model": m.description, "data": str(data_desc)}
+            "view": opts.view, "pool": opts.pool, "model": m.description, "data": str(data_desc),
+            "heldout_fields": heldout}
     _write_json(out / RUN_FILE, {"signature": signature, "finished": time.time(), **info})
     return info
 
@@ -382,6 +414,7 @@ __all__ = [
     "channel_plan",
     "combine_views",
     "data_config",
+    "eval_source",
     "field_views",
     "load_fields",
     "record_metadata",

@@ -1,7 +1,8 @@
 """``dinocell evaluate``: score a model (run folder, checkpoint or export) and/or a profile table.
 
-Model evaluation, on a data source (``synthetic`` held-out fields by default, a folder, a load_data
-file, an ``s3://`` prefix) or on labelled images (``class/*.tif`` folders or a CSV of paths and
+Model evaluation, on a data source (by default the run's held-out wells of its own data source, which
+training never read; ``--data``: a folder, a load_data file, an ``s3://`` prefix, ``synthetic``) or on
+labelled images (``class/*.tif`` folders or a CSV of paths and
 labels):
 
 * channel consistency: C×C matrix of mean same-field cosines, centred and raw, and a per-pair table;
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 
 from dinocell.data.field import IMAGE_SUFFIXES
 from dinocell.errors import DataError, UserError
-from dinocell.evaluate.embed import data_config, load_fields, spread_indices
+from dinocell.evaluate.embed import data_config, eval_source, load_fields, spread_indices
 from dinocell.models.loading import LoadedModel, load_model
 
 # --------------------------------------------------------------------------------------------------
@@ -404,9 +405,9 @@ def evaluate(
         m = model if isinstance(model, LoadedModel) else load_model(model)
         patch = int(m.backbone.patch_size)
         crop = max(patch, int(round((size or m.crop_size) / patch)) * patch)
-        cfg = data_config(m, data or "synthetic", overrides)
         skipped: list[str] = []
         if labelled or labels_csv:
+            cfg = data_config(m, data or "synthetic", overrides)
             paths, names_ = labelled_paths(labelled, labels_csv)
             fields, labels, classes, skipped = load_labelled(paths, names_, crop, cfg.data.scaling)
             n_ch = fields.shape[1]
@@ -417,16 +418,13 @@ def evaluate(
             label_list: list[int] | None = labels
             res["classes"] = classes
         else:
-            from dinocell.data.sources import open_source
-
-            source = open_source(cfg.data)
+            source, data_desc, heldout = eval_source(m, data, overrides)
+            res["heldout_fields"] = heldout
             recs = [source.records[int(i)] for i in spread_indices(len(source.records), limit)]
             channel_names, fluorescent = list(source.channels), list(source.fluorescent)
             emb, kept, skipped = _embed_records(m.backbone, source, recs, crop, batch_size)
             if len(kept) < 2:
                 raise DataError(f"need at least 2 readable fields to evaluate, got {len(kept)}")
-            data_desc = cfg.data.source + (f" (held-out seed {cfg.data.synthetic.seed})"
-                                           if cfg.data.source == "synthetic" else "")
             label_list = _record_labels(kept)
 
             def fields(i: int, _src: Any = source, _kept: list[Any] = kept) -> torch.Tensor:
