@@ -11,7 +11,7 @@ Two floors, timed interleaved with the step (step, floor, floor, step, ...; medi
   what the trainer controls is everything beyond them (Sinkhorn, the soft-target losses, EMA, AdamW,
   clipping), and that is what P1 holds to <= 1.10.
 
-    python benchmarks/bench_train_step.py [--quick] [--reps N] [--phases] [--memory]
+    python benchmarks/bench_train_step.py [--quick] [--reps N] [--phases] [--memory] [--also KEY=VALUE]
 
 ``--phases`` times one step by phase (wrappers around the real modules; backward split at the gradient
 of the backbone outputs).  ``--memory`` samples RSS during one call of each (peak above the RSS before).
@@ -258,12 +258,14 @@ def peak_rss_mb(fn: Callable[[], None]) -> float:
     return (max(peak[0], rss()) - base) / 2**20
 
 
-def measure(name: str, overrides: list[str], reps: int, phases: bool, memory: bool) -> float:
+def measure(name: str, overrides: list[str], reps: int, phases: bool, memory: bool, also: list[str]) -> float:
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
     batch = make_batch(cfg)
     step, heads, backbone = FullStep(cfg), HeadsFloor(cfg, batch), BackboneFloor(cfg)
-    runners = {"step": step, "backbone+heads floor": heads, "backbone floor": backbone}
+    runners: dict[str, Any] = {"step": step, "backbone+heads floor": heads, "backbone floor": backbone}
+    for ov in also:  # step variants with one more override, e.g. loss.cross_entropy=compiled
+        runners[f"step {ov}"] = FullStep(load_config(None, [*overrides, ov]))
     times: dict[str, list[float]] = {k: [] for k in runners}
     for fn in runners.values():
         fn(batch)  # warm-up (and AdamW state allocation)
@@ -292,12 +294,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--phases", action="store_true", help="also time the step by phase")
     ap.add_argument("--memory", action="store_true", help="also sample peak RSS of each")
+    ap.add_argument("--also", action="append", default=[], metavar="KEY=VALUE",
+                    help="also time a step variant with this config override (repeatable)")
     args = ap.parse_args(argv)
     reps = args.reps or (5 if args.quick else 7)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f} (batch 8, 2 globals + 8 locals)")
     names = list(MODELS)[1:] if args.quick else list(MODELS)
-    ratios = [measure(n, MODELS[n], reps, args.phases, args.memory) for n in names]
+    ratios = [measure(n, MODELS[n], reps, args.phases, args.memory, args.also) for n in names]
     print(f"P1 ratio={ratios[0]:.3f} target<=1.10")
 
 

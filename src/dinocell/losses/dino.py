@@ -107,7 +107,7 @@ class DINOLoss(SinkhornCrossEntropy):
                     f"teacher crops {tuple(teacher_probs.shape[1:])}"
                 )
             t = teacher_probs[js[0]] if len(js) == 1 else teacher_probs[js].sum(dim=0)
-            term = soft_cross_entropy(s, t, self.student_temp, self.fused).mean()
+            term = soft_cross_entropy(s, t, self.student_temp, self.ce_mode).mean()
             total = term if total is None else total + term
         assert total is not None
         return total / len(pairs)

@@ -72,7 +72,7 @@ class iBOTPatchLoss(SinkhornCrossEntropy):
             raise ValueError(f"n_images must be >= 1, got {n_images}")
         if s.shape[0] == 0:  # nothing masked in this batch: zero, but still part of the graph
             return s.float().sum() * 0.0
-        per_patch = soft_cross_entropy(s, t, self.student_temp, self.fused)
+        per_patch = soft_cross_entropy(s, t, self.student_temp, self.ce_mode)
         return (per_patch * w.float()).sum() / n_images
 
     #: the only form: losses on unmasked patches are not used

@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dinocell.errors import ConfigError
 from dinocell.losses.chunking import row_chunks
+from dinocell.losses.soft_ce import CE_MODES
 
 __all__ = ["sinkhorn_knopp"]
 
@@ -82,7 +84,7 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         z.sub_(col_max)
         a = z.amax(dim=1)
         z.sub_(a.unsqueeze(1)).exp_()
-        col += (z * a.exp_().unsqueeze(1)).sum(dim=0)  # native kernels: BLAS mv per chunk stalls under load
+        col.addmv_(z.t(), a.exp_())
 
     # The batch size B stays a tensor (all-reduced across ranks): it keeps the scale of r and c
     # fixed from one iteration to the next (without the 1/B, 1/K factors it drifts by B/K each time).
@@ -101,19 +103,21 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
             if last:  # targets in place: rows of diag(r) E diag(c) sum to 1 (B * Q of DINOv2)
                 z.mul_(c).div_(z.sum(dim=1, keepdim=True))
             else:
-                r = (z * c).sum(dim=1).mul_(n_rows).reciprocal_()  # every sample total mass 1/B
-                col += (z * r.unsqueeze(1)).sum(dim=0)
+                r = z.mv(c).mul_(n_rows).reciprocal_()  # every sample total mass 1/B
+                col.addmv_(z.t(), r)
     return e
 
 
 class SinkhornCrossEntropy(nn.Module):
     """Shared settings of the DINO and iBOT losses: student temperature, Sinkhorn iterations and
-    whether the cross-entropy takes the fused, chunked path (:mod:`dinocell.losses.soft_ce`)."""
+    how the cross-entropy is computed (``ce_mode``: one of :data:`dinocell.losses.soft_ce.CE_MODES`)."""
 
-    def __init__(self, student_temp: float = 0.1, sinkhorn_iterations: int = 3, fused: bool = True) -> None:
+    def __init__(self, student_temp: float = 0.1, sinkhorn_iterations: int = 3, ce_mode: str = "fused") -> None:
         super().__init__()
         if not student_temp > 0:
             raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        if ce_mode not in CE_MODES:
+            raise ConfigError(f"loss.cross_entropy must be one of {', '.join(CE_MODES)}; got {ce_mode!r}")
         self.student_temp = student_temp
         self.sinkhorn_iterations = sinkhorn_iterations
-        self.fused = fused
+        self.ce_mode = ce_mode

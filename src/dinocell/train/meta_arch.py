@@ -53,8 +53,8 @@ class MultiViewDINO(nn.Module):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         lc = cfg.loss
-        self.dino_loss = DINOLoss(lc.student_temp, lc.sinkhorn_iterations)
-        self.ibot_loss = iBOTPatchLoss(lc.student_temp, lc.sinkhorn_iterations)
+        self.dino_loss = DINOLoss(lc.student_temp, lc.sinkhorn_iterations, lc.cross_entropy)
+        self.ibot_loss = iBOTPatchLoss(lc.student_temp, lc.sinkhorn_iterations, lc.cross_entropy)
         self.koleo_loss = KoLeoLoss()
         self.gram_loss = GramLoss(lc.gram_max_tokens)
         self._student_params: list[torch.Tensor] | None = None
