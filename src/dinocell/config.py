@@ -199,6 +199,8 @@ class LossConfig:
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_epochs: int = 30
     sinkhorn_iterations: int = 3
+    # DINO/iBOT cross-entropy: fused (custom autograd, default) | compiled (torch.compile) | reference
+    cross_entropy: str = "fused"
 
 
 @dataclass

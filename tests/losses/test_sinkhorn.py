@@ -74,7 +74,7 @@ def test_invariant_to_global_shift_and_stable_for_huge_logits() -> None:
     logits = torch.randn(6, 8, generator=torch.Generator().manual_seed(3))
     base = sinkhorn_knopp(logits, 0.04)
     torch.testing.assert_close(sinkhorn_knopp(logits + 50.0, 0.04), base, rtol=1e-4, atol=1e-5)
-    # exp(1000 / 0.04) overflows any float; the log-domain iterations must not
+    # exp(1000 / 0.04) overflows any float; the shifted exponent must not
     big = sinkhorn_knopp(logits * 1000.0, 0.04)
     assert torch.isfinite(big).all()
     torch.testing.assert_close(big.sum(dim=1), torch.ones(6), rtol=0, atol=1e-5)
@@ -131,3 +131,62 @@ def test_distributed_equals_single_process_on_whole_batch(tmp_path, split: int) 
     if split < 12:  # and it is not just the per-shard answer
         local = torch.cat([sinkhorn_knopp(logits[:split], 0.3), sinkhorn_knopp(logits[split:], 0.3)])
         assert not torch.allclose(got, local, atol=1e-4)
+
+
+def log_domain_reference(logits: torch.Tensor, temp: float, n_iterations: int) -> torch.Tensor:
+    """DINOv2's iterations in the float64 log domain: exact whatever the spread of the logits."""
+    x = logits.double() / temp
+    b, k = x.shape
+    x = x - torch.logsumexp(x.flatten(), 0)
+    for _ in range(n_iterations):
+        x = x - torch.logsumexp(x, dim=0, keepdim=True) - np.log(k)
+        x = x - torch.logsumexp(x, dim=1, keepdim=True) - np.log(b)
+    return torch.exp(x + np.log(b))
+
+
+@pytest.mark.parametrize("n_iterations", [1, 3])
+def test_wide_spread_matches_log_domain(n_iterations: int) -> None:
+    # spreads of ~1000 / temperature: a global exp shift would underflow whole columns and rows
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(9, 7, generator=g)
+    logits[:, 3] -= 40.0  # a prototype every sample rejects
+    logits[4] -= 30.0  # a sample far from every prototype
+    ours = sinkhorn_knopp(logits, 0.04, n_iterations)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours.double(), log_domain_reference(logits, 0.04, n_iterations), rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_passes_match_reference_across_chunks(monkeypatch) -> None:
+    import dinocell.losses.sinkhorn as sk
+
+    logits = torch.randn(23, 40, generator=torch.Generator().manual_seed(6))
+    whole = sinkhorn_knopp(logits, 0.1)
+    from dinocell.losses.chunking import row_chunks
+
+    monkeypatch.setattr(sk, "row_chunks", lambda n, k: row_chunks(n, k, chunk_elements=3 * k))
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.1), whole, rtol=1e-6, atol=1e-7)
+    ref = numpy_sinkhorn(logits.numpy(), 0.1, 3)
+    np.testing.assert_allclose(whole.numpy(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_no_host_synchronisation(monkeypatch) -> None:
+    # .item() / float() / bool() on a device tensor would stall a GPU step: none may happen inside
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation inside Sinkhorn or the losses")
+
+    from dinocell.losses.dino import DINOLoss
+    from dinocell.losses.ibot import iBOTPatchLoss
+
+    g = torch.Generator().manual_seed(8)
+    t_cls, s_cls = torch.randn(2, 4, 50, generator=g), torch.randn(3, 4, 50, generator=g).requires_grad_()
+    t_patch, s_patch = torch.randn(6, 50, generator=g), torch.randn(6, 50, generator=g).requires_grad_()
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    with pytest.raises(AssertionError, match="host"):  # the guard is live
+        float(torch.ones(()))
+    dino, ibot = DINOLoss(), iBOTPatchLoss()
+    loss = dino(s_cls, dino.teacher_probs(t_cls, 0.04))
+    loss = loss + ibot(s_patch, ibot.teacher_probs(t_patch, 0.04), torch.full((6,), 0.5), 4)
+    loss.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(loss).item()

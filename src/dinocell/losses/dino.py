@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from dinocell.losses.sinkhorn import SinkhornCrossEntropy, sinkhorn_knopp
+from dinocell.losses.soft_ce import soft_cross_entropy
 
 __all__ = ["DINOLoss", "multiview_pairs"]
 
@@ -106,9 +106,8 @@ class DINOLoss(SinkhornCrossEntropy):
                     f"student crop {i} has shape {tuple(s.shape)}, "
                     f"teacher crops {tuple(teacher_probs.shape[1:])}"
                 )
-            log_p = F.log_softmax(s.float() / self.student_temp, dim=-1)
-            t = teacher_probs[js].float().sum(dim=0)
-            term = -(t * log_p).sum(dim=-1).mean()
+            t = teacher_probs[js[0]] if len(js) == 1 else teacher_probs[js].sum(dim=0)
+            term = soft_cross_entropy(s, t, self.student_temp, self.ce_mode).mean()
             total = term if total is None else total + term
         assert total is not None
         return total / len(pairs)

@@ -13,9 +13,9 @@ by the number of images.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from dinocell.losses.sinkhorn import SinkhornCrossEntropy, sinkhorn_knopp
+from dinocell.losses.soft_ce import soft_cross_entropy
 
 __all__ = ["iBOTPatchLoss"]
 
@@ -72,9 +72,8 @@ class iBOTPatchLoss(SinkhornCrossEntropy):
             raise ValueError(f"n_images must be >= 1, got {n_images}")
         if s.shape[0] == 0:  # nothing masked in this batch: zero, but still part of the graph
             return s.float().sum() * 0.0
-        log_p = F.log_softmax(s.float() / self.student_temp, dim=-1)
-        per_patch = (t.float() * log_p).sum(dim=-1)
-        return -(per_patch * w.float()).sum() / n_images
+        per_patch = soft_cross_entropy(s, t, self.student_temp, self.ce_mode)
+        return (per_patch * w.float()).sum() / n_images
 
     #: the only form: losses on unmasked patches are not used
     forward = forward_masked

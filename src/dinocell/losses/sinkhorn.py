@@ -6,50 +6,33 @@ the teacher's soft assignments of a batch to the K prototypes are rescaled so th
 receives the same total mass (1/K) and every sample the same (1/B).  That equipartition is what stops one
 prototype from absorbing the whole batch.  DINOv3 (Siméoni et al., 2025) keeps it unchanged (3 steps).
 
-Two paths with the same arithmetic as DINOv2's ``exp`` version.  When the logit spread is small enough
-that ``exp(x - max)`` cannot underflow (always, for cosine logits at the usual temperatures), one exp is
-taken and the iterations only update row and column scaling vectors (two matrix-vector products each).
-Otherwise the iterations run in the log domain, where ``logsumexp`` cannot underflow to an all-zero
-prototype, which would turn the next division into NaN.
+The iterations only ever rescale rows and columns of ``E = exp(x)`` (x = logits / temperature), so we
+keep ``Q = diag(r) E diag(c)`` as two scaling vectors and never rescale E itself, and we choose the
+exponent's shift so that E cannot underflow: subtract each prototype's batch maximum, then each row's
+remaining maximum (compensated in the first row scaling).  Every row and every column of E then holds
+a 1 and no entry exceeds 1, so no row or column sum can vanish (whatever the logit spread: heads without weight norm included) and no
+branch on the data, hence no host synchronisation, is needed.  The passes are chunked over rows and
+shared: the exp pass also takes the first column sums, each later pass computes a chunk's row scaling
+and immediately adds that chunk's contribution to the next column sums, and the last one writes the
+targets in place.  Three iterations cost ~7 passes over the (B, K) tensor instead of ~15.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from dinocell.errors import ConfigError
+from dinocell.losses.chunking import row_chunks
+from dinocell.losses.soft_ce import CE_MODES
+
 __all__ = ["sinkhorn_knopp"]
-
-
-#: Largest logit spread (after dividing by the temperature) for which exp(x - max) stays well above
-#: float32's smallest normal number (exp(-80) ~ 1.8e-35 > 1.2e-38), so no column can vanish.
-_EXP_SAFE_SPREAD = 80.0
 
 
 def _distributed() -> bool:
     """True when a default process group with more than one rank is up (sums must cross ranks)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _batch_logsumexp(x: torch.Tensor, distributed: bool) -> torch.Tensor:
-    """``log(sum_b exp(x[b, k]))`` over the (global) batch, for each prototype k -> (K,).
-
-    Ranks with no rows still take part in both all-reduces so that collectives never go out of step.
-    """
-    if x.shape[0] > 0:
-        m = x.amax(dim=0)
-    else:
-        m = torch.full((x.shape[1],), float("-inf"), dtype=x.dtype, device=x.device)
-    if distributed:
-        dist.all_reduce(m, op=dist.ReduceOp.MAX)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    s = torch.exp(x - m).sum(dim=0)
-    if distributed:
-        dist.all_reduce(s, op=dist.ReduceOp.SUM)
-    return m + torch.log(s)
 
 
 @torch.no_grad()
@@ -63,9 +46,10 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
 
     Returns:
         float32 (B, K) probabilities.  Viewed as the matrix Q of DINOv2 before its final ``Q *= B``,
-        each row sums to 1/B and, as ``n_iterations`` grows, each column to 1/K; we return ``B * Q``.
-        Under ``torch.distributed`` (if initialised with >1 rank) the batch is the union of all ranks'
-        rows: column sums and B are all-reduced, exactly as in DINOv2.
+        each row sums to 1/B and, as ``n_iterations`` grows, each column to 1/K; we return ``B * Q``
+        (the constant factors 1/B and 1/K of DINOv2's steps cancel in the scaling vectors).  Under
+        ``torch.distributed`` (if initialised with >1 rank) the batch is the union of all ranks' rows:
+        the column maxima and column sums are all-reduced, as in DINOv2; ranks without rows still join.
     """
     if teacher_logits.ndim != 2:
         raise ValueError(f"sinkhorn_knopp expects (B, K) logits, got shape {tuple(teacher_logits.shape)}")
@@ -75,58 +59,65 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iteratio
         raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
 
     distributed = _distributed()
-    x = teacher_logits.detach().float() / teacher_temp  # log of the unnormalised Q (as B x K)
-    n_rows = torch.tensor(float(x.shape[0]), device=x.device)
-    if distributed:
-        dist.all_reduce(n_rows, op=dist.ReduceOp.SUM)
-    total_rows = int(n_rows.item())
-    if total_rows == 0:  # nothing to centre anywhere (e.g. no masked patch on any rank)
-        return x.new_zeros(x.shape)
-    log_b = math.log(total_rows)
-    log_k = math.log(x.shape[1])
+    logits = teacher_logits.detach()
+    n, k = logits.shape
+    if n == 0 and not distributed:
+        return logits.new_zeros((0, k), dtype=torch.float32)
+    inv_t = 1.0 / teacher_temp
+    chunks = row_chunks(n, k)
 
-    # Fast path (DINOv2's exp-domain iterations): one exp, then only matrix-vector products.
-    # Exact as long as exp(x - max) cannot underflow to zero, which holds for DINO heads (L2-normalised
-    # prototypes keep |logit| <= 1, so the spread is <= 2 / teacher_temp = 50 at 0.04).  The shift is
-    # a global max so that every rank scales its rows by the same constant.
-    hi = x.amax() if x.numel() else x.new_tensor(float("-inf"))
-    lo = x.amin() if x.numel() else x.new_tensor(float("inf"))
+    # Pass 1: each prototype's batch maximum (the column shift).
+    col_max = torch.full((k,), float("-inf"), dtype=torch.float32, device=logits.device)
+    for sl in chunks:
+        torch.maximum(col_max, logits[sl].amax(dim=0).float(), out=col_max)
     if distributed:
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        lo = -lo
-        dist.all_reduce(lo, op=dist.ReduceOp.MAX)
-        lo = -lo
-    if float(hi - lo) < _EXP_SAFE_SPREAD:
-        # Q = diag(r) E diag(c) with E = exp(x - max) never rescaled in place: each iteration is two
-        # matrix-vector products (one read of E each) instead of four full passes over a (B, K)
-        # tensor, which is what dominates for iBOT's hundreds of patches x 65536 prototypes.
-        e = x.sub_(hi).exp_()  # x is our own float copy, and the log-domain path is not taken
-        k = float(x.shape[1])
-        r = e.new_ones(e.shape[0])
-        for _ in range(n_iterations):
-            col = e.t().mv(r)  # column sums of diag(r) E
-            if distributed:
-                dist.all_reduce(col)
-            c = 1.0 / (col * k)  # every prototype gets total mass 1/K over the global batch
-            r = 1.0 / (e.mv(c) * total_rows)  # every sample total mass 1/B
-        e *= (r * total_rows).unsqueeze(1)
-        e *= c.unsqueeze(0)
-        return e
+        dist.all_reduce(col_max, op=dist.ReduceOp.MAX)
+    col_max = torch.where(torch.isfinite(col_max), col_max, torch.zeros_like(col_max)) * inv_t
 
-    for _ in range(n_iterations):  # log domain: any spread of logits, ~3x the exps
-        # every prototype gets total mass 1/K over the global batch ...
-        x = x - _batch_logsumexp(x, distributed) - log_k
-        # ... then every sample total mass 1/B (a purely local operation)
-        x = x - torch.logsumexp(x, dim=1, keepdim=True) - log_b
-    return torch.exp(x + log_b)
+    # Pass 2: E = exp(x - col_max - a) with a the row shift, and the first column sums.  Scaling a
+    # column is absorbed by the first column normalisation, scaling a row is not: that iteration
+    # starts from r = exp(a) (<= 1; a row whose weight underflows had no say in the sums anyway).
+    e = torch.empty((n, k), dtype=torch.float32, device=logits.device)
+    col = torch.zeros(k, dtype=torch.float32, device=logits.device)
+    for sl in chunks:
+        z = torch.mul(logits[sl].float(), inv_t, out=e[sl])
+        z.sub_(col_max)
+        a = z.amax(dim=1)
+        z.sub_(a.unsqueeze(1)).exp_()
+        col.addmv_(z.t(), a.exp_())
+
+    # The batch size B stays a tensor (all-reduced across ranks): it keeps the scale of r and c
+    # fixed from one iteration to the next (without the 1/B, 1/K factors it drifts by B/K each time).
+    n_rows = torch.tensor(float(n), device=logits.device)
+    if distributed:
+        dist.all_reduce(n_rows)
+    # Later passes: c from the column sums, then per chunk r = 1 / (B E c) and its share of E^T r.
+    for it in range(n_iterations):
+        if distributed:
+            dist.all_reduce(col)
+        c = col.mul_(k).reciprocal_()  # every prototype gets total mass 1/K over the global batch
+        last = it == n_iterations - 1
+        col = torch.zeros_like(c)
+        for sl in chunks:
+            z = e[sl]
+            if last:  # targets in place: rows of diag(r) E diag(c) sum to 1 (B * Q of DINOv2)
+                z.mul_(c).div_(z.sum(dim=1, keepdim=True))
+            else:
+                r = z.mv(c).mul_(n_rows).reciprocal_()  # every sample total mass 1/B
+                col.addmv_(z.t(), r)
+    return e
 
 
 class SinkhornCrossEntropy(nn.Module):
-    """Shared settings of the DINO and iBOT losses: student temperature and Sinkhorn iterations."""
+    """Shared settings of the DINO and iBOT losses: student temperature, Sinkhorn iterations and
+    how the cross-entropy is computed (``ce_mode``: one of :data:`dinocell.losses.soft_ce.CE_MODES`)."""
 
-    def __init__(self, student_temp: float = 0.1, sinkhorn_iterations: int = 3) -> None:
+    def __init__(self, student_temp: float = 0.1, sinkhorn_iterations: int = 3, ce_mode: str = "fused") -> None:
         super().__init__()
         if not student_temp > 0:
             raise ValueError(f"student_temp must be > 0, got {student_temp}")
+        if ce_mode not in CE_MODES:
+            raise ConfigError(f"loss.cross_entropy must be one of {', '.join(CE_MODES)}; got {ce_mode!r}")
         self.student_temp = student_temp
         self.sinkhorn_iterations = sinkhorn_iterations
+        self.ce_mode = ce_mode

@@ -61,8 +61,8 @@ class MultiViewDINO(nn.Module):
         if lc.gram_weight > 0 and lc.gram_target == "gram_teacher":
             self.gram_teacher = copy.deepcopy(self.teacher["backbone"])
             self.gram_teacher.eval()
-        self.dino_loss = DINOLoss(lc.student_temp, lc.sinkhorn_iterations)
-        self.ibot_loss = iBOTPatchLoss(lc.student_temp, lc.sinkhorn_iterations)
+        self.dino_loss = DINOLoss(lc.student_temp, lc.sinkhorn_iterations, lc.cross_entropy)
+        self.ibot_loss = iBOTPatchLoss(lc.student_temp, lc.sinkhorn_iterations, lc.cross_entropy)
         self.koleo_loss = KoLeoLoss()
         self.gram_loss = GramLoss(lc.gram_max_tokens)
         self._student_params: list[torch.Tensor] | None = None
