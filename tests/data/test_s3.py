@@ -297,9 +297,12 @@ def test_faults_are_retried_and_bad_fields_skipped(jump_bucket: JumpBucket, prox
     prefix = f"faulty-{uuid.uuid4().hex[:8]}/"
     keys = copy_prefix(jump_bucket, prefix)
     uri = f"s3://{jump_bucket.bucket}/{prefix}"
-    proxy.slow_s = 2.5
+    # Timeouts leave headroom for a loaded machine (moto answers a GET in well under a second at
+    # rest, but several seconds under heavy CPU contention); 6 attempts leave spare retries beyond
+    # the longest fault plan (3), so only the corrupt and the missing field may fail.
+    proxy.slow_s = 5.0
     proxy.schedule[f"/{jump_bucket.bucket}"] = ["500", "503"]  # the listing is retried too
-    cfg = data_cfg(proxy.url, tmp_path, "data.s3.timeout_s=1.0", "data.s3.max_attempts=4",
+    cfg = data_cfg(proxy.url, tmp_path, "data.s3.timeout_s=2.5", "data.s3.max_attempts=6",
                    "data.s3.cache_bytes=0")
     src = S3FieldSource(uri, cfg)
     recs = src.records
