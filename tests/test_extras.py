@@ -8,34 +8,18 @@ import an extra at module level.
 from __future__ import annotations
 
 import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import tifffile
 
+from hidden_imports import run_hiding
+
 EXTRAS = ("boto3", "botocore", "diskcache", "tensorstore", "dask", "distributed", "dask_jobqueue",
           "wandb", "copairs")
 
-_HIDE = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    HIDDEN = {hidden!r}
-    class Hide(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in HIDDEN:
-                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-            return None
-    sys.meta_path.insert(0, Hide())
-    """
-)
-
-
 def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    script = _HIDE.format(hidden=EXTRAS) + textwrap.dedent(code)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=300)
+    return run_hiding(EXTRAS, code, tmp_path)
 
 
 def test_core_imports_and_lists_a_folder_without_extras(tmp_path: Path) -> None:

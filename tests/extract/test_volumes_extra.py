@@ -7,35 +7,19 @@ and a 3-D command must fail with one line naming the extra (exit 2).
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-HIDDEN = ("tensorstore", "dask", "distributed", "dask_jobqueue")
+from hidden_imports import run_hiding
 
-_HIDE = textwrap.dedent(
-    f"""
-    import importlib.abc, sys
-    HIDDEN = {HIDDEN!r}
-    class Hide(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in HIDDEN:
-                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-            return None
-    sys.meta_path.insert(0, Hide())
-    """
-)
+HIDDEN = ("tensorstore", "dask", "distributed", "dask_jobqueue")
 
 
 def _run(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    return subprocess.run([sys.executable, "-c", _HIDE + textwrap.dedent(code)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
+    return run_hiding(HIDDEN, code, cwd)
 
 
 def _loaded_heavy_modules(code: str, tmp_path: Path) -> str:
