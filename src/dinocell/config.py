@@ -34,6 +34,12 @@ class ScalingConfig:
     clahe: bool = False
     clahe_clip: float = 3.0
     clahe_tiles: int = 8
+    # field: percentiles of each field (default; hides intensity differences between wells);
+    # plate: percentiles from a sample of the plate's fields (dinocell.data.intensity);
+    # fixed: the given [low, high] raw levels per channel name
+    mode: str = "field"
+    fixed: dict[str, list[float]] = field(default_factory=dict)
+    plate_sample_fields: int = 16
 
 
 @dataclass
@@ -118,7 +124,9 @@ class DataConfig:
     pattern: str | None = None
     load_data: str | None = None
     channels: list[str] | None = None
-    source_map: str = "source_4"
+    source_map: str | None = None  # None: not given (resolve the map; assume source_4 with a warning)
+    channel_map: dict[int, str] | None = None  # explicit channel number -> stain name, e.g. {1: Mito}
+    illum: str = "auto"  # auto | off | required: illumination correction from load_data Illum columns
     repeats: int = 1
     num_workers: int = 0
     batch_size: int = 64
@@ -304,7 +312,8 @@ def _coerce(value: Any, tp: Any, dotted: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{dotted}' expects a mapping, got {value!r}")
-        return {str(k): v for k, v in value.items()}
+        kt, vt = args if len(args) == 2 else (str, Any)
+        return {_coerce(k, kt, f"{dotted}.{k}"): _coerce(v, vt, f"{dotted}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -416,6 +425,8 @@ def validate(cfg: Config) -> None:
         "train.strategy": (cfg.train.strategy, ("auto", "ddp", "fsdp")),
         "track.logger": (cfg.track.logger, ("wandb", "tensorboard", "csv", "none")),
         "optim.scale_lr": (cfg.optim.scale_lr, ("none", "sqrt")),
+        "data.illum": (cfg.data.illum, ("auto", "off", "required")),
+        "data.scaling.mode": (cfg.data.scaling.mode, ("field", "plate", "fixed")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -431,6 +442,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'data.batch_size' must be >= 1")
     if cfg.data.repeats < 1:
         raise ConfigError("config key 'data.repeats' must be >= 1")
+    sc = cfg.data.scaling
+    for name, rng in sc.fixed.items():
+        if len(rng) != 2 or not rng[0] < rng[1]:
+            raise ConfigError(f"config key 'data.scaling.fixed.{name}' must be [low, high] with low < high")
+    if sc.mode == "fixed" and not sc.fixed:
+        raise ConfigError("data.scaling.mode=fixed needs data.scaling.fixed={DNA: [low, high], ...}")
+    if sc.plate_sample_fields < 1:
+        raise ConfigError("config key 'data.scaling.plate_sample_fields' must be >= 1")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
