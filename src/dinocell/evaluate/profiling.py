@@ -214,8 +214,7 @@ def normalize_profiles(profiles: pd.DataFrame, method: str = "mad_robustize", sp
     feats = feature_columns(profiles)
     if not feats:
         raise DataError(f"profiles have no feature columns ({FEATURE_PREFIX}0, ... or {LEGACY_PREFIX}0, ...)")
-    df = profiles.reset_index(drop=True).copy()
-    df[feats] = df[feats].astype(np.float64)
+    df = profiles.reset_index(drop=True).astype({c: np.float64 for c in feats}).copy()  # one block, not D
     meta_cols = [c for c in df.columns if c not in feats]
     if method == "none" and not spherize:
         return df
