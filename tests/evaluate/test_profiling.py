@@ -184,6 +184,20 @@ def test_metadata_columns_from_load_data_rows() -> None:
         metadata_columns([{"Metadata_Plate": "S", "Metadata_Site": "1"}])
 
 
+def test_evaluate_cli_scores_a_profile_table(tmp_path) -> None:
+    import json
+
+    from dinocell.cli import main
+
+    df = _separable(np.random.default_rng(3))
+    df.to_parquet(tmp_path / "wells.parquet")
+    assert main(["evaluate", "--profiles", str(tmp_path / "wells.parquet"), "--null-size", "200",
+                 "--out-dir", str(tmp_path / "ev")]) == 0
+    prof = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["profiles"]
+    assert prof["metric"] == "negcon" and prof["mean_average_precision"] == pytest.approx(1.0)
+    assert prof["nonrep"]["n_labels"] == 4 and "replicate retrieval" in (tmp_path / "ev" / "evaluation.md").read_text()
+
+
 @pytest.mark.slow
 def test_trained_model_beats_untrained_on_replicate_map(tmp_path) -> None:
     """Synthetic plates whose replicate wells share a phenotype: a short multi-view pretraining must
