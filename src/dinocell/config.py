@@ -313,7 +313,9 @@ def _coerce(value: Any, tp: Any, dotted: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{dotted}' expects a mapping, got {value!r}")
         kt, vt = args if len(args) == 2 else (str, Any)
-        return {_coerce(k, kt, f"{dotted}.{k}"): _coerce(v, vt, f"{dotted}.{k}") for k, v in value.items()}
+        # string-valued maps (data.s3.filters) keep their values as given: a filter may be a list or a number
+        return {_coerce(k, kt, f"{dotted}.{k}"): v if vt in (str, Any) else _coerce(v, vt, f"{dotted}.{k}")
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
