@@ -13,7 +13,6 @@ from dinocell.data.decode import read_image
 from dinocell.data.jump import fields_from_load_data, parse_name
 from dinocell.data.tables import (
     normalise_columns,
-    parse_image_name,
     read_table,
     resolve_folder,
     verify_images,
@@ -74,11 +73,11 @@ def test_jpeg_and_name_parsing(tmp_path: Path) -> None:
     names = _images(tmp_path, ".jpg")
     img = read_image(tmp_path / names["RNA"])
     assert img.ndim == 2 and img.dtype == np.uint8 and abs(int(img[0, 0]) - 120) <= 2
-    assert parse_name("r01c02f03p01-ch4sk1fk1fl1.png") is None  # jump.parse_name accepts TIFF only ...
-    info = parse_image_name("r01c02f03p01-ch4sk1fk1fl1.png")  # ... the table layer accepts 8-bit exports too
+    info = parse_name("r01c02f03p01-ch4sk1fk1fl1.png")  # JUMP names saved as 8-bit PNG/JPEG parse too
     assert info is not None and (info["well"], info["site"], info["channel"]) == ("A02", 3, 4)
-    assert parse_image_name("r01c02f03p01-ch4sk1fk1fl1.JPEG") is not None
-    assert parse_image_name("notes.txt") is None
+    assert parse_name("r01c02f03p01-ch4sk1fk1fl1.JPEG") is not None
+    assert parse_name("r01c02f03p01-ch4sk1fk1fl1.tif") is not None
+    assert parse_name("notes.txt") is None
 
 
 def test_normalisation_rules(tmp_path: Path) -> None:

@@ -125,6 +125,16 @@ class IllumCache:
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for DataLoader workers without the locks and the decoded functions."""
+        state = self.__dict__.copy()
+        state.update(_lru=OrderedDict(), nbytes=0, _lock=None, _loading={})
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def get(self, path: str) -> np.ndarray:
         """The function at ``path``; read once, then served from memory while it fits."""
         with self._lock:

@@ -17,13 +17,16 @@ they are uint8/uint16 or float32.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from dinocell.data.decode import clahe, scale_field
+from dinocell.data.decode import scale_field, scale_range
 from dinocell.errors import DataError
 
 #: Pixels kept per channel per sampled field when pooling a plate's statistics (every k-th pixel):
@@ -98,23 +101,6 @@ def plate_statistics(fields: Iterable[np.ndarray], channels: Sequence[str], plat
     return PlateStats(plate, list(channels), lows, highs, low_percentile, high_percentile, n)
 
 
-def scale_range(channel: np.ndarray, low: float, high: float, out: np.ndarray | None = None) -> np.ndarray:
-    """Map raw levels [low, high] of one channel to [0, 1] (clipped), as float32."""
-    if out is None:
-        out = np.empty(channel.shape, dtype=np.float32)
-    if high <= low:
-        out[...] = 0.0
-        return out
-    if channel.dtype in (np.uint8, np.uint16):  # one table lookup instead of four passes
-        levels = np.arange(256 if channel.dtype == np.uint8 else 65536, dtype=np.float32)
-        np.take(np.clip((levels - low) / (high - low), 0.0, 1.0).astype(np.float32), channel, out=out)
-        return out
-    np.subtract(channel, low, out=out, dtype=np.float32)
-    out *= 1.0 / (high - low)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
-
-
 def fixed_ranges(fixed: Mapping[str, Sequence[float]], channels: Sequence[str]) -> list[tuple[float, float]]:
     """The configured [low, high] of each channel (names case-insensitive); a missing one is an error."""
     lower = {k.lower(): v for k, v in fixed.items()}
@@ -132,14 +118,22 @@ def fixed_ranges(fixed: Mapping[str, Sequence[float]], channels: Sequence[str]) 
 
 def scale_with_ranges(raw: np.ndarray, ranges: Sequence[tuple[float, float]], cfg: Any) -> np.ndarray:
     """Scale a (C,H,W) field channel by channel with the given ranges (+ CLAHE when configured)."""
-    if raw.ndim != 3 or raw.shape[0] != len(ranges):
-        raise DataError(f"expected a ({len(ranges)},H,W) field, got shape {raw.shape}")
-    out = np.empty(raw.shape, dtype=np.float32)
-    for c, (lo, hi) in enumerate(ranges):
-        scale_range(raw[c], lo, hi, out=out[c])
-        if getattr(cfg, "clahe", False):
-            out[c] = clahe(out[c], cfg.clahe_clip, cfg.clahe_tiles)
-    return out
+    return scale_field(raw, cfg, ranges)
+
+
+def field_ranges(cfg: Any, channels: Sequence[str],
+                 stats: PlateStats | None = None) -> list[tuple[float, float]] | None:
+    """The [low, high] levels ``cfg.mode`` gives each channel; None for ``field`` (own percentiles)."""
+    mode = getattr(cfg, "mode", "field")
+    if mode == "field":
+        return None
+    if mode == "plate":
+        if stats is None:
+            raise DataError("data.scaling.mode=plate needs the plate's intensity statistics")
+        return [stats.range_of(c) for c in channels]
+    if mode == "fixed":
+        return fixed_ranges(cfg.fixed, channels)
+    raise DataError(f"data.scaling.mode must be field, plate or fixed; got '{mode}'")
 
 
 def scale(raw: np.ndarray, channels: Sequence[str], cfg: Any, stats: PlateStats | None = None) -> np.ndarray:
@@ -148,17 +142,38 @@ def scale(raw: np.ndarray, channels: Sequence[str], cfg: Any, stats: PlateStats 
     ``field`` calls the per-field percentile scaling unchanged; ``plate`` needs the plate's
     :class:`PlateStats`; ``fixed`` reads ``cfg.fixed``.
     """
-    mode = getattr(cfg, "mode", "field")
-    if mode == "field":
-        return scale_field(raw, cfg)
-    if mode == "plate":
-        if stats is None:
-            raise DataError("data.scaling.mode=plate needs the plate's intensity statistics")
-        return scale_with_ranges(raw, [stats.range_of(c) for c in channels], cfg)
-    if mode == "fixed":
-        return scale_with_ranges(raw, fixed_ranges(cfg.fixed, channels), cfg)
-    raise DataError(f"data.scaling.mode must be field, plate or fixed; got '{mode}'")
+    return scale_field(raw, cfg, field_ranges(cfg, channels, stats))
 
 
-__all__ = ["PlateStats", "fixed_ranges", "plate_statistics", "sample_indices", "scale", "scale_range",
-           "scale_with_ranges"]
+def stats_key(plate: str, channels: Sequence[str], cfg: Any, illum: bool) -> str:
+    """What a cached :class:`PlateStats` was computed for (a changed setting recomputes it)."""
+    return (f"{plate}|{','.join(channels)}|{cfg.low_percentile}|{cfg.high_percentile}|"
+            f"n={cfg.plate_sample_fields}|illum={int(bool(illum))}")
+
+
+def read_stats_file(path: str | os.PathLike[str] | None) -> dict[str, PlateStats]:
+    """The ``{key: PlateStats}`` of a JSON stats file (missing or unreadable: empty; it is only a cache)."""
+    if path is None or not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        return {k: PlateStats.from_dict(v) for k, v in raw.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def write_stats_file(path: str | os.PathLike[str], stats: Mapping[str, PlateStats]) -> None:
+    """Merge ``stats`` into the JSON file at ``path`` (atomically: temp file + ``os.replace``)."""
+    merged = {k: v.to_dict() for k, v in read_stats_file(path).items()}
+    merged.update({k: v.to_dict() for k, v in stats.items()})
+    folder = os.path.dirname(os.fspath(path)) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plate-stats-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(merged, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+__all__ = ["PlateStats", "field_ranges", "fixed_ranges", "plate_statistics", "read_stats_file", "sample_indices",
+           "scale", "scale_range", "scale_with_ranges", "stats_key", "write_stats_file"]

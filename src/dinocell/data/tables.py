@@ -16,20 +16,18 @@ so :func:`dinocell.data.jump.fields_from_load_data` can read them.  Images may b
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from dinocell.data.jump import parse_name, read_load_data
+from dinocell.data.field import IMAGE_SUFFIXES
+from dinocell.data.jump import read_load_data
 from dinocell.errors import DataError
 
 PREFIX = "Image_"
 NORMALISED = ("FileName_", "PathName_", "Metadata_", "URL_")
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-_EIGHT_BIT = re.compile(r"\.(png|jpe?g)$", re.IGNORECASE)
 
 
 def normalise_columns(df: pd.DataFrame) -> pd.DataFrame:
@@ -111,10 +109,5 @@ def verify_images(df: pd.DataFrame, limit: int | None = None) -> None:
             raise DataError(f"image not found: {path} (from {col} and its PathName folder)")
 
 
-def parse_image_name(name: str) -> dict[str, Any] | None:
-    """:func:`dinocell.data.jump.parse_name`, also for JUMP names saved as 8-bit ``.png`` / ``.jpg``."""
-    return parse_name(_EIGHT_BIT.sub(".tiff", Path(name).name))
-
-
-__all__ = ["IMAGE_SUFFIXES", "check_suffixes", "image_paths", "normalise_columns", "parse_image_name",
+__all__ = ["IMAGE_SUFFIXES", "check_suffixes", "image_paths", "normalise_columns",
            "read_table", "resolve_folder", "resolve_paths", "verify_images"]
