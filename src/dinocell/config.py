@@ -371,6 +371,8 @@ def _coerce(value: Any, tp: Any, dotted: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{dotted}' expects a string, got {value!r}")
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `off` / `on` as a boolean (data.illum=off)
+            return "on" if value else "off"
         return str(value)
     return value
 
