@@ -223,7 +223,8 @@ def test_trained_model_beats_untrained_on_replicate_map(tmp_path) -> None:
     pretrain(cfg, run, max_steps=60)
     plates = ["data.synthetic.n_fields=128", "data.synthetic.sites_per_well=2", "data.synthetic.wells_per_plate=32",
               "data.synthetic.n_classes=8"]  # held-out seed: 4 control wells + 7 phenotypes x 4 wells per plate
-    assert main(["embed", str(run), "--out", str(tmp_path / "trained"), *plates]) == 0
+    # --data: the plates below, not the run's few held-out wells
+    assert main(["embed", str(run), "--data", "synthetic", "--out", str(tmp_path / "trained"), *plates]) == 0
 
     L.seed_everything(cfg.train.seed, verbose=False)
     run_cfg = load_config(run / "config.yaml")
