@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from dinocell.data.decode import check_image, finish_field, read_image
 from dinocell.errors import DataError
 
 log = logging.getLogger(__name__)
+_STATS_LOCK = threading.RLock()  # per process; a lock attribute would not pickle into DataLoader workers
 
 #: Channels that are not fluorescent stains; they never enter the "mean of fluorescent channels" view.
 BRIGHTFIELD_NAMES = frozenset({"brightfield", "bf", "brightfield_1", "brightfield_2", "brightfield_3",
@@ -153,6 +155,12 @@ class FieldSource:
             return None
         if plate in self._plate_stats:
             return self._plate_stats[plate]
+        with _STATS_LOCK:  # fetch threads of a streaming source must not compute one plate twice
+            if plate not in self._plate_stats:
+                self._plate_stats[plate] = self._load_or_compute_stats(plate)
+        return self._plate_stats[plate]
+
+    def _load_or_compute_stats(self, plate: str) -> intensity.PlateStats:
         illum_on = self.illum is not None and bool(getattr(self.illum, "active", True))
         key = intensity.stats_key(plate, self.channels, self.scaling, illum_on)
         path = self.stats_path or default_stats_path(self.name)
@@ -163,7 +171,6 @@ class FieldSource:
                 intensity.write_stats_file(path, {key: stats})
             except OSError as e:
                 log.warning("could not cache plate statistics in %s: %s", path, e)
-        self._plate_stats[plate] = stats
         return stats
 
     def _compute_plate_stats(self, plate: str) -> intensity.PlateStats:
