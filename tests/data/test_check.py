@@ -88,3 +88,16 @@ def test_local_folder_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert main(["data", "check", str(tmp_path / "f"), "data.source_map=source_4"]) == 0
     out = capsys.readouterr().out
     assert "(source_map)" in out and "verdict:     ok" in out
+
+
+def test_pretrain_from_s3_runs_the_check_first(s3_safe_env: Path, tmp_path: Path) -> None:
+    from dinocell.train.run import pretrain
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = load_config(None, ["data.source=s3://cellpainting-test/x/", f"data.s3.endpoint_url=http://127.0.0.1:{port}",
+                             "track.logger=none"])
+    with pytest.raises(UserError, match="data check: cannot reach"):
+        pretrain(cfg, tmp_path / "run", max_steps=1)
+    assert not (tmp_path / "run" / "checkpoints").exists()

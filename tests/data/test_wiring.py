@@ -248,3 +248,12 @@ def test_cytotable_parquet_with_relative_folders_and_png(tmp_path: Path) -> None
     df.to_parquet(table, index=False)
     with pytest.raises(Exception, match=str(tmp_path / "elsewhere")):
         open_source(cfg(), str(table))
+
+
+def test_illum_required_without_a_table_is_a_user_error(tmp_path: Path) -> None:
+    from dinocell.errors import UserError
+
+    root = _jump_folder(tmp_path / "plain")
+    with pytest.raises(UserError, match="data.illum=required needs a load_data table"):
+        open_source(cfg("data.illum=required", "data.source_map=source_4"), str(root))
+    assert open_source(cfg("data.source_map=source_4"), str(root)).illum is None  # auto: nothing to do
