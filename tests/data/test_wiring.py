@@ -46,6 +46,7 @@ def test_real_cpg0000_folder_is_assumed_with_one_loud_warning(capsys: pytest.Cap
     info = json.loads(capsys.readouterr().out.splitlines()[0])
     assert info["channel_map_origin"] == "assumed"
     assert info["channel_map"]["1"] == "Mito" and info["channel_map"]["5"] == "DNA"
+    assert info["channel_numbers"] == {"DNA": 5, "RNA": 3, "AGP": 2}  # what the files hold
     warnings = [r.getMessage() for r in caplog.records if "CHANNEL MAP ASSUMED" in r.getMessage()]
     assert len(warnings) == 1
     for needle in ("source_4", "data.source_map", "data.channel_map", "data.load_data"):

@@ -100,7 +100,7 @@ def format_channel_map(info: dict[str, Any]) -> str:
     """``1 -> Mito, 2 -> AGP, ... (origin)``, or how the channels are named when there is no map."""
     cmap = info.get("channel_map")
     if cmap is None:
-        return "named by the files (no channel-number map)"
+        return "named by the source itself (file pattern or synthetic; no channel-number map)"
     if not cmap:
         return f"named by the table's FileName_Orig<Name> columns ({info.get('channel_map_origin')})"
     return ", ".join(f"{k} -> {v}" for k, v in cmap.items()) + f" ({info.get('channel_map_origin')})"
@@ -116,6 +116,8 @@ def format_listing(info: dict[str, Any]) -> str:
         f"plates:   {', '.join(info['plates'][:10])}" + (" ..." if len(info["plates"]) > 10 else ""),
         f"wells:    {info['wells']}",
         f"channel map: {format_channel_map(info)}",
+        *([f"  ch{n} -> {c}" for c, n in sorted(info["channel_numbers"].items(), key=lambda kv: kv[1])]
+          if info.get("channel_numbers") else []),
         f"illum:    {info.get('illum') or 'no load_data table'}",
         f"scaling:  {info.get('scaling')}",
         f"skipped:  {len(info['skipped'])}",

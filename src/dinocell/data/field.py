@@ -220,6 +220,9 @@ class FieldSource:
             "channel_map": ({str(k): v for k, v in sorted(self.channel_map.items())}
                             if self.channel_map is not None else None),
             "channel_map_origin": self.channel_map_origin,
+            # the selected channels' numbers, as read from the file names (Phenix sources)
+            "channel_numbers": ({c: int(naming[c]) for c in self.channels if c in naming}
+                                if (naming := getattr(recs, "naming", None)) else None),
             "illum": (None if self.illum is None else
                       "on" if getattr(self.illum, "active", False) else
                       f"off ({getattr(self.illum, 'disabled_reason', None) or 'data.illum=off'})"),
