@@ -188,8 +188,9 @@ class IllumCorrection:
         self.disabled_reason: str | None = None
         if mode == "required" and not self.paths:
             raise UserError("data.illum=required, but the load_data table has no FileName_Illum<Name> columns")
-        if mode == "auto" and not self.paths:
-            self._disable("the load_data table has no FileName_Illum<Name> columns")
+        if mode == "auto" and not self.paths:  # a plain load_data table: nothing to correct with, no warning
+            self.disabled_reason = "the load_data table has no FileName_Illum<Name> columns"
+            log.info("illumination correction: %s", self.disabled_reason)
 
     @classmethod
     def from_table(cls, df: pd.DataFrame | None, mode: str = "auto", base: str | None = None,
