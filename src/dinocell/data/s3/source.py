@@ -65,7 +65,7 @@ from dinocell.data.s3.discovery import (
     read_load_data_anywhere,
 )
 from dinocell.data.tables import normalise_columns
-from dinocell.errors import DataError
+from dinocell.errors import DataError, require_extra
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ class S3FieldSource(FieldSource):
         self.name = uri
         self.s3cfg = data_cfg.s3
         validate_s3_config(self.s3cfg)
+        require_extra("s3", ("boto3", "botocore"), "reading s3:// sources")  # before any warning or request
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.counters = SharedCounters(_COUNTERS)
         self._proc: _ProcState | None = None
