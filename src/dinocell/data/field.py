@@ -153,12 +153,13 @@ class FieldSource:
         illumination-corrected fields; computed once and kept in memory and in ``stats_path``."""
         if getattr(self.scaling, "mode", "field") != "plate":
             return None
-        if plate in self._plate_stats:
-            return self._plate_stats[plate]
+        known = self.__dict__.setdefault("_plate_stats", {})  # subclasses that skip __init__ too
+        if plate in known:
+            return known[plate]
         with _STATS_LOCK:  # fetch threads of a streaming source must not compute one plate twice
-            if plate not in self._plate_stats:
-                self._plate_stats[plate] = self._load_or_compute_stats(plate)
-        return self._plate_stats[plate]
+            if plate not in known:
+                known[plate] = self._load_or_compute_stats(plate)
+        return known[plate]
 
     def _load_or_compute_stats(self, plate: str) -> intensity.PlateStats:
         illum_on = self.illum is not None and bool(getattr(self.illum, "active", True))
