@@ -34,6 +34,12 @@ class ScalingConfig:
     clahe: bool = False
     clahe_clip: float = 3.0
     clahe_tiles: int = 8
+    # field: percentiles of each field (default; hides intensity differences between wells);
+    # plate: percentiles from a sample of the plate's fields (dinocell.data.intensity);
+    # fixed: the given [low, high] raw levels per channel name
+    mode: str = "field"
+    fixed: dict[str, list[float]] = field(default_factory=dict)
+    plate_sample_fields: int = 16
 
 
 @dataclass
@@ -138,7 +144,9 @@ class DataConfig:
     pattern: str | None = None
     load_data: str | None = None
     channels: list[str] | None = None
-    source_map: str = "source_4"
+    source_map: str | None = None  # None: not given (resolve the map; assume source_4 with a warning)
+    channel_map: dict[int, str] | None = None  # explicit channel number -> stain name, e.g. {1: Mito}
+    illum: str = "auto"  # auto | off | required: illumination correction from load_data Illum columns
     repeats: int = 1
     num_workers: int = 0
     batch_size: int = 64
@@ -334,7 +342,10 @@ def _coerce(value: Any, tp: Any, dotted: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{dotted}' expects a mapping, got {value!r}")
-        return {str(k): v for k, v in value.items()}
+        kt, vt = args if len(args) == 2 else (str, Any)
+        # string-valued maps (data.s3.filters) keep their values as given: a filter may be a list or a number
+        return {_coerce(k, kt, f"{dotted}.{k}"): v if vt in (str, Any) else _coerce(v, vt, f"{dotted}.{k}")
+                for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -362,6 +373,8 @@ def _coerce(value: Any, tp: Any, dotted: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"config key '{dotted}' expects a string, got {value!r}")
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `off` / `on` as a boolean (data.illum=off)
+            return "on" if value else "off"
         return str(value)
     return value
 
@@ -449,6 +462,8 @@ def validate(cfg: Config) -> None:
         "track.logger": (cfg.track.logger, ("wandb", "tensorboard", "csv", "none")),
         "optim.scale_lr": (cfg.optim.scale_lr, ("none", "sqrt")),
         "loss.gram_target": (cfg.loss.gram_target, ("gram_teacher", "ema")),
+        "data.illum": (cfg.data.illum, ("auto", "off", "required")),
+        "data.scaling.mode": (cfg.data.scaling.mode, ("field", "plate", "fixed")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -470,6 +485,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.finite_check_every' must be >= 1")
     if cfg.loss.gram_teacher_start < 0 or cfg.loss.gram_teacher_every < 0:
         raise ConfigError("config keys 'loss.gram_teacher_start' and 'loss.gram_teacher_every' must be >= 0")
+    sc = cfg.data.scaling
+    for name, rng in sc.fixed.items():
+        if len(rng) != 2 or not rng[0] < rng[1]:
+            raise ConfigError(f"config key 'data.scaling.fixed.{name}' must be [low, high] with low < high")
+    if sc.mode == "fixed" and not sc.fixed:
+        raise ConfigError("data.scaling.mode=fixed needs data.scaling.fixed={DNA: [low, high], ...}")
+    if sc.plate_sample_fields < 1:
+        raise ConfigError("config key 'data.scaling.plate_sample_fields' must be >= 1")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

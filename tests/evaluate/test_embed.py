@@ -67,26 +67,39 @@ def test_channel_plan_keeps_brightfield_out_of_means() -> None:
         E.combine_views(per_view, "max")
 
 
-def test_aggregate_wells_means_and_constant_metadata() -> None:
+def test_profile_rows_are_what_pycytominer_reads_and_wells_are_medians() -> None:
+    from dinocell.evaluate.profiling import aggregate_wells
+
     fields = T.profiles_frame(
-        [{"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "1", "Metadata_Label": "x"},
-         {"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "2", "Metadata_Label": "x"},
-         {"Metadata_Plate": "P", "Metadata_Well": "B01", "Metadata_Site": "1", "Metadata_Label": "y"}],
-        np.array([[1.0, 2.0], [3.0, 6.0], [5.0, 5.0]]))
-    assert list(fields.columns) == ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label",
-                                    "emb_0", "emb_1"]
-    wells = T.aggregate_wells(fields)
-    assert list(wells.columns) == ["Metadata_Plate", "Metadata_Well", "Metadata_Label", "Metadata_Count",
-                                   "emb_0", "emb_1"]
-    assert wells[["emb_0", "emb_1"]].to_numpy().tolist() == [[2.0, 4.0], [5.0, 5.0]]
-    assert wells["Metadata_Count"].tolist() == [2, 1] and wells["Metadata_Label"].tolist() == ["x", "y"]
+        [{"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "1", "Metadata_Label": "x",
+          "Metadata_FieldIndex": 0},
+         {"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "2", "Metadata_Label": "x",
+          "Metadata_FieldIndex": 1},
+         {"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "3", "Metadata_Label": "x",
+          "Metadata_FieldIndex": 2},
+         {"Metadata_Plate": "P", "Metadata_Well": "B01", "Metadata_Site": "1", "Metadata_Label": "control",
+          "Metadata_FieldIndex": 3}],
+        np.array([[1.0, 2.0], [3.0, 6.0], [10.0, 100.0], [5.0, 5.0]]))
+    assert list(fields.columns) == ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_pert_type",
+                                    "Metadata_Label", "Metadata_FieldIndex", "Cells_dinocell_0",
+                                    "Cells_dinocell_1"]
+    assert fields["Metadata_pert_type"].tolist() == ["trt", "trt", "trt", "negcon"]
+    assert fields["Metadata_FieldIndex"].dtype == np.int64
+    import pycytominer.cyto_utils as cu
+
+    assert cu.infer_cp_features(fields) == ["Cells_dinocell_0", "Cells_dinocell_1"]
+    wells = aggregate_wells(fields)  # the one well aggregation: pycytominer's median
+    assert wells[["Cells_dinocell_0", "Cells_dinocell_1"]].to_numpy().tolist() == [[3.0, 6.0], [5.0, 5.0]]
+    assert wells["Metadata_Count"].tolist() == [3, 1] and wells["Metadata_Label"].tolist() == ["x", "control"]
+    assert not hasattr(T, "aggregate_wells")
 
 
 def test_write_profiles_fp16_atomic(tmp_path: Path) -> None:
-    df = T.profiles_frame([{"Metadata_Plate": "P", "Metadata_Well": "A01"}], np.array([[0.1, 2.5]]))
+    df = T.profiles_frame([{"Metadata_Plate": "P", "Metadata_Well": "A01", "Metadata_Site": "1"}],
+                          np.array([[0.1, 2.5]]))
     out = T.write_profiles(df, tmp_path / "p.parquet", dtype="fp16")
     back = pd.read_parquet(out)
-    assert back["emb_0"].dtype == np.float16 and back["emb_1"].tolist() == [2.5]
+    assert back["Cells_dinocell_0"].dtype == np.float16 and back["Cells_dinocell_1"].tolist() == [2.5]
     assert [p.name for p in tmp_path.iterdir()] == ["p.parquet"]
     with pytest.raises(UserError, match="dtype"):
         T.write_profiles(df, tmp_path / "q.parquet", dtype="int8")
@@ -99,14 +112,15 @@ def test_run_embed_from_export(export_path: Path, tmp_path: Path) -> None:
     fields = pd.read_parquet(tmp_path / "prof" / "fields.parquet")
     wells = pd.read_parquet(tmp_path / "prof" / "wells.parquet")
     assert info["fields"] == 8 and len(fields) == 8 and info["tile"] == 32 and info["geometry"] == "tiles"
-    assert info["features"] == 5 * 32 and fields.filter(like="emb_").shape[1] == 160
+    assert info["features"] == 5 * 32 and fields.filter(like="Cells_dinocell_").shape[1] == 160
     for col in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label", "Metadata_Control",
                 "Metadata_FieldIndex"):
         assert col in fields.columns
     assert len(wells) == fields.groupby(["Metadata_Plate", "Metadata_Well"]).ngroups == 4
     assert (wells["Metadata_Count"] == 2).all()
-    g = fields.groupby(["Metadata_Plate", "Metadata_Well"])["emb_7"].mean().to_numpy()
-    assert np.allclose(wells["emb_7"].to_numpy(), g, atol=1e-6)  # the well profile is the mean of its fields
+    g = fields.groupby(["Metadata_Plate", "Metadata_Well"])["Cells_dinocell_7"].median().to_numpy()
+    assert np.allclose(wells["Cells_dinocell_7"].to_numpy(), g, atol=1e-6)  # the well profile: median of its fields
+    assert "Metadata_pert_type" in wells.columns
     # mean_image view: D features, equal to encoding the fluorescent mean image directly
     E.run_embed(export_path, tmp_path / "mean", data="synthetic", overrides=SYNTH, view="mean_image")
     mean = pd.read_parquet(tmp_path / "mean" / "fields.parquet")
@@ -118,7 +132,7 @@ def test_run_embed_from_export(export_path: Path, tmp_path: Path) -> None:
     x = torch.from_numpy(np.asarray(src.load(src.records[0]), np.float32))
     with torch.no_grad():
         want = m.backbone(x[np.flatnonzero(src.fluorescent)].mean(0)[None, None])[0]
-    got = mean.filter(like="emb_").to_numpy()[0]
+    got = mean.filter(like="Cells_dinocell_").to_numpy()[0]
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
 
 
@@ -130,8 +144,8 @@ def test_tiles_are_mean_pooled_and_full_geometry_sees_the_whole_field(export_pat
     tiles = E.run_embed(m, tmp_path / "t", data="synthetic", overrides=over, view="mean_image")
     full = E.run_embed(m, tmp_path / "f", data="synthetic", overrides=over, view="mean_image", geometry="full")
     assert tiles["tile"] == 32 and full["geometry"] == "full"
-    t = pd.read_parquet(tmp_path / "t" / "fields.parquet").filter(like="emb_").to_numpy()
-    f = pd.read_parquet(tmp_path / "f" / "fields.parquet").filter(like="emb_").to_numpy()
+    t = pd.read_parquet(tmp_path / "t" / "fields.parquet").filter(like="Cells_dinocell_").to_numpy()
+    f = pd.read_parquet(tmp_path / "f" / "fields.parquet").filter(like="Cells_dinocell_").to_numpy()
     assert t.shape == f.shape == (8, 32) and not np.allclose(t, f, atol=1e-3)
     from dinocell.data.sources import open_source
 

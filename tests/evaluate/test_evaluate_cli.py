@@ -33,7 +33,7 @@ def test_embed_then_evaluate_profiles(export_path: Path, tmp_path: Path, capsys:
     text = capsys.readouterr().out
     assert "embedded 8 fields (8 wells, 32 features, fp32, tiles 32 px)" in text
     wells = pd.read_parquet(out / "wells.parquet")
-    assert len(wells) == 8 and str(wells["emb_0"].dtype) == "float32"
+    assert len(wells) == 8 and str(wells["Cells_dinocell_0"].dtype) == "float32"
     code = main(["evaluate", "--profiles", str(out / "wells.parquet"), "--null-size", "100", "--json",
                  "--out-dir", str(tmp_path / "ev")])
     assert code == 0

@@ -52,12 +52,12 @@ def test_views_and_brightfield_policy(tmp_path):
     df = pd.read_parquet(tmp_path / "m" / "fields.parquet")
     assert list(df["Metadata_FieldIndex"]) == [0, 1, 2]
     assert {"Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label"} <= set(df.columns)
-    assert "other" not in df.columns and [c for c in df.columns if c.startswith("emb_")] == ["emb_0", "emb_1"]
+    assert "other" not in df.columns and [c for c in df.columns if c.startswith("Cells_dinocell_")] == ["Cells_dinocell_0", "Cells_dinocell_1"]
     for i in range(3):  # mean over DNA and ER only: brightfield never enters a mean
-        assert df.loc[i, "emb_0"] == pytest.approx(src.image(i)[:2, 0, 0].mean(), abs=1e-6)
-        assert df.loc[i, "emb_1"] == pytest.approx(1.0)
+        assert df.loc[i, "Cells_dinocell_0"] == pytest.approx(src.image(i)[:2, 0, 0].mean(), abs=1e-6)
+        assert df.loc[i, "Cells_dinocell_1"] == pytest.approx(1.0)
     run_embed(stub(), tmp_path / "c", source=FakeSource(n=3))
-    emb = pd.read_parquet(tmp_path / "c" / "fields.parquet").filter(like="emb_").to_numpy()
+    emb = pd.read_parquet(tmp_path / "c" / "fields.parquet").filter(like="Cells_dinocell_").to_numpy()
     np.testing.assert_allclose(emb[2], [0.3, 1, 0.31, 1, 0.32, 1], atol=1e-6)  # concat: every channel, own slot
 
 
@@ -100,7 +100,7 @@ def test_patch_maps_per_plate(tmp_path):
     assert p0.shape == (3, 2, 2, 2)  # fields 0, 2, 4 of plate P0; D=2; 8/4 x 8/4 patches
     row = df[df["Metadata_FieldIndex"] == 4].iloc[0]
     assert row["Metadata_PatchIndex"] == 2
-    np.testing.assert_allclose(p0[2, 0], row["emb_0"], atol=1e-3)  # constant image: map == pooled value
+    np.testing.assert_allclose(p0[2, 0], row["Cells_dinocell_0"], atol=1e-3)  # constant image: map == pooled value
 
 
 def test_extract_fields_alias_on_synthetic_source(tmp_path, capsys):
@@ -116,6 +116,6 @@ def test_extract_fields_alias_on_synthetic_source(tmp_path, capsys):
                "--view", "channel_mean", "--no-progress", "data.synthetic.n_fields=6", "data.synthetic.size=32"])
     assert rc == 0 and "fields.parquet" in capsys.readouterr().out
     df = pd.read_parquet(out / "fields.parquet")
-    assert len(df) == 6 and sum(c.startswith("emb_") for c in df.columns) == 32
-    assert df[[c for c in df.columns if c.startswith("emb_")]].notna().all().all()
+    assert len(df) == 6 and sum(c.startswith("Cells_dinocell_") for c in df.columns) == 32
+    assert df[[c for c in df.columns if c.startswith("Cells_dinocell_")]].notna().all().all()
     assert main(["extract-fields", "--output-dir", str(tmp_path / "x")]) == 2  # a model is required

@@ -11,7 +11,7 @@ from dinocell.paths import check_output_dir
 
 
 def register(sub: Any) -> None:
-    """Add ``data ls`` and ``data synth``."""
+    """Add ``data ls``, ``data check`` and ``data synth``."""
     data = sub.add_parser("data", help="inspect data sources, write synthetic data")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=type(data))
     data.set_defaults(func=lambda a: (data.print_help(), 2)[1])
@@ -25,6 +25,15 @@ def register(sub: Any) -> None:
     ls.add_argument("--no-verify", action="store_true", help="skip the TIFF header check of local files")
     add_config_arguments(ls)
     ls.set_defaults(func=_ls)
+
+    check = dsub.add_parser("check", help="preflight a source: reachable, access, fields, one field decoded, "
+                                           "the bandwidth the batch size needs")
+    check.add_argument("path", help="s3://bucket/prefix | folder | load_data.csv/.parquet")
+    check.add_argument("--endpoint-url", default=None, help="S3 endpoint (local S3, MinIO)")
+    check.add_argument("--steps-per-s", type=float, default=1.0,
+                       help="training speed the bandwidth estimate assumes (default 1 step/s)")
+    add_config_arguments(check)
+    check.set_defaults(func=_check)
 
     synth = dsub.add_parser("synth", help="write a JUMP-layout folder of synthetic LZW TIFF fields")
     synth.add_argument("--out", required=True, help="output folder")
@@ -59,6 +68,44 @@ def _ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check(args: argparse.Namespace) -> int:
+    extra = [f"data.s3.endpoint_url={args.endpoint_url}"] if args.endpoint_url else []
+    cfg = config_from_args(args, extra)
+    for line in check_source(args.path, cfg.data, args.steps_per_s):
+        print(line)
+    return 0
+
+
+def check_source(path: str, data_cfg: Any, steps_per_s: float = 1.0) -> list[str]:
+    """The preflight verdict of a source (``s3://``: :func:`dinocell.data.s3.check.check_s3`; local:
+    open it and load one field).  Failures raise one-line :class:`~dinocell.errors.UserError`."""
+    if path.startswith("s3://"):
+        from dinocell.data.s3.check import check_s3
+
+        return check_s3(path, data_cfg, steps_per_s)
+    from dinocell.data.sources import open_source
+
+    source = open_source(data_cfg, path)
+    source.verify()
+    rec = source.records[0]
+    arr = source.load(rec)
+    info = source.describe()
+    return [f"fields:      {info['fields']} ({', '.join(info['channels'])})",
+            f"channels:    {format_channel_map(info)}",
+            f"decoded:     {rec.key}: {arr.shape[0]} channels of {arr.shape[1]}x{arr.shape[2]}",
+            "verdict:     ok"]
+
+
+def format_channel_map(info: dict[str, Any]) -> str:
+    """``1 -> Mito, 2 -> AGP, ... (origin)``, or how the channels are named when there is no map."""
+    cmap = info.get("channel_map")
+    if cmap is None:
+        return "named by the source itself (file pattern or synthetic; no channel-number map)"
+    if not cmap:
+        return f"named by the table's FileName_Orig<Name> columns ({info.get('channel_map_origin')})"
+    return ", ".join(f"{k} -> {v}" for k, v in cmap.items()) + f" ({info.get('channel_map_origin')})"
+
+
 def format_listing(info: dict[str, Any]) -> str:
     """Human-readable summary of a source."""
     lines = [
@@ -68,6 +115,11 @@ def format_listing(info: dict[str, Any]) -> str:
         + (f"  (fluorescent: {', '.join(info['fluorescent'])})" if info.get("fluorescent") else ""),
         f"plates:   {', '.join(info['plates'][:10])}" + (" ..." if len(info["plates"]) > 10 else ""),
         f"wells:    {info['wells']}",
+        f"channel map: {format_channel_map(info)}",
+        *([f"  ch{n} -> {c}" for c, n in sorted(info["channel_numbers"].items(), key=lambda kv: kv[1])]
+          if info.get("channel_numbers") else []),
+        f"illum:    {info.get('illum') or 'no load_data table'}",
+        f"scaling:  {info.get('scaling')}",
         f"skipped:  {len(info['skipped'])}",
     ]
     lines += [f"  - {s}" for s in info["skipped"][:20]]

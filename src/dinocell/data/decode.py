@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,9 @@ def read_image(src: str | os.PathLike[str] | bytes) -> np.ndarray:
         handle: Any = io.BytesIO(src) if isinstance(src, bytes) else name
         arr = tifffile.imread(handle)
     except Exception as e:  # tifffile raises many types on truncated/corrupt files
-        if not isinstance(src, bytes) and name.lower().endswith((".png", ".jpg", ".jpeg")):
+        if isinstance(src, bytes) and (src[:8] == b"\x89PNG\r\n\x1a\n" or src[:3] == b"\xff\xd8\xff"):
+            arr = _read_with_cv2(src)
+        elif not isinstance(src, bytes) and name.lower().endswith((".png", ".jpg", ".jpeg")):
             arr = _read_with_cv2(name)
         else:
             raise DataError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
@@ -68,12 +71,16 @@ def check_image(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def _read_with_cv2(path: str) -> np.ndarray:
+def _read_with_cv2(src: str | bytes) -> np.ndarray:
+    """PNG / JPEG (8- or 16-bit) from a path or bytes; colour images become their grey mean."""
     import cv2
 
-    arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if isinstance(src, bytes):
+        arr = cv2.imdecode(np.frombuffer(src, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    else:
+        arr = cv2.imread(src, cv2.IMREAD_UNCHANGED)
     if arr is None:
-        raise DataError(f"cannot decode image {path}")
+        raise DataError(f"cannot decode image {'<bytes>' if isinstance(src, bytes) else src}")
     if arr.ndim == 3:
         arr = arr.mean(axis=2).astype(arr.dtype)
     return arr
@@ -85,6 +92,28 @@ def _read_with_cv2(path: str) -> np.ndarray:
 PERCENTILE_SUBSAMPLE_ABOVE = 512 * 512
 
 
+def scale_range(channel: np.ndarray, low: float, high: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Map raw levels [low, high] of one channel to [0, 1] (clipped) as float32.
+
+    The one scaling step every mode shares (per-field percentiles, per-plate and fixed ranges): integer
+    images go through one gather from a 256/65536-entry table instead of four passes over the image.
+    """
+    if out is None:
+        out = np.empty(channel.shape, dtype=np.float32)
+    if high <= low:
+        out[...] = 0.0
+        return out
+    if channel.dtype in (np.uint8, np.uint16):
+        levels = np.arange(256 if channel.dtype == np.uint8 else 65536, dtype=np.float32)
+        lut = np.clip((levels - low) * (1.0 / (high - low)), 0.0, 1.0).astype(np.float32)
+        np.take(lut, channel, out=out)
+        return out
+    np.subtract(channel, low, out=out, dtype=np.float32)
+    out *= 1.0 / (high - low)
+    np.clip(out, 0.0, 1.0, out=out)
+    return out
+
+
 def percentile_scale(channel: np.ndarray, low: float, high: float,
                      out: np.ndarray | None = None) -> np.ndarray:
     """Clip one channel to its [low, high] percentiles and map to [0, 1] as float32.
@@ -94,22 +123,7 @@ def percentile_scale(channel: np.ndarray, low: float, high: float,
     """
     sample = channel[::2, ::2] if channel.ndim == 2 and channel.size > PERCENTILE_SUBSAMPLE_ABOVE else channel
     lo, hi = _percentiles(sample, low, high)
-    if out is None:
-        out = np.empty(channel.shape, dtype=np.float32)
-    if hi <= lo:
-        out[...] = 0.0
-        return out
-    if channel.dtype in (np.uint8, np.uint16):
-        # one gather through a 256/65536-entry table instead of four passes over the image
-        levels = np.arange(256 if channel.dtype == np.uint8 else 65536, dtype=np.float32)
-        lut = np.clip((levels - lo) * (1.0 / (hi - lo)), 0.0, 1.0).astype(np.float32)
-        np.take(lut, channel, out=out)
-        return out
-    out[...] = channel
-    out -= lo
-    out *= 1.0 / (hi - lo)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
+    return scale_range(channel, lo, hi, out)
 
 
 def _percentiles(channel: np.ndarray, low: float, high: float) -> tuple[float, float]:
@@ -133,17 +147,24 @@ def clahe(channel01: np.ndarray, clip: float = 3.0, tiles: int = 8) -> np.ndarra
     return eq.astype(np.float32) * (1.0 / 65535.0)
 
 
-def scale_field(raw: np.ndarray, cfg: Any) -> np.ndarray:
-    """Per-channel percentile scaling (+ optional CLAHE) of a (C,H,W) field into float32 [0,1].
+def scale_field(raw: np.ndarray, cfg: Any, ranges: Sequence[tuple[float, float]] | None = None) -> np.ndarray:
+    """Per-channel scaling (+ optional CLAHE) of a (C,H,W) field into float32 [0,1].
 
-    ``cfg`` is a :class:`dinocell.config.ScalingConfig`.
+    ``cfg`` is a :class:`dinocell.config.ScalingConfig`.  ``ranges`` (one raw [low, high] per channel:
+    a plate's statistics or fixed levels, :mod:`dinocell.data.intensity`) replaces the field's own
+    percentiles.
     """
     if raw.ndim != 3:
         raise DataError(f"expected a (C,H,W) field, got shape {raw.shape}")
+    if ranges is not None and len(ranges) != raw.shape[0]:
+        raise DataError(f"expected a ({len(ranges)},H,W) field, got shape {raw.shape}")
     out = np.empty(raw.shape, dtype=np.float32)
     for c in range(raw.shape[0]):
-        percentile_scale(raw[c], cfg.low_percentile, cfg.high_percentile, out=out[c])
-        if cfg.clahe:
+        if ranges is None:
+            percentile_scale(raw[c], cfg.low_percentile, cfg.high_percentile, out=out[c])
+        else:
+            scale_range(raw[c], ranges[c][0], ranges[c][1], out=out[c])
+        if getattr(cfg, "clahe", False):
             out[c] = clahe(out[c], cfg.clahe_clip, cfg.clahe_tiles)
     return out
 
@@ -157,9 +178,12 @@ def to_unit(raw: np.ndarray) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def finish_field(raw: np.ndarray, scaling: Any, stain: Any = None, name: str = "field") -> np.ndarray:
+def finish_field(raw: np.ndarray, scaling: Any, stain: Any = None, name: str = "field",
+                 ranges: Sequence[tuple[float, float]] | None = None) -> np.ndarray:
     """Stain normalisation (if on), then per-channel scaling, of one decoded (C,H,W) field.
 
+    ``raw`` is already illumination-corrected when the source corrects (:mod:`dinocell.data.illum`);
+    ``ranges`` are the plate's or fixed [low, high] levels (None: the field's own percentiles).
     A field with NaN or inf pixels (a float TIFF with holes, a broken illumination function) raises
     :class:`DataError`, so every reader skips and counts it like a corrupt file instead of letting it
     reach the loss.
@@ -168,4 +192,4 @@ def finish_field(raw: np.ndarray, scaling: Any, stain: Any = None, name: str = "
         raise DataError(f"field {name} has NaN or infinite pixels")
     if stain is not None and getattr(stain, "use_stain_norm", False):
         raw = StainNormalizer(stain)(to_unit(raw))
-    return to_unit(raw) if scaling is None else scale_field(np.asarray(raw), scaling)
+    return to_unit(raw) if scaling is None else scale_field(np.asarray(raw), scaling, ranges)

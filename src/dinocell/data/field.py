@@ -7,15 +7,22 @@ names from.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from dinocell.data import intensity
 from dinocell.data.decode import check_image, finish_field, read_image
 from dinocell.errors import DataError
+
+log = logging.getLogger(__name__)
+_STATS_LOCK = threading.RLock()  # per process; a lock attribute would not pickle into DataLoader workers
 
 #: Channels that are not fluorescent stains; they never enter the "mean of fluorescent channels" view.
 BRIGHTFIELD_NAMES = frozenset({"brightfield", "bf", "brightfield_1", "brightfield_2", "brightfield_3",
@@ -101,11 +108,20 @@ class FieldSource:
     fluorescent: list[bool]
     records: Sequence[FieldRecord]
     name: str = "source"
+    #: Channel number -> stain name and where it came from (:mod:`dinocell.data.channels`); None for
+    #: sources whose channels are named by their files (synthetic, ``pattern``).
+    channel_map: dict[int, str] | None = None
+    channel_map_origin: str | None = None
+    #: Illumination correction (:class:`dinocell.data.illum.IllumCorrection`), applied before scaling.
+    illum: Any = None
+    #: JSON file caching per-plate intensity statistics (``data.scaling.mode=plate``).
+    stats_path: str | None = None
 
     def __init__(self, scaling: Any = None, stain: Any = None) -> None:
         self.scaling = scaling
         self.stain = stain
         self.skipped: list[str] = []
+        self._plate_stats: dict[str, intensity.PlateStats] = {}
 
     # -- reading ---------------------------------------------------------------------------------
     def load_raw(self, rec: FieldRecord) -> np.ndarray:
@@ -117,9 +133,70 @@ class FieldSource:
             planes.append(read_image(rec.channels[ch]))
         return stack_planes(rec, planes)
 
+    def corrected(self, raw: np.ndarray, rec: FieldRecord) -> np.ndarray:
+        """``raw`` divided by its plate's illumination functions (unchanged when there are none)."""
+        return raw if self.illum is None else self.illum(raw, rec.plate, self.channels)
+
+    def finish(self, raw: np.ndarray, rec: FieldRecord) -> np.ndarray:
+        """A raw field made ready: illumination correction, then scaling by ``data.scaling.mode``."""
+        ranges = intensity.field_ranges(self.scaling, self.channels, self.plate_stats(rec.plate)) \
+            if self.scaling is not None and getattr(self.scaling, "mode", "field") != "field" else None
+        return finish_field(self.corrected(raw, rec), self.scaling, self.stain, rec.key, ranges)
+
     def load(self, rec: FieldRecord) -> np.ndarray:
-        """The field scaled per channel into float32 [0,1]; NaN/inf pixels make it a bad field."""
-        return finish_field(self.load_raw(rec), self.scaling, self.stain, rec.key)
+        """The field corrected and scaled per channel into float32 [0,1]; NaN/inf pixels make it a bad field."""
+        return self.finish(self.load_raw(rec), rec)
+
+    # -- per-plate intensity statistics ------------------------------------------------------------
+    def plate_stats(self, plate: str) -> intensity.PlateStats | None:
+        """The plate's [low, high] levels (``data.scaling.mode=plate``), from a sample of its
+        illumination-corrected fields; computed once and kept in memory and in ``stats_path``."""
+        if getattr(self.scaling, "mode", "field") != "plate":
+            return None
+        known = self.__dict__.setdefault("_plate_stats", {})  # subclasses that skip __init__ too
+        if plate in known:
+            return known[plate]
+        with _STATS_LOCK:  # fetch threads of a streaming source must not compute one plate twice
+            if plate not in known:
+                known[plate] = self._load_or_compute_stats(plate)
+        return known[plate]
+
+    def _load_or_compute_stats(self, plate: str) -> intensity.PlateStats:
+        illum_on = self.illum is not None and bool(getattr(self.illum, "active", True))
+        key = intensity.stats_key(plate, self.channels, self.scaling, illum_on)
+        path = self.stats_path or default_stats_path(self.name)
+        stats = intensity.read_stats_file(path).get(key)
+        if stats is None:
+            stats = self._compute_plate_stats(plate)
+            try:
+                intensity.write_stats_file(path, {key: stats})
+            except OSError as e:
+                log.warning("could not cache plate statistics in %s: %s", path, e)
+        return stats
+
+    def _compute_plate_stats(self, plate: str) -> intensity.PlateStats:
+        recs = self.records
+        if hasattr(recs, "codes"):
+            codes, names = recs.codes("plate")  # type: ignore[attr-defined]
+            where = np.flatnonzero(codes == list(names).index(plate)) if plate in names else np.zeros(0, int)
+        else:
+            where = np.asarray([i for i, r in enumerate(recs) if r.plate == plate], dtype=np.int64)
+        picks = where[intensity.sample_indices(len(where), int(self.scaling.plate_sample_fields))]
+
+        def fields() -> Any:
+            for i in picks:
+                rec = recs[int(i)]
+                try:
+                    yield self.corrected(self.load_raw(rec), rec)
+                except DataError as e:
+                    log.warning("plate statistics of %s: skipping field %s: %s", plate, rec.key, e)
+
+        stats = intensity.plate_statistics(fields(), self.channels, plate, self.scaling.low_percentile,
+                                           self.scaling.high_percentile)
+        log.info("plate %s: intensity levels from %d fields: %s", plate, stats.n_fields,
+                 ", ".join(f"{c} [{lo:.0f}, {hi:.0f}]" for c, lo, hi in zip(stats.channels, stats.low, stats.high,
+                                                                            strict=True)))
+        return stats
 
     # -- reporting -------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -141,6 +218,16 @@ class FieldSource:
             "plates": plates,
             "wells": wells,
             "skipped": list(self.skipped),
+            "channel_map": ({str(k): v for k, v in sorted(self.channel_map.items())}
+                            if self.channel_map is not None else None),
+            "channel_map_origin": self.channel_map_origin,
+            # the selected channels' numbers, as read from the file names (Phenix sources)
+            "channel_numbers": ({c: int(naming[c]) for c in self.channels if c in naming}
+                                if (naming := getattr(recs, "naming", None)) else None),
+            "illum": (None if self.illum is None else
+                      "on" if getattr(self.illum, "active", False) else
+                      f"off ({getattr(self.illum, 'disabled_reason', None) or 'data.illum=off'})"),
+            "scaling": getattr(self.scaling, "mode", "field") if self.scaling is not None else None,
         }
 
     def verify(self) -> list[str]:
@@ -171,3 +258,11 @@ def stack_planes(rec: FieldRecord, planes: list[np.ndarray]) -> np.ndarray:
     if len(shapes) != 1:
         raise DataError(f"field {rec.key} has channels of different sizes: {sorted(shapes)}")
     return np.stack(planes)
+
+
+def default_stats_path(source_name: str) -> str:
+    """``$XDG_CACHE_HOME/dinocell/plate-stats-<hash of the source>.json`` (the per-plate levels cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    digest = hashlib.sha256(os.path.abspath(source_name).encode() if "://" not in source_name
+                            else source_name.encode()).hexdigest()[:20]
+    return os.path.join(base, "dinocell", f"plate-stats-{digest}.json")

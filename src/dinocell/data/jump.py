@@ -32,7 +32,7 @@ __all__ = ["CHANNEL_MAPS", "STANDARD_CHANNELS", "format_name", "well_name", "par
 
 JUMP_NAME = re.compile(
     r"^r(?P<row>\d{2})c(?P<col>\d{2})f(?P<site>\d{2})p(?P<plane>\d{2})-ch(?P<channel>\d+)"
-    r"sk\d+fk\d+fl\d+\.tiff?$",
+    r"sk\d+fk\d+fl\d+\.(?:tiff?|png|jpe?g)$",
     re.IGNORECASE,
 )
 

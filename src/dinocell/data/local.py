@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from dinocell.data import jump
+from dinocell.data import jump, tables
+from dinocell.data.channels import resolve_channel_map
 from dinocell.data.field import (
     IMAGE_SUFFIXES,
     LOAD_DATA_SUFFIXES,
@@ -24,9 +26,10 @@ from dinocell.data.field import (
     order_channels,
     select_channels,
 )
+from dinocell.data.illum import IllumCorrection
 from dinocell.data.index import FieldIndex, IndexBuilder
 from dinocell.data.registry import register_source
-from dinocell.errors import DataError
+from dinocell.errors import DataError, UserError
 
 
 def missing_channel_skips(index: FieldIndex, keep: np.ndarray, channels: Sequence[str]) -> list[str]:
@@ -45,9 +48,13 @@ class IndexSource(FieldSource):
     """A source defined by a field index (folder, load_data table, S3 listing)."""
 
     def __init__(self, index: FieldIndex, channels: Sequence[str] | None, name: str,
-                 scaling: Any = None, stain: Any = None, skipped: list[str] | None = None) -> None:
+                 scaling: Any = None, stain: Any = None, skipped: list[str] | None = None,
+                 channel_map: tuple[dict[int, str], str] | None = None, illum: Any = None) -> None:
         super().__init__(scaling, stain)
         self.name = name
+        if channel_map is not None:
+            self.channel_map, self.channel_map_origin = channel_map
+        self.illum = illum
         counts = index.channel_counts()
         self.channels = select_channels(order_channels(c for c, n in counts.items() if n), channels)
         keep = index.has_channels(self.channels)
@@ -87,8 +94,34 @@ def group_by_pattern(paths: list[str], root: Path, rx: re.Pattern[str]) -> tuple
     return builder.build(), unmatched
 
 
+def illum_for(df: pd.DataFrame | None, data_cfg: Any, base: str | None = None,
+              **kwargs: Any) -> IllumCorrection | None:
+    """The illumination correction ``data.illum`` asks for, from a load_data table (None: nothing to do).
+
+    Without a table there is nothing to correct with: fine for ``auto`` and ``off``, an error for
+    ``required``.
+    """
+    mode = getattr(data_cfg, "illum", "auto")
+    if mode == "off":
+        return None
+    if df is None:
+        if mode == "required":
+            raise UserError("data.illum=required needs a load_data table with FileName_Illum<Name> columns "
+                            "(set data.load_data=<load_data_with_illum.csv|parquet>)")
+        return None
+    return IllumCorrection.from_table(df, mode, base=base, **kwargs)
+
+
+def read_image_table(path: str) -> pd.DataFrame:
+    """A load_data / CytoTable / CellProfiler image table as plain load_data columns (folders resolved
+    against the table's folder); a missing file is one line."""
+    if not Path(path).exists():
+        raise DataError(f"load_data file not found: {path}")
+    return tables.read_table(path)
+
+
 def folder_source(path: str, data_cfg: Any) -> IndexSource:
-    """A local folder, searched recursively, of JUMP-named TIFFs (or files matching ``pattern``)."""
+    """A local folder, searched recursively, of JUMP-named images (or files matching ``pattern``)."""
     root = Path(path)
     if not root.exists():
         raise DataError(f"path not found: {root}")
@@ -97,34 +130,40 @@ def folder_source(path: str, data_cfg: Any) -> IndexSource:
     paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files
                    if f.lower().endswith(IMAGE_SUFFIXES))
     if not paths:
-        raise DataError(f"no images (*.tif, *.tiff, *.png) found in {root}")
+        raise DataError(f"no images ({', '.join('*' + s for s in IMAGE_SUFFIXES)}) found in {root}")
+    df = read_image_table(data_cfg.load_data) if data_cfg.load_data else None
+    resolved: tuple[dict[int, str], str] | None = None
     if data_cfg.pattern:
         index, unmatched = group_by_pattern(paths, root, _compile_pattern(data_cfg.pattern))
-    elif data_cfg.load_data:
-        df = jump.read_load_data(data_cfg.load_data)
-        cmap = jump.channel_map_from_load_data(df)
-        if not cmap:
-            raise DataError(f"load_data file {data_cfg.load_data} names no JUMP-style image files")
-        index, unmatched = jump.group_files(paths, cmap)
-        if len(index):
-            index = jump.attach_load_data(index, jump.fields_from_load_data(df))
     else:
-        index, unmatched = jump.group_files(paths, data_cfg.source_map)
+        if df is not None and not jump.channel_map_from_load_data(df):
+            raise DataError(f"load_data file {data_cfg.load_data} names no JUMP-style image files")
+        resolved = resolve_channel_map(root, data_cfg.source_map, data_cfg.channel_map, df)
+        index, unmatched = jump.group_files(paths, resolved[0])
+        if len(index) and df is not None:
+            index = jump.attach_load_data(index, jump.fields_from_load_data(df))
     if not len(index):
         hint = " (use --pattern for non-JUMP file names)" if not data_cfg.pattern else ""
         raise DataError(f"no image in {root} matches the expected file names{hint}")
     skipped = [f"{os.path.relpath(p, root)}: name not recognised" for p in unmatched]
-    return IndexSource(index, data_cfg.channels, str(root), data_cfg.scaling, data_cfg.stain, skipped)
+    base = str(Path(data_cfg.load_data).resolve().parent) if data_cfg.load_data else None
+    return IndexSource(index, data_cfg.channels, str(root), data_cfg.scaling, data_cfg.stain, skipped,
+                       channel_map=resolved, illum=illum_for(df, data_cfg, base))
 
 
 def load_data_source(path: str, data_cfg: Any, root: str | None = None) -> IndexSource:
-    """Fields listed in a load_data CSV/CSV.gz/Parquet (its PathName_Orig* folders or ``root``)."""
-    if not Path(path).exists():
-        raise DataError(f"load_data file not found: {path}")
-    index = jump.fields_from_load_data(jump.read_load_data(path), root=root)
+    """Fields listed in a load_data / CytoTable table (CSV, CSV.gz, Parquet): its ``PathName_Orig*``
+    folders (relative ones against the table's folder) or ``root``."""
+    df = read_image_table(path)
+    if root is None:
+        tables.verify_images(df, limit=1)  # a wrong folder fails here, showing the full path tried
+    index = jump.fields_from_load_data(df, root=root)
     if not len(index):
         raise DataError(f"load_data file {path} lists no fields")
-    return IndexSource(index, data_cfg.channels, str(path), data_cfg.scaling, data_cfg.stain)
+    cmap = jump.channel_map_from_load_data(df)
+    return IndexSource(index, data_cfg.channels, str(path), data_cfg.scaling, data_cfg.stain,
+                       channel_map=(cmap, "load_data"),
+                       illum=illum_for(df, data_cfg, str(Path(path).resolve().parent)))
 
 
 register_source("load_data", lambda uri: not uri.startswith("s3://") and uri.lower().endswith(LOAD_DATA_SUFFIXES),

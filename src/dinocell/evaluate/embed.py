@@ -12,10 +12,14 @@ One 2-D embedder with one policy for each choice:
   Brightfield never enters a mean.
 * **pool**: the normalised CLS token (default) or the mean of the patch tokens.
 
-A profile row is ``Metadata_*`` columns (plate, well, site, what the source knows: label, control
-flag, load_data metadata, and ``Metadata_FieldIndex``) followed by ``emb_0 .. emb_{K-1}``.  Fields
+A profile row is ``Metadata_*`` columns (plate, well, site, ``Metadata_pert_type``,
+``Metadata_JCP2022`` when known, then what the source knows: label, control flag, load_data metadata,
+and ``Metadata_FieldIndex``; :func:`dinocell.evaluate.profiling.metadata_columns`) followed by the
+features ``Cells_dinocell_0 .. Cells_dinocell_{K-1}``, which pycytominer infers as features.  Fields
 are embedded in chunks, each written to ``parts/part_NNNNNN.parquet`` atomically; a rerun skips the
-parts that exist.  ``fields.parquet`` and ``wells.parquet`` (mean per well) are assembled at the end.
+parts that exist.  ``fields.parquet`` and ``wells.parquet`` (median per well, ``pycytominer.aggregate``
+via :func:`dinocell.evaluate.profiling.aggregate_wells`) are assembled at the end: the input of
+``pycytominer.normalize`` and copairs (``dinocell evaluate --profiles``).
 With ``patch_maps`` (``full`` geometry) the patch-feature maps go to one zarr array per plate.
 """
 
@@ -38,7 +42,8 @@ import yaml
 
 from dinocell.config import Config, config_from_dict, to_dict
 from dinocell.errors import ConfigError, DataError, UserError
-from dinocell.evaluate.profile_table import DTYPES, aggregate_wells, profiles_frame, write_profiles
+from dinocell.evaluate.profile_table import DTYPES, profiles_frame, write_profiles
+from dinocell.evaluate.profiling import aggregate_wells, feature_columns
 from dinocell.evaluate.tiling import GEOMETRIES, field_tiles
 from dinocell.models.encode import encode_features
 from dinocell.models.loading import LoadedModel, load_model
@@ -396,7 +401,7 @@ def run_embed(
     if not frames:
         raise DataError(f"no field could be embedded ({len(skipped_all)} skipped: {skipped_all[:3]})")
     fields = pd.concat(frames, ignore_index=True)
-    feat = [c for c in fields.columns if c.startswith("emb_")]
+    feat = feature_columns(fields)
     fields = fields[[c for c in fields.columns if c not in feat] + feat]
     wells = aggregate_wells(fields)
     paths = {"fields": write_profiles(fields, out / "fields.parquet", opts.dtype),

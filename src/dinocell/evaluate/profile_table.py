@@ -1,4 +1,4 @@
-"""Profile tables: ``Metadata_*`` columns + ``emb_0..``, per-well means, atomic Parquet writing.
+"""Profile tables: ``Metadata_*`` columns + ``Cells_dinocell_<i>`` features, atomic Parquet writing.
 
 The layout pycytominer and copairs expect (and :mod:`dinocell.evaluate.profiling` reads): metadata
 columns first (plate, well, site, then the rest sorted), then the features.
@@ -14,36 +14,28 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from dinocell.errors import DataError, UserError
+from dinocell.errors import UserError
+from dinocell.evaluate.profiling import feature_columns, feature_name, metadata_columns
 
 DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16}
 
 
+#: Integer bookkeeping columns of a profile row (kept as integers, not metadata strings).
+INDEX_COLUMNS = ("Metadata_FieldIndex", "Metadata_PatchIndex")
+
 
 def profiles_frame(metas: Sequence[dict[str, Any]], vectors: np.ndarray) -> pd.DataFrame:
-    """``Metadata_*`` columns (sorted, plate/well/site first) + ``emb_0..emb_{K-1}``."""
-    meta = pd.DataFrame(list(metas))
-    first = [c for c in ("Metadata_Plate", "Metadata_Well", "Metadata_Site") if c in meta.columns]
-    meta = meta[first + sorted(c for c in meta.columns if c not in first)]
-    feats = pd.DataFrame(np.asarray(vectors, dtype=np.float32),
-                         columns=[f"emb_{i}" for i in range(vectors.shape[1])])
+    """Profile rows as pycytominer reads them: ``Metadata_*`` columns from
+    :func:`~dinocell.evaluate.profiling.metadata_columns` (plate, well, site, ``pert_type``,
+    ``JCP2022`` when known, the rest sorted), the integer field/patch indices, then the features
+    ``Cells_dinocell_<i>`` (:func:`~dinocell.evaluate.profiling.feature_name`)."""
+    meta = metadata_columns([{k: v for k, v in m.items() if k not in INDEX_COLUMNS} for m in metas])
+    for c in INDEX_COLUMNS:
+        if any(c in m for m in metas):
+            meta[c] = np.asarray([int(m.get(c, -1)) for m in metas], dtype=np.int64)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    feats = pd.DataFrame(vectors, columns=[feature_name(i) for i in range(vectors.shape[1])])
     return pd.concat([meta.reset_index(drop=True), feats], axis=1)
-
-
-def aggregate_wells(fields: pd.DataFrame) -> pd.DataFrame:
-    """Mean profile per (plate, well); metadata constant within a well is kept, ``Metadata_Count`` added."""
-    feat_cols = [c for c in fields.columns if c.startswith("emb_")]
-    meta_cols = [c for c in fields.columns if c.startswith("Metadata_")]
-    keys = [c for c in ("Metadata_Plate", "Metadata_Well") if c in fields.columns]
-    if not keys:
-        raise DataError("per-well profiles need Metadata_Plate/Metadata_Well columns")
-    grouped = fields.groupby(keys, sort=True, dropna=False)
-    constant = [c for c in meta_cols if c not in keys and (grouped[c].nunique(dropna=False) <= 1).all()]
-    meta = grouped[constant].first() if constant else grouped.size().to_frame().iloc[:, :0]
-    meta["Metadata_Count"] = grouped.size()
-    feats = grouped[feat_cols].mean()
-    out = pd.concat([meta, feats], axis=1).reset_index()
-    return out[keys + [c for c in out.columns if c.startswith("Metadata_") and c not in keys] + feat_cols]
 
 
 def write_profiles(df: pd.DataFrame, path: str | os.PathLike[str], dtype: str = "fp32") -> Path:
@@ -52,7 +44,7 @@ def write_profiles(df: pd.DataFrame, path: str | os.PathLike[str], dtype: str = 
         raise UserError(f"unknown dtype '{dtype}'; choose fp32 or fp16")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    feat_cols = [c for c in df.columns if c.startswith("emb_")]
+    feat_cols = feature_columns(df)
     table = df.copy()
     table[feat_cols] = table[feat_cols].astype(DTYPES[dtype])
     tmp = out.with_name(out.name + ".tmp")
@@ -65,4 +57,4 @@ def write_profiles(df: pd.DataFrame, path: str | os.PathLike[str], dtype: str = 
     return out
 
 
-__all__ = ["DTYPES", "aggregate_wells", "profiles_frame", "write_profiles"]
+__all__ = ["DTYPES", "INDEX_COLUMNS", "profiles_frame", "write_profiles"]

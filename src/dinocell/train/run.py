@@ -119,6 +119,11 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     prune_checkpoints(ckpt_dir, cfg.train.keep_last_n)  # orphans of an interrupted run
 
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    if str(cfg.data.source).startswith("s3://"):  # preflight: fail in seconds, before any GPU work
+        from dinocell.data.s3.check import check_s3
+
+        for line in check_s3(str(cfg.data.source), cfg.data):
+            log.info("data check: %s", line)
     source = open_source(cfg.data)
     source.verify()  # like `dinocell data ls`: unreadable files are counted; all unreadable -> one line
     logger = _logger(cfg, run_dir, resume=ckpt_path is not None)

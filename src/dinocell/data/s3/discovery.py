@@ -25,7 +25,7 @@ import re
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -183,9 +183,9 @@ class Lister:
 
 
 def index_from_listing(lister: Lister, prefix: str, plates: Iterable[str] | None,
-                       source_map: str) -> tuple[FieldIndex, list[str]]:
-    """List ``prefix`` and group the image keys into a field index, folder by folder."""
-    cmap = jump.channel_map(source_map)
+                       cmap: Mapping[int, str]) -> tuple[FieldIndex, list[str]]:
+    """List ``prefix`` and group the image keys into a field index, folder by folder, naming channel
+    numbers with ``cmap`` (resolved by :func:`dinocell.data.channels.resolve_channel_map`)."""
     builder = IndexBuilder(naming={})
     skipped: list[str] = []
     n_unparsed = 0
@@ -330,9 +330,11 @@ def cached_index(path: Path, ident: dict[str, Any], need_plates: list[str] | Non
             lock.release()
 
 
-def index_ident(endpoint: str | None, uri: str, source_map: str, load_data: str | None) -> dict[str, Any]:
+def index_ident(endpoint: str | None, uri: str, cmap: Mapping[int, str] | None,
+                load_data: str | None) -> dict[str, Any]:
     """What an index file was built from (filters are not part of it: they select afterwards)."""
-    ident: dict[str, Any] = {"endpoint": endpoint or "aws", "uri": uri, "source_map": source_map,
+    ident: dict[str, Any] = {"endpoint": endpoint or "aws", "uri": uri,
+                             "channel_map": None if cmap is None else {str(k): v for k, v in sorted(cmap.items())},
                              "load_data": load_data}
     if load_data and not str(load_data).startswith("s3://"):
         p = Path(load_data)

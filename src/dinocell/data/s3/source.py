@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import get_worker_info
 
+from dinocell.data.channels import resolve_channel_map
 from dinocell.data.counters import SharedCounters, reset_after_fork
-from dinocell.data.decode import finish_field, read_image
+from dinocell.data.decode import read_image
 from dinocell.data.field import (
     LOAD_DATA_SUFFIXES,
     FieldRecord,
@@ -38,7 +39,8 @@ from dinocell.data.field import (
     stack_planes,
 )
 from dinocell.data.index import FieldIndex
-from dinocell.data.local import missing_channel_skips
+from dinocell.data.jump import channel_map_from_load_data
+from dinocell.data.local import illum_for, missing_channel_skips
 from dinocell.data.registry import register_source
 from dinocell.data.s3.caches import ByteLRU, DiskCache
 from dinocell.data.s3.config import (
@@ -62,7 +64,8 @@ from dinocell.data.s3.discovery import (
     index_ident,
     read_load_data_anywhere,
 )
-from dinocell.errors import DataError
+from dinocell.data.tables import normalise_columns
+from dinocell.errors import DataError, require_extra
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +134,8 @@ class S3FieldSource(FieldSource):
         self.name = uri
         self.s3cfg = data_cfg.s3
         validate_s3_config(self.s3cfg)
+        require_extra("s3", ("boto3", "botocore"), "reading s3:// sources")  # before any warning or request
         self.bucket, self.prefix = parse_s3_uri(uri)
-        self.source_map = data_cfg.source_map
         self.counters = SharedCounters(_COUNTERS)
         self._proc: _ProcState | None = None
         self._proc_lock = threading.Lock()
@@ -190,22 +193,32 @@ class S3FieldSource(FieldSource):
         load_data = data_cfg.load_data
         if load_data is None and self.uri.lower().endswith(LOAD_DATA_SUFFIXES):
             load_data = self.uri
-        ident = index_ident(self.s3cfg.endpoint_url, self.uri, self.source_map, load_data)
+        df = None
+        if load_data:
+            df = normalise_columns(read_load_data_anywhere(str(load_data), self._get_bytes))
+            self.channel_map, self.channel_map_origin = channel_map_from_load_data(df), "load_data"
+        else:
+            self.channel_map, self.channel_map_origin = resolve_channel_map(
+                self.uri, data_cfg.source_map, data_cfg.channel_map)
+        self.illum = illum_for(df, data_cfg, f"s3://{self.bucket}/{self.prefix}", read_bytes=self._read_uri,
+                               missing_errors=(S3MissingError, FileNotFoundError))
+        ident = index_ident(self.s3cfg.endpoint_url, self.uri, None if load_data else self.channel_map, load_data)
         plates = sorted(filter_values(self.s3cfg.filters["plate"])) if "plate" in (self.s3cfg.filters or {}) \
             else None
         path = (Path(self.s3cfg.index_cache).expanduser() if self.s3cfg.index_cache
                 else default_index_path(ident_key(ident)))
         self.index_path = path
+        self.stats_path = str(path.with_name(path.stem + "-plate-stats.json"))
+        cmap = self.channel_map
 
         def build(listed_plates: list[str] | None) -> tuple[FieldIndex, list[str]]:
-            if load_data:
-                df = read_load_data_anywhere(str(load_data), self._get_bytes)
+            if df is not None:
                 return index_from_load_data(df, f"s3://{self.bucket}/{self.prefix}", str(load_data)), []
             client, attempts = make_client(self.s3cfg, pool=int(self.s3cfg.list_workers))
             lister = Lister(client, attempts, self.bucket, int(self.s3cfg.list_workers),
                             on_retries=lambda n: self.counters.add(retries=n), signed=bool(self.s3cfg.sign))
             try:
-                idx, skipped = index_from_listing(lister, self.prefix, listed_plates, self.source_map)
+                idx, skipped = index_from_listing(lister, self.prefix, listed_plates, cmap)
             except S3MissingError as e:
                 raise DataError(str(e)) from None
             except S3FetchError as e:
@@ -278,6 +291,10 @@ class S3FieldSource(FieldSource):
                 busy = time.perf_counter() - st.busy_since
         self.counters.add(requests=attempts, bytes=nbytes, download_time=seconds, busy_time=busy)
 
+    def _read_uri(self, uri: str) -> bytes:
+        """One object's bytes by URI (the byte reader of the illumination functions)."""
+        return self._get_bytes(*parse_s3_uri(uri))
+
     def _fetch_channel(self, uri: str) -> np.ndarray:
         bucket, key = parse_s3_uri(uri)
         return read_image(self._get_bytes(bucket, key))
@@ -325,7 +342,7 @@ class S3FieldSource(FieldSource):
             return arr
         self.counters.add(misses=1)
         try:
-            arr = finish_field(self.load_raw(rec), self.scaling, self.stain, rec.key)
+            arr = self.finish(self.load_raw(rec), rec)
         except DataError as e:
             self._record_skip(rec, e)
             raise
@@ -334,7 +351,7 @@ class S3FieldSource(FieldSource):
         return arr
 
     def _load_task(self, rec: FieldRecord, futures: list[Future[np.ndarray]], cache: bool) -> np.ndarray:
-        arr = finish_field(self._gather(rec, futures), self.scaling, self.stain, rec.key)
+        arr = self.finish(self._gather(rec, futures), rec)
         self.counters.add(fields=1)
         if cache:
             self._state().lru.put(rec.key, arr)
