@@ -41,6 +41,7 @@ from dinocell.models.backbone import (
     build_backbone,
     load_backbone,
 )
+from dinocell.scaling import scale_field
 
 #: Where a training checkpoint keeps the EMA teacher's backbone (``meta.<which>.backbone.*``).
 TEACHER_PREFIX = "meta.teacher.backbone."
@@ -75,26 +76,12 @@ class Preprocess:
     channel_names: list[str] = field(default_factory=list)
 
     def scale(self, raw: np.ndarray) -> np.ndarray:
-        """(C, H, W) raw intensities -> float32 in [0, 1], channel by channel.
-
-        Same rule as :func:`dinocell.data.decode.scale_field`, which the data sources apply (``models``
-        cannot import ``data``); a test keeps the two equal.
-        """
+        """(C, H, W) raw intensities -> float32 in [0, 1], channel by channel: the data sources' own
+        rule (:func:`dinocell.scaling.scale_field`), so a model sees what it was trained on."""
         arr = np.asarray(raw)
         if arr.ndim != 3:
             raise UserError(f"expected a (C, H, W) field, got shape {arr.shape}")
-        s = self.scaling
-        out = np.empty(arr.shape, dtype=np.float32)
-        for c in range(arr.shape[0]):
-            lo, hi = np.percentile(arr[c], [s.low_percentile, s.high_percentile])
-            out[c] = np.clip((arr[c] - lo) / (hi - lo), 0.0, 1.0) if hi > lo else 0.0
-            if s.clahe:
-                import cv2
-
-                u16 = np.round(out[c] * 65535.0).astype(np.uint16)
-                tiles = (int(s.clahe_tiles), int(s.clahe_tiles))
-                out[c] = cv2.createCLAHE(clipLimit=float(s.clahe_clip), tileGridSize=tiles).apply(u16) / 65535.0
-        return out
+        return scale_field(arr, self.scaling)
 
     def __call__(self, raw: np.ndarray | torch.Tensor, scaled: bool = False) -> torch.Tensor:
         """Raw (C, H, W) field -> (C, 1, H', W') (``in_chans == 1``) or (1, C, H', W') float32 images.
