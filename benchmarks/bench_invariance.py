@@ -23,6 +23,10 @@ from pathlib import Path
 
 import torch
 
+#: every variant starts from the seed's view settings, whatever the config file ships
+SEED_VIEWS = ["data.views.aligned_globals=false", "data.views.mean_global=false",
+              "data.views.scale_batch_to_crops=false", "loss.ibot_cross_channel=false"]
+
 VARIANTS: dict[str, list[str]] = {
     "multiview": ["data.views.policy=multiview"],
     "single_view": ["data.views.policy=single_view"],
@@ -34,6 +38,9 @@ VARIANTS: dict[str, list[str]] = {
                            "data.views.aligned_globals=true"],
     "pairs_mean_aligned_cross": ["data.views.policy=channel_pairs", "data.views.mean_global=true",
                                  "data.views.aligned_globals=true", "loss.ibot_cross_channel=true"],
+    "pairs_mean_aligned_cross_scaled": ["data.views.policy=channel_pairs", "data.views.mean_global=true",
+                                        "data.views.aligned_globals=true", "loss.ibot_cross_channel=true",
+                                        "data.views.scale_batch_to_crops=true"],
     "all": ["data.views.policy=all_channels", "data.views.scale_batch_to_crops=true"],
     "all_cross": ["data.views.policy=all_channels", "data.views.scale_batch_to_crops=true",
                   "loss.ibot_cross_channel=true"],
@@ -79,7 +86,7 @@ def step_times(config: str, names: list[str], reps: int = 5) -> dict[str, float]
 
     setups = {}
     for name in names:
-        cfg = load_config(config, VARIANTS[name])
+        cfg = load_config(config, [*SEED_VIEWS, *VARIANTS[name]])
         aug = MultiViewAugmentation(cfg.data.views, [True] * 5)
         bs = cfg.data.batch_size
         if cfg.data.views.scale_batch_to_crops:
@@ -103,7 +110,7 @@ def train(name: str, overrides: list[str], out: Path, config: str, extra: list[s
     if (run / "summary.json").is_file():
         return float("nan")
     cmd = [sys.executable, "-m", "dinocell.cli", "pretrain", "--config", config, "--output-dir", str(run),
-           "track.logger=none", *overrides, *extra]
+           "track.logger=none", *SEED_VIEWS, *overrides, *extra]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=os.environ.copy())
     return time.perf_counter() - t0
