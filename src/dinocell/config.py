@@ -71,6 +71,9 @@ class ViewsConfig:
     policy: str = "multiview"  # multiview | single_view | channel_pairs | all_channels
     aligned_globals: bool = False  # all global crops share one box and flips (all_channels: always)
     mean_global: bool = False  # channel_pairs: the fluorescent mean as a third global crop
+    # all_channels (G globals): per-device batch x 2 / G images, so a step costs about what G=2 costs;
+    # steps per epoch stay those of the configured batch (same step count, same compute per run)
+    scale_batch_to_crops: bool = False
     global_crop_size: int = 224
     local_crop_size: int = 96
     n_local_crops: int = 8
@@ -194,6 +197,8 @@ class LossConfig:
 
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
+    # iBOT targets from the *other* aligned global crops at the same position (needs aligned globals)
+    ibot_cross_channel: bool = False
     koleo_weight: float = 0.1
     gram_weight: float = 0.0
     gram_max_tokens: int = 256
@@ -468,6 +473,13 @@ def validate(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(allowed)}; got '{value}'")
+    v = cfg.data.views
+    if cfg.loss.ibot_cross_channel and not (v.aligned_globals or v.policy == "all_channels"):
+        raise ConfigError("config key 'loss.ibot_cross_channel' needs aligned global crops: set "
+                          "data.views.aligned_globals=true (or data.views.policy=all_channels)")
+    if cfg.loss.ibot_cross_channel and v.policy == "single_view":
+        raise ConfigError("config key 'loss.ibot_cross_channel' needs channel views; "
+                          "data.views.policy=single_view has only the mean image")
     m = cfg.data.mask
     if not 0.0 <= m.min_ratio <= m.max_ratio <= 1.0:
         raise ConfigError("config keys 'data.mask.min_ratio'..'data.mask.max_ratio' must satisfy 0<=min<=max<=1")

@@ -189,3 +189,38 @@ def test_mask_counts_match_official_dinov3(grid: int, b: int, seed: int) -> None
                             patch_size=16, rng=seed)
     assert sorted(out["masks"].sum(1).tolist()) == counts
     assert out["n_masked_patches"] == total
+
+
+def _aligned_samples(b: int, n_global: int, g: int = 32) -> list[dict]:
+    return [{"global_crops": [torch.rand(1, g, g) for _ in range(n_global)], "local_crops": [],
+             "global_channels": list(range(n_global)), "local_channels": [], "aligned": True}
+            for _ in range(b)]
+
+
+@pytest.mark.parametrize(("b", "n_global"), [(4, 2), (5, 3), (3, 6)])
+def test_aligned_crops_share_one_mask_per_sample(b: int, n_global: int) -> None:
+    cfg = MaskConfig(mask_sample_probability=0.5, min_ratio=0.1, max_ratio=0.5)
+    out = collate_multiview(_aligned_samples(b, n_global), cfg, patch_size=8, rng=3)
+    masks = out["masks"].view(n_global, b, -1)
+    assert out["n_global_crops"] == n_global
+    for k in range(1, n_global):  # the same positions in every crop of a sample
+        assert torch.equal(masks[k], masks[0])
+    assert int(masks[0].any(-1).sum()) == int(b * 0.5)  # the masking rule runs over samples
+    # crop-major masked tokens, the same (sample, position) order in every crop
+    per_crop = out["n_masked_patches"] // n_global
+    rows = out["mask_indices"].view(n_global, per_crop)
+    n_patches = out["masks"].shape[-1]
+    offsets = torch.arange(n_global)[:, None] * b * n_patches
+    assert torch.equal(rows - offsets, (rows - offsets)[:1].expand_as(rows))
+    assert out["masks_weight"].shape == (out["n_masked_patches"],)
+
+
+def test_non_aligned_batches_draw_one_mask_per_crop() -> None:
+    cfg = MaskConfig(mask_sample_probability=0.5)
+    samples = _aligned_samples(8, 2)
+    for s in samples:
+        s["aligned"] = False
+    out = collate_multiview(samples, cfg, patch_size=8, rng=0)
+    assert int(out["masks"].any(-1).sum()) == 8  # int(2B * 0.5) crops masked, not per sample
+    plain = [{k: v for k, v in s.items() if k != "aligned"} for s in samples]
+    assert torch.equal(collate_multiview(plain, cfg, patch_size=8, rng=0)["masks"], out["masks"])

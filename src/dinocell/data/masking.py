@@ -126,8 +126,11 @@ def collate_multiview(
     every sample's mean view).  Of the ``2B`` global crops, ``int(2B * mask_sample_probability)`` get
     a block mask; their ratios are spread over ``[min_ratio, max_ratio]``: the i-th masked crop gets
     ``int(N * p_{i+1})`` of the N patches, with ``p = linspace(min_ratio, max_ratio, n + 1)`` in float32
-    as dinov3 computes it (at least one patch on tiny grids).  The masks are then shuffled over the crops.  ``masks_weight`` gives each masked patch ``1/(masked
-    patches of its image)`` so every masked image counts equally in the iBOT loss.
+    as dinov3 computes it (at least one patch on tiny grids).  The masks are then shuffled over the
+    crops.  When the samples are ``aligned`` (their globals share one box), the same rule runs over the
+    B samples instead, and every global crop of a sample gets that sample's mask.  ``masks_weight``
+    gives each masked patch ``1/(masked patches of its image)`` so every masked image counts equally
+    in the iBOT loss.  ``n_global_crops`` records G for the meta-architecture.
 
     Extra per-sample keys: numeric scalars (``label``, ``index`` ...) are stacked into tensors; any
     other value is passed through as a list.
@@ -164,23 +167,31 @@ def collate_multiview(
     generator = BlockMaskGenerator(grid, mask_cfg.min_num_patches, mask_cfg.min_aspect,
                                    mask_cfg.max_aspect)
 
-    n_masked_images = int(n_images * mask_cfg.mask_sample_probability)
-    probs = np.linspace(mask_cfg.min_ratio, mask_cfg.max_ratio, n_masked_images + 1, dtype=np.float32)
+    aligned = bool(samples[0].get("aligned", False))
+    # Aligned globals show the same cells at the same patch positions: one mask per *sample*, shared by
+    # all its global crops, so every crop's masked tokens are the same (sample, position) list in the
+    # same order (crop-major), which cross-channel iBOT needs.  Otherwise one mask per crop (dinov3).
+    n_units = b if aligned else n_images
+    n_masked = int(n_units * mask_cfg.mask_sample_probability)
+    probs = np.linspace(mask_cfg.min_ratio, mask_cfg.max_ratio, n_masked + 1, dtype=np.float32)
     masks: list[np.ndarray] = []
-    for i in range(n_masked_images):
+    for i in range(n_masked):
         count = int(np.float32(n_patches) * probs[i + 1])  # upper edge of the bin, float32 as dinov3
         if count == 0 and mask_cfg.max_ratio > 0:
             count = 1  # tiny grids: a "masked" crop must hold at least one masked patch
         masks.append(generator(count, rng).reshape(-1))
-    masks.extend(np.zeros(n_patches, dtype=bool) for _ in range(n_images - n_masked_images))
-    order = rng.permutation(n_images)
+    masks.extend(np.zeros(n_patches, dtype=bool) for _ in range(n_units - n_masked))
+    order = rng.permutation(n_units)
     mask_tensor = torch.from_numpy(np.stack([masks[i] for i in order]))
+    if aligned:
+        mask_tensor = mask_tensor.repeat(n_global, 1)  # row k * B + b: sample b's mask, every crop k
 
     per_image = mask_tensor.sum(-1, keepdim=True).clamp(min=1).to(torch.float32)
     out["masks"] = mask_tensor
     out["mask_indices"] = mask_tensor.reshape(-1).nonzero().reshape(-1)
     out["masks_weight"] = (1.0 / per_image).expand_as(mask_tensor)[mask_tensor]
     out["n_masked_patches"] = int(out["mask_indices"].numel())
+    out["n_global_crops"] = n_global
 
     for key in samples[0]:
         if key in _CROP_KEYS:

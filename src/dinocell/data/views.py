@@ -131,6 +131,12 @@ def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[0, 0]
 
 
+def crop_scaled_batch_size(batch_size: int, n_global_crops: int) -> int:
+    """Per-device batch that keeps a step's global-crop count that of two globals per sample
+    (``data.views.scale_batch_to_crops``): ``batch × 2 / G``, at least 1."""
+    return max(1, (batch_size * 2) // max(1, n_global_crops))
+
+
 class MultiViewAugmentation:
     """Turn one C×H×W field into DINO's multi-crop sample with one channel per crop.
 

@@ -31,7 +31,7 @@ from dinocell.config import Config
 from dinocell.data.holdout import resolve_wells, split_source
 from dinocell.data.masking import collate_multiview
 from dinocell.data.sources import FieldDataset, FieldSource
-from dinocell.data.views import MultiViewAugmentation
+from dinocell.data.views import MultiViewAugmentation, crop_scaled_batch_size
 from dinocell.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -313,11 +313,15 @@ class DinoCellDataModule(L.LightningDataModule):
         self.heldout_wells = resolve_wells(source.records, cfg.data.holdout) if wells is None else list(wells)
         self.train_source, self.heldout = split_source(source, self.heldout_wells)
         self.world_size = max(1, int(world_size))
-        self.global_batch = cfg.data.batch_size * self.world_size
         if use_stream(cfg, self.train_source):
             self.steps_per_epoch = stream_steps_per_epoch(cfg, self.train_source, self.world_size)
         else:
             self.steps_per_epoch = steps_per_epoch(cfg, len(self.train_source), self.world_size)
+        if cfg.data.views.scale_batch_to_crops:  # epochs keep the configured batch's step count
+            n_global = build_views(cfg, list(source.fluorescent)).n_global_crops
+            bs = crop_scaled_batch_size(cfg.data.batch_size, n_global)
+            self.cfg = cfg = replace(cfg, data=replace(cfg.data, batch_size=bs))
+        self.global_batch = cfg.data.batch_size * self.world_size
         #: the schedule horizon; ``train.max_steps`` stops the Trainer earlier without changing it
         self.total_steps = self.steps_per_epoch * max(1, cfg.train.epochs)
         #: where this invocation stops (the loader's length, so progress bars show it)

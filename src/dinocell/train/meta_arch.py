@@ -1,8 +1,9 @@
 """Multi-view DINOv3 meta-architecture: student/teacher forward over the crops, EMA, loss assembly.
 
-Channels of one field are views of the same cells.  Global crop 0 is the mean of the fluorescent
-channels, global crop 1 a single channel; the teacher's view of one teaches the student's view of the
-other (DINO cross-view pairing, Caron et al. 2021), and both teach every local crop.  iBOT (Zhou et al.
+Channels of one field are views of the same cells.  The G global crops of a sample (``data.views.policy``:
+mean + one channel by default, two channels, or every channel) teach each other: the teacher's view of
+one teaches the student's view of every other (DINO cross-view pairing, Caron et al. 2021), and all of
+them teach every local crop.  iBOT (Zhou et al.
 2022) adds masked-patch prediction on the global crops, KoLeo (Sablayrolles et al. 2019, as in DINOv2)
 spreads the student's CLS tokens, and optional Gram anchoring (Siméoni et al. 2025) keeps patch
 similarities close to those of a frozen Gram teacher (a snapshot of the EMA teacher backbone, refreshed
@@ -22,6 +23,7 @@ from dinocell.config import Config
 from dinocell.losses.dino import DINOLoss, multiview_pairs
 from dinocell.losses.gram import GramLoss
 from dinocell.losses.ibot import iBOTPatchLoss
+from dinocell.losses.ibot_cross import CrossChannelIBOTLoss, cross_channel_pairing
 from dinocell.losses.koleo import KoLeoLoss
 from dinocell.models.backbone import build_backbone
 from dinocell.models.heads import DINOHead
@@ -37,6 +39,11 @@ def _heads(cfg: Config, embed_dim: int) -> nn.ModuleDict:
     else:
         ibot = dino
     return nn.ModuleDict({"dino_head": dino, "ibot_head": ibot})
+
+
+def n_global_crops(batch: dict[str, Any]) -> int:
+    """Global crops per sample: the collate function records it (2, the seed policy, when absent)."""
+    return int(batch.get("n_global_crops", 2))
 
 
 class MultiViewDINO(nn.Module):
@@ -63,6 +70,7 @@ class MultiViewDINO(nn.Module):
             self.gram_teacher.eval()
         self.dino_loss = DINOLoss(lc.student_temp, lc.sinkhorn_iterations, lc.cross_entropy)
         self.ibot_loss = iBOTPatchLoss(lc.student_temp, lc.sinkhorn_iterations, lc.cross_entropy)
+        self.ibot_cross = CrossChannelIBOTLoss(self.ibot_loss) if lc.ibot_cross_channel else None
         self.koleo_loss = KoLeoLoss()
         self.gram_loss = GramLoss(lc.gram_max_tokens)
         self._student_params: list[torch.Tensor] | None = None
@@ -124,7 +132,7 @@ class MultiViewDINO(nn.Module):
     def teacher_targets(self, batch: dict[str, Any], teacher_temp: float) -> dict[str, torch.Tensor]:
         """Sinkhorn-centred teacher targets for the global crops (CLS) and the masked patches."""
         g = batch["global_crops"]
-        n_global = 2
+        n_global = n_global_crops(batch)
         b = g.shape[0] // n_global
         out = self.teacher["backbone"].forward_features(g)
         cls = out["x_norm_clstoken"]
@@ -144,15 +152,20 @@ class MultiViewDINO(nn.Module):
                 gram_generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """All losses for one batch (weighted total in ``total``) and detached diagnostics.
 
-        Diagnostics (detached, keys start with ``_``): ``_teacher_probs`` (Sinkhorn targets, (2, B, K)),
-        ``_teacher_logits`` (the teacher's DINO-head logits *before* Sinkhorn, (2, B, K); its softmax at
+        G global crops per sample come from the batch (``n_global_crops``; 2 when absent).  DINO runs over
+        every ordered pair of distinct globals, KoLeo is summed over the G globals (DINOv3 for G = 2).
+        With ``loss.ibot_cross_channel`` the masked tokens of aligned crop k learn the teacher's tokens of
+        the other crops at the same positions (:class:`CrossChannelIBOTLoss`) instead of their own.
+
+        Diagnostics (detached, keys start with ``_``): ``_teacher_probs`` (Sinkhorn targets, (G, B, K)),
+        ``_teacher_logits`` (the teacher's DINO-head logits *before* Sinkhorn, (G, B, K); its softmax at
         ``teacher_temp`` shows prototype collapse, which the balanced targets hide), ``_student_cls``
         and ``_patch_tokens``.  The Gram term is zero while ``self.gram_active`` is False (the module
         sets it per step: before ``loss.gram_teacher_start`` there is no snapshot to anchor to).
         """
         lc = self.cfg.loss
         g, loc = batch["global_crops"], batch["local_crops"]
-        n_global = 2
+        n_global = n_global_crops(batch)
         b = g.shape[0] // n_global
         n_local = loc.shape[0] // b if loc.numel() else 0
         targets = self.teacher_targets(batch, teacher_temp)
@@ -174,8 +187,12 @@ class MultiViewDINO(nn.Module):
             patches = s_glob["x_norm_patchtokens"]
             masked = patches.reshape(-1, patches.shape[-1]).index_select(0, idx)
             s_plogits = self.student["ibot_head"](masked)
-            losses["ibot"] = self.ibot_loss(s_plogits, targets["ibot_probs"], batch["masks_weight"].to(s_plogits),
-                                            n_images=g.shape[0])
+            weight = batch["masks_weight"].to(s_plogits)
+            if self.ibot_cross is not None:
+                pairing = cross_channel_pairing(n_global).to(s_plogits)
+                losses["ibot"] = self.ibot_cross(s_plogits, targets["ibot_probs"], weight, g.shape[0], pairing)
+            else:
+                losses["ibot"] = self.ibot_loss(s_plogits, targets["ibot_probs"], weight, n_images=g.shape[0])
         else:
             losses["ibot"] = cls_g.sum() * 0.0
 

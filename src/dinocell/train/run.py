@@ -260,7 +260,11 @@ class _Evaluator:
             summary["consistency_matrix_after"] = after.get("consistency_matrix")
             summary["channels"] = after.get("channels")
             summary["eval_fields"] = len(held[1])
-        summary["policy"] = self.cfg.data.views.policy
+        v = self.cfg.data.views
+        summary["policy"] = v.policy
+        summary["aligned_globals"] = bool(v.aligned_globals or v.policy == "all_channels")
+        summary["mean_global"] = bool(v.mean_global)
+        summary["ibot_cross_channel"] = bool(self.cfg.loss.ibot_cross_channel)
         _write_json(self.run_dir / "summary.json", summary)
         print(format_summary(summary))
         return summary
