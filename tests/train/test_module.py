@@ -110,18 +110,19 @@ def test_gram_teacher_snapshot_is_checkpointed_and_refreshed_on_schedule(tmp_pat
 
 
 _RANKS_SCRIPT = """
-import types, torch, torch.distributed as dist
+import os, pathlib, types, torch, torch.distributed as dist
 from dinocell.errors import UserError
 from dinocell.train.module import DinoCellModule
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 state = types.SimpleNamespace(_bad_step=torch.tensor(3 if rank == 1 else -1),
                               _bad_loss=torch.tensor(float("nan") if rank == 1 else 0.0))
+out = pathlib.Path(os.environ["RANKS_OUT"]) / f"rank{rank}.txt"  # one file per rank: stdout interleaves
 try:
     DinoCellModule._raise_if_not_finite(state, 5)
-    print(rank, "NO_RAISE")
+    out.write_text("NO_RAISE")
 except UserError as e:
-    print(rank, "RAISED", e)
+    out.write_text(f"RAISED {e}")
 dist.destroy_process_group()
 """
 
@@ -135,10 +136,11 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path) -> None:
 
     script = tmp_path / "ranks.py"
     script.write_text(_RANKS_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"),
+               RANKS_OUT=str(tmp_path))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29643", str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if "RAISED" in line or "NO_RAISE" in line)
-    assert len(lines) == 2 and all("RAISED" in line for line in lines)
+    lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert all(line.startswith("RAISED") for line in lines), lines
     assert "loss is nan at step 3" in lines[1] and "another rank by step 5" in lines[0]
