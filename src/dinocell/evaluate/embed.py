@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 VIEWS = ("concat", "channel_mean", "mean_image")
 POOLS = ("cls", "mean")
-HELD_OUT_SEED_OFFSET = 10_007  # same offset as the training summary's held-out synthetic fields
+HELD_OUT_SEED_OFFSET = 10_007  # synthetic fields of an unseen seed, for models without a run's held-out wells
 RUN_FILE = "embed_run.json"
 
 

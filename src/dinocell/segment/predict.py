@@ -22,6 +22,7 @@ from dinocell.config import to_dict
 from dinocell.data.field import IMAGE_SUFFIXES
 from dinocell.data.sources import FieldSource, open_source
 from dinocell.errors import DataError
+from dinocell.evaluate.embed import HELD_OUT_SEED_OFFSET  # unseen synthetic fields, as `evaluate` uses
 from dinocell.segment.config import SegmentConfig, segment_config_from_dict
 from dinocell.segment.data import MEAN, MaskFinder, input_plane, iter_annotated
 from dinocell.segment.infer import segment_image
@@ -30,9 +31,6 @@ from dinocell.segment.model import SegmentationNet
 from dinocell.segment.postprocess import label_dtype
 
 log = logging.getLogger(__name__)
-
-HELD_OUT_SEED_OFFSET = 10_007  # same offset as the pretraining run's held-out evaluation
-
 
 class _ImageFileSource(FieldSource):
     """A single 2-D image file as a one-channel field (channel ``image``)."""
