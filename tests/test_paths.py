@@ -86,3 +86,12 @@ def test_bad_output_location_is_one_line_exit_2(command: str, kind: str, tmp_pat
     assert err.startswith("dinocell: error:") and str(target) in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == before  # nothing was written
+
+
+def test_write_text_atomic_replaces_whole_files_and_leaves_no_temp(tmp_path) -> None:
+    from dinocell.paths import write_text_atomic
+
+    target = tmp_path / "deep" / "summary.json"
+    assert write_text_atomic(target, "one") == target and target.read_text() == "one"
+    write_text_atomic(target, "two")
+    assert target.read_text() == "two" and not list(target.parent.glob("*.tmp"))

@@ -45,3 +45,14 @@ def check_output_file(path: str | os.PathLike[str], what: str = "output file") -
         raise UserError(f"{what} {p} is not writable")
     _check_creatable(p.parent, what, p)
     return p
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through ``<name>.tmp`` + ``os.replace``: a killed process never leaves
+    a half-written summary, config or manifest behind (the parent folder is created if needed)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, p)
+    return p

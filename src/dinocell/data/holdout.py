@@ -28,6 +28,7 @@ import numpy as np
 
 from dinocell.data.field import FieldRecord
 from dinocell.errors import ConfigError, UserError
+from dinocell.paths import write_text_atomic
 
 HOLDOUT_FILE = "holdout.txt"
 
@@ -127,11 +128,7 @@ def split_source(source: Any, wells: Iterable[str]) -> tuple[Any, Any]:
 
 def write_holdout_file(run_dir: str | os.PathLike[str], wells: Sequence[str]) -> Path:
     """``DIR/holdout.txt``: one ``PLATE/WELL`` per line (atomic)."""
-    path = Path(run_dir) / HOLDOUT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{w}\n" for w in wells))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(run_dir) / HOLDOUT_FILE, "".join(f"{w}\n" for w in wells))
 
 
 def read_holdout_file(run_dir: str | os.PathLike[str]) -> list[str] | None:

@@ -47,6 +47,7 @@ from dinocell.evaluate.profiling import aggregate_wells, feature_columns
 from dinocell.evaluate.tiling import GEOMETRIES, field_tiles
 from dinocell.models.encode import encode_features
 from dinocell.models.loading import LoadedModel, load_model
+from dinocell.paths import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -324,12 +325,6 @@ def _signature(source: Any, idx: np.ndarray, opts: EmbedOptions, model: LoadedMo
     }))
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def run_embed(
     model: str | os.PathLike[str] | LoadedModel,
     out_dir: str | os.PathLike[str],
@@ -373,7 +368,7 @@ def run_embed(
     if (out / RUN_FILE).is_file() and json.loads((out / RUN_FILE).read_text()).get("signature") != signature:
         raise ConfigError(f"{out} holds parts of a different embedding (fields, channels, options or model "
                           "differ); use another output folder or --overwrite")
-    _write_json(out / RUN_FILE, {"signature": signature, "started": time.time()})
+    write_text_atomic(out / RUN_FILE, json.dumps({"signature": signature, "started": time.time()}, indent=2))
     recs = [(int(i), source.records[int(i)]) for i in idx]
     writer = PatchMapWriter(out / "patch_maps", recs) if opts.patch_maps else None
 
@@ -387,7 +382,7 @@ def run_embed(
         chunk = recs[k * opts.chunk_size:(k + 1) * opts.chunk_size]
         frame, skipped = _embed_chunk(m, source, chunk, opts, tile, writer)
         table = frame if frame is not None else pd.DataFrame({"Metadata_FieldIndex": pd.Series([], dtype="int64")})
-        _write_json(parts / f"part_{k:06d}.skipped.json", {"skipped": skipped})  # before the part: it marks done
+        write_text_atomic(parts / f"part_{k:06d}.skipped.json", json.dumps({"skipped": skipped}, indent=2))  # before the part: it marks done
         tmp = part.with_name(part.name + ".tmp")
         table.to_parquet(tmp, index=False)
         os.replace(tmp, part)
@@ -410,7 +405,7 @@ def run_embed(
             "paths": {k: str(v) for k, v in paths.items()}, "tile": tile, "geometry": opts.geometry,
             "view": opts.view, "pool": opts.pool, "model": m.description, "data": str(data_desc),
             "heldout_fields": heldout}
-    _write_json(out / RUN_FILE, {"signature": signature, "finished": time.time(), **info})
+    write_text_atomic(out / RUN_FILE, json.dumps({"signature": signature, "finished": time.time(), **info}, indent=2))
     return info
 
 

@@ -35,6 +35,7 @@ from dinocell.data.field import IMAGE_SUFFIXES
 from dinocell.errors import DataError, UserError
 from dinocell.evaluate.embed import data_config, eval_source, load_fields, spread_indices
 from dinocell.models.loading import LoadedModel, load_model
+from dinocell.paths import write_text_atomic
 
 # --------------------------------------------------------------------------------------------------
 # Labelled images
@@ -348,13 +349,6 @@ def to_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
@@ -460,8 +454,8 @@ def evaluate(
     res["figures"] = figures
     res = _clean(res)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "evaluation.json", json.dumps(res, indent=2))
-    _write_text(out / "evaluation.md", to_markdown(res))
+    write_text_atomic(out / "evaluation.json", json.dumps(res, indent=2))
+    write_text_atomic(out / "evaluation.md", to_markdown(res))
     res["out_dir"] = str(out)
     return res
 

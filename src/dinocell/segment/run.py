@@ -20,11 +20,12 @@ import torch
 
 from dinocell.config import save_config
 from dinocell.errors import UserError
+from dinocell.paths import write_text_atomic
 from dinocell.segment.config import SegmentConfig, segment_config_from_dict
 from dinocell.segment.model import SegmentationNet, backbone_from_arch, load_backbone_for_segmentation
 from dinocell.segment.module import CKPT_KEY, SegmentModule
 from dinocell.train.checkpoint import CKPT_DIR, LAST, AtomicCheckpointIO, load_checkpoint_file
-from dinocell.train.run import resolve_precision
+from dinocell.train.run import parse_devices, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
 
         logger = build_logger(cfg, run_dir, resume=ckpt_path is not None)  # type: ignore[arg-type]
     trainer = L.Trainer(
-        accelerator=cfg.train.accelerator, devices=_devices(cfg.train.devices),
+        accelerator=cfg.train.accelerator, devices=parse_devices(cfg.train.devices),
         precision=resolve_precision(cfg.train.precision), max_steps=cfg.train.steps, max_epochs=-1,
         logger=logger if logger is not None else False, plugins=[AtomicCheckpointIO(cfg.train.keep_last_n)],
         # keep-last-N is enforced by AtomicCheckpointIO (it also removes orphans of killed runs)
@@ -108,25 +109,12 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
                "fields": len(inputs), "backbone": cfg.model.backbone, "mode": cfg.model.mode,
                "loss_first_mean": float(np.mean(losses[:k])) if losses else None,
                "loss_last_mean": float(np.mean(losses[-k:])) if losses else None}
-    _write_json(run_dir / "summary.json", summary)
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     if logger is not None:
         from dinocell.track.loggers import finalize
 
         finalize(logger, run_dir)
     return summary
-
-
-def _devices(value: str) -> Any:
-    try:
-        return int(value)
-    except ValueError:
-        return value
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def load_segmenter(run_dir: str | os.PathLike[str]) -> tuple[SegmentationNet, SegmentConfig, list[str]]:

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from dinocell.config import Config, to_dict
 from dinocell.errors import ConfigError, require_extra
+from dinocell.paths import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,7 @@ def wandb_run_id(run_dir: Path, resume: bool) -> str:
     else:
         run_id = _new_wandb_id()
     if rank_zero_only.rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, run_id + "\n")
     return run_id
 
 

@@ -20,6 +20,7 @@ import torch
 
 from dinocell.config import Config, save_config
 from dinocell.errors import UserError
+from dinocell.paths import check_output_dir, write_text_atomic
 from dinocell.train.checkpoint import CKPT_DIR, LAST, AtomicCheckpointIO, prune_checkpoints
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def _strategy(cfg: Config) -> Any:
     return "auto"
 
 
-def _devices(value: str) -> Any:
+def parse_devices(value: str) -> Any:
     if value == "auto":
         return "auto"
     try:
@@ -96,7 +97,6 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
 
     from dinocell.data.holdout import read_holdout_file, write_holdout_file
     from dinocell.data.sources import open_source
-    from dinocell.paths import check_output_dir
     from dinocell.train.datamodule import DinoCellDataModule
     from dinocell.train.module import DinoCellModule
 
@@ -128,7 +128,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     source.verify()  # like `dinocell data ls`: unreadable files are counted; all unreadable -> one line
     logger = _logger(cfg, run_dir, resume=ckpt_path is not None)
     trainer = _build_trainer(
-        accelerator=cfg.train.accelerator, devices=_devices(cfg.train.devices), num_nodes=cfg.train.num_nodes,
+        accelerator=cfg.train.accelerator, devices=parse_devices(cfg.train.devices), num_nodes=cfg.train.num_nodes,
         strategy=_strategy(cfg), precision=resolve_precision(cfg.train.precision),
         # one Lightning epoch = the whole run (the loader's length is the schedule horizon);
         # --max-steps only stops it earlier
@@ -234,7 +234,7 @@ class _Evaluator:
         if held is None:
             return None
         res = self._measure(module, held)
-        _write_json(cache, res)
+        write_text_atomic(cache, json.dumps(res, indent=2))
         return res
 
     def after(self, module: Any, before: dict[str, Any] | None, step: int, skipped: int = 0) -> dict[str, Any]:
@@ -265,15 +265,9 @@ class _Evaluator:
         summary["aligned_globals"] = bool(v.aligned_globals or v.policy == "all_channels")
         summary["mean_global"] = bool(v.mean_global)
         summary["ibot_cross_channel"] = bool(self.cfg.loss.ibot_cross_channel)
-        _write_json(self.run_dir / "summary.json", summary)
+        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         print(format_summary(summary))
         return summary
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def format_summary(s: dict[str, Any]) -> str:
