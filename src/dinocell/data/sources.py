@@ -46,8 +46,9 @@ def open_source(data_cfg: Any, source: str | None = None) -> FieldSource:
 class FieldDataset(Dataset):
     """Map-style dataset of multi-view samples; index ``i`` is field ``i // repeats``.
 
-    Samples drawn from the same field back to back (``repeats`` > 1 with :class:`dinocell.train.data.StreamSampler`) reuse
-    the decoded field, so decode cost is paid once per field.  A corrupt or missing field is skipped
+    The repeats of a field (``repeats`` > 1) land in different batches (the trainer's
+    :class:`dinocell.train.datamodule.StreamSampler` spreads them); a small cache of decoded fields lets
+    them reuse one decode where the loader allows.  A corrupt or missing field is skipped
     (logged once, counted in ``skipped``) and the next field is used instead; if every field fails the
     dataset raises :class:`DataError`.
     """
@@ -73,7 +74,7 @@ class FieldDataset(Dataset):
         return x
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        """``idx`` may exceed ``len(self)``: :class:`dinocell.train.data.StreamSampler` adds ``stream_pos * len`` so that the
+        """``idx`` may exceed ``len(self)``: :class:`dinocell.train.datamodule.StreamSampler` adds ``stream_pos * len`` so that the
         augmentation seed is a pure function of (seed, epoch, sample), which makes resumed runs
         bit-identical to uninterrupted ones."""
         n = len(self.source)
