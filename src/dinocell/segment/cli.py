@@ -22,6 +22,8 @@ def register(sub: Any) -> None:
                      help="exported .safetensors, official DINOv3 .pth or pretraining run folder (default: "
                           "model.backbone; none = random init)")
     fit.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    fit.add_argument("--max-steps", type=int, default=None,
+                     help="stop this invocation after N steps (the schedule stays train.steps; rerun to resume)")
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. task.channel=AGP")
     allow_intermixed(fit)
     fit.set_defaults(func=_fit)
@@ -51,7 +53,8 @@ def _fit(args: argparse.Namespace) -> int:
     from dinocell.segment.run import fit
 
     cfg = load_segment_config(args.config, list(args.overrides or []))
-    summary = fit(cfg, args.output_dir, backbone=args.backbone, resume=not args.no_resume)
+    summary = fit(cfg, args.output_dir, backbone=args.backbone, resume=not args.no_resume,
+                  max_steps=args.max_steps)
     print(json.dumps(summary))
     return 0
 

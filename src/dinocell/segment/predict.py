@@ -28,7 +28,7 @@ from dinocell.segment.data import MEAN, MaskFinder, input_plane, iter_annotated
 from dinocell.segment.infer import segment_image
 from dinocell.segment.metrics import match_counts, scores, sum_counts
 from dinocell.segment.model import SegmentationNet
-from dinocell.segment.postprocess import label_dtype
+from dinocell.segment.postprocess import drop_border_objects, label_dtype
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,8 @@ def evaluate_net(net: SegmentationNet, cfg: SegmentConfig, source: FieldSource, 
     for rec, planes, truth in iter_annotated(source, finder, limit):
         stack = np.stack([input_plane(planes, source.channels, source.fluorescent, c) for c in channels])
         preds = segment_image(net, stack, cfg)
+        if cfg.task.drop_border_objects:  # the truth as the predictions: no object cut by the edge
+            truth = drop_border_objects(truth)
         for c, pred in zip(channels, preds, strict=True):
             cnt = match_counts(truth, pred)
             counts[c].append(cnt)
