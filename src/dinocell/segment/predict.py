@@ -1,7 +1,8 @@
 """``dinocell segment predict`` and ``evaluate``: label TIFFs + an object table, and AP per channel.
 
 ``predict`` writes, per field, ``OUT/masks/<plate>_<well>_s<site>_<objects>_masks.tif`` (uint16/32,
-0 = background) and one ``OUT/<objects>.parquet`` of every object (:mod:`dinocell.segment.objects`).
+0 = background) and one ``OUT/<objects>.parquet`` of every object (:mod:`dinocell.segment.objects`),
+staged and then published so that a killed run never mixes generations (:mod:`dinocell.segment.publish`).
 ``evaluate`` segments every annotated field once per fluorescent channel and once on their mean and
 reports AP50, AP 0.5:0.95 and F1@0.5 per channel (:mod:`dinocell.segment.metrics`).  ``synthetic``
 as the evaluation source means *held-out* synthetic fields: the run's generator with another seed.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from dinocell.segment.infer import segment_image
 from dinocell.segment.metrics import match_counts, scores, sum_counts
 from dinocell.segment.model import SegmentationNet
 from dinocell.segment.postprocess import drop_border_objects, label_dtype
+from dinocell.segment.publish import MASKS, begin, mask_suffix, publish
 
 log = logging.getLogger(__name__)
 
@@ -84,28 +87,33 @@ def predict(net: SegmentationNet, cfg: SegmentConfig, inputs: list[str], out: st
         if not isinstance(s, _ImageFileSource):
             check_channel(s, channel)
     out_dir = Path(out)
+    objects = cfg.task.objects
+    stage = begin(out_dir, objects)  # nothing in OUT changes until every field is done
     tables, n_fields, n_objects = [], 0, 0
-    for source in sources:
-        which = "image" if isinstance(source, _ImageFileSource) else channel
-        for rec in source.records:
-            raw = source.load_raw(rec)
-            planes = source.load(rec)
-            labels = segment_image(net, input_plane(planes, source.channels, source.fluorescent, which), cfg)
-            stem = _safe(f"{rec.plate}_{rec.well}_s{rec.site}" if rec.well else rec.plate)
-            _write_tiff(out_dir / "masks" / f"{stem}_{cfg.task.objects}_masks.tif", labels)
-            meta = {"Metadata_Plate": rec.plate, "Metadata_Well": rec.well, "Metadata_Site": int(rec.site),
-                    **{k: v for k, v in rec.metadata.items() if k.startswith("Metadata_")
-                       and k not in ("Metadata_Plate", "Metadata_Well", "Metadata_Site")}}
-            tables.append(measure_objects(labels, raw, source.channels, cfg.task.objects, meta))
-            n_fields += 1
-            n_objects += int(labels.max())
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    path = out_dir / f"{cfg.task.objects}.parquet"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return {"fields": n_fields, "objects": n_objects, "table": str(path), "masks": str(out_dir / "masks")}
+    try:
+        for source in sources:
+            which = "image" if isinstance(source, _ImageFileSource) else channel
+            for rec in source.records:
+                raw = source.load_raw(rec)
+                planes = source.load(rec)
+                labels = segment_image(net, input_plane(planes, source.channels, source.fluorescent, which), cfg)
+                stem = _safe(f"{rec.plate}_{rec.well}_s{rec.site}" if rec.well else rec.plate)
+                _write_tiff(stage / MASKS / f"{stem}{mask_suffix(objects)}", labels)
+                meta = {"Metadata_Plate": rec.plate, "Metadata_Well": rec.well, "Metadata_Site": int(rec.site),
+                        **{k: v for k, v in rec.metadata.items() if k.startswith("Metadata_")
+                           and k not in ("Metadata_Plate", "Metadata_Well", "Metadata_Site")}}
+                tables.append(measure_objects(labels, raw, source.channels, objects, meta))
+                n_fields += 1
+                n_objects += int(labels.max())
+        table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+        table_name = f"{objects}.parquet"
+        table.to_parquet(stage / table_name, index=False)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # the previous generation stays as it was
+        raise
+    publish(stage, out_dir, objects, table_name)
+    return {"fields": n_fields, "objects": n_objects, "table": str(out_dir / table_name),
+            "masks": str(out_dir / MASKS)}
 
 
 def evaluation_source(cfg: SegmentConfig, data: str) -> FieldSource:
