@@ -121,3 +121,14 @@ def test_segment_image_drops_border_objects() -> None:
     assert not edge(segment_image(net, img, cfg)).any()
     cfg.task.drop_border_objects = False
     assert edge(segment_image(net, img, cfg)).any()  # the same maps do have edge objects
+
+
+def test_scale_override_at_predict_time_rescales_the_model() -> None:
+    from dinocell.segment.run import apply_overrides
+
+    cfg = load_segment_config(None, ["model.input_scale=0.5", "model.neck_dim=16", "model.decoder_dim=8"])
+    net = SegmentationNet(load_backbone_for_segmentation(None, ARCH), cfg.model)
+    assert net.input_scale == 0.5
+    assert apply_overrides(net, cfg, []) is cfg
+    cfg2 = apply_overrides(net, cfg, ["model.input_scale=1", "task.drop_border_objects=true"])
+    assert net.input_scale == 1.0 and cfg2.task.drop_border_objects

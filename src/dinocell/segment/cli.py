@@ -61,14 +61,10 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from dinocell.segment.predict import predict
-    from dinocell.segment.run import load_segmenter
+    from dinocell.segment.run import apply_overrides, load_segmenter
 
     net, cfg, _ = load_segmenter(args.run_dir)
-    if args.overrides:
-        from dinocell.config import to_dict
-        from dinocell.segment.config import segment_config_from_dict
-
-        cfg = segment_config_from_dict(to_dict(cfg), args.overrides)
+    cfg = apply_overrides(net, cfg, list(args.overrides))
     res = predict(net, cfg, list(args.inputs), args.out, channel=args.channel)
     print(f"segmented {res['fields']} field(s): {res['objects']} objects -> {res['table']}, {res['masks']}/")
     return 0

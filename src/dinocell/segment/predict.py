@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from dinocell.config import to_dict
 from dinocell.data.field import IMAGE_SUFFIXES
 from dinocell.data.sources import FieldSource, open_source
 from dinocell.errors import DataError
 from dinocell.evaluate.embed import HELD_OUT_SEED_OFFSET  # unseen synthetic fields, as `evaluate` uses
-from dinocell.segment.config import SegmentConfig, segment_config_from_dict
+from dinocell.segment.config import SegmentConfig
 from dinocell.segment.data import MEAN, MaskFinder, input_plane, iter_annotated
 from dinocell.segment.infer import segment_image
 from dinocell.segment.metrics import match_counts, scores, sum_counts
@@ -151,11 +150,10 @@ def evaluate_net(net: SegmentationNet, cfg: SegmentConfig, source: FieldSource, 
 def evaluate(run_dir: str | os.PathLike[str], data: str, overrides: list[str] | None = None,
              limit: int | None = None) -> dict[str, Any]:
     """Load a ``segment fit`` run and evaluate it on ``data``."""
-    from dinocell.segment.run import load_segmenter
+    from dinocell.segment.run import apply_overrides, load_segmenter
 
     net, cfg, _ = load_segmenter(run_dir)
-    if overrides:
-        cfg = segment_config_from_dict(to_dict(cfg), overrides)
+    cfg = apply_overrides(net, cfg, list(overrides or []))
     return evaluate_net(net, cfg, evaluation_source(cfg, data), data, limit=limit)
 
 

@@ -178,3 +178,16 @@ def load_segmenter(run_dir: str | os.PathLike[str]) -> tuple[SegmentationNet, Se
         with torch.no_grad():
             net.backbone.model.rope.periods.copy_(periods.to(net.backbone.model.rope.periods.dtype))
     return net.eval(), cfg, list(meta.get("channel_names", []))
+
+
+def apply_overrides(net: SegmentationNet, cfg: SegmentConfig, overrides: list[str]) -> SegmentConfig:
+    """A loaded run's config with ``key=value`` overrides; a numeric ``model.input_scale`` among them
+    also rescales the model (e.g. ``model.input_scale=1`` to compare with the recorded auto scale)."""
+    if not overrides:
+        return cfg
+    from dinocell.config import to_dict
+
+    cfg = segment_config_from_dict(to_dict(cfg), overrides)
+    if not isinstance(cfg.model.input_scale, str):
+        net.input_scale = float(cfg.model.input_scale)
+    return cfg
