@@ -49,3 +49,21 @@ def cpg0016_load_data(shared_data: Path) -> Path:
 def tiny_overrides() -> list[str]:
     """Overrides that make a model/run small enough for unit tests on 2 CPU cores."""
     return list(TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def pediatric_site(shared_data: Path) -> Path:
+    """One 6-channel pediatric atlas site with CellProfiler nuclei/cell outlines."""
+    p = shared_data / "pediatric_BR00143976_C03_3"
+    if not p.is_dir():
+        pytest.skip(f"{p} missing")
+    return p
+
+
+@pytest.fixture(scope="session")
+def dsb2018_nuclei(shared_data: Path) -> Path:
+    """One DSB 2018 fluorescence image and its 125 annotated nuclei."""
+    p = shared_data / "dsb2018_nuclei"
+    if not p.is_dir():
+        pytest.skip(f"{p} missing")
+    return p

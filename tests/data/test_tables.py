@@ -95,3 +95,23 @@ def test_normalisation_rules(tmp_path: Path) -> None:
     (tmp_path / "m.csv").write_text("Metadata_Plate\nP\n")
     with pytest.raises(DataError, match="no FileName_"):
         read_table(tmp_path / "m.csv")
+
+
+def test_cytotable_channels_without_orig(tmp_path: Path) -> None:
+    names = _images(tmp_path / "plate" / "images")
+    df = _cytotable(names, "images")
+    df = df.rename(columns=lambda c: c.replace("_Orig", "_"))  # Image_FileName_DNA, Image_PathName_DNA
+    df["Image_FileName_IllumDNA"] = ["P1_IllumDNA.npy"]
+    df["Image_FileName_MaskNuclei"] = ["m.tif"]
+    table = tmp_path / "plate" / "image.parquet"
+    df.to_parquet(table)
+    out = read_table(table)
+    assert {"FileName_OrigDNA", "PathName_OrigDNA", "FileName_OrigRNA", "FileName_IllumDNA",
+            "FileName_MaskNuclei"} <= set(out.columns)
+    assert "FileName_DNA" not in out.columns
+    assert out["PathName_OrigDNA"].iloc[0] == str(tmp_path / "plate" / "images")
+    (field,) = fields_from_load_data(out)
+    assert set(field.channels) == {"DNA", "RNA"}
+    # with Orig columns present nothing is renamed
+    both = normalise_columns(pd.DataFrame({"FileName_OrigDNA": ["a.tif"], "FileName_Extra": ["b.tif"]}))
+    assert list(both.columns) == ["FileName_OrigDNA", "FileName_Extra"]

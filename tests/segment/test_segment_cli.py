@@ -38,6 +38,23 @@ def test_fit_writes_checkpoint_config_and_summary(run: Path) -> None:
     assert "dinocell_segment" in ckpt
 
 
+def test_fit_records_scale_and_holdout(run: Path) -> None:
+    """auto scale: the measured diameter and the chosen scale are in config.yaml and summary.json and
+    predict reuses them; data.holdout wells are not trained on and are reported."""
+    from dinocell.segment.run import load_segmenter
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["input_scale_from"] == "auto" and summary["object_diameter_px"] > 0
+    assert summary["input_scale"] == pytest.approx(min(4.0, 2.5 * 8 / summary["object_diameter_px"]), rel=1e-3)
+    net, cfg, _ = load_segmenter(run)
+    assert net.input_scale == summary["input_scale"] == cfg.model.input_scale
+    assert cfg.model.object_diameter == summary["object_diameter_px"]
+    # 4 wells, holdout fraction 0.1 -> one well held out, three trained on
+    assert summary["heldout_wells"] == 1 and summary["heldout_fields"] == 1 and summary["fields"] == 3
+    held = (run / "holdout.txt").read_text().split()
+    assert len(held) == 1 and held[0].startswith("SYNTH-P01/")
+
+
 def test_fit_resumes(run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["segment", "fit", "--output-dir", str(run), *TINY, "train.steps=4"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 4

@@ -120,3 +120,66 @@ def test_crop_dataset_flows_follow_flips_and_turns() -> None:
         expected = flow_field(tgt[0])
         inside = tgt[1] > 0
         assert np.abs(tgt[2:][:, inside] - expected[:, inside]).max() < 1e-4
+
+
+def _index() -> dict[tuple[str, int], int]:
+    ds = SyntheticCellPainting(**GEN)
+    return {(m["Metadata_Well"], int(m["Metadata_Site"])): i for i, m in ((i, ds.metadata(i)) for i in range(4))}
+
+
+@pytest.mark.parametrize("folder", ["masks", "Images_masks", "Images/masks"])
+def test_cellprofiler_mask_names_in_sibling_folders(tmp_path: Path, folder: str) -> None:
+    write_jump_folder(tmp_path, masks=True, **GEN)
+    for p in list(tmp_path.rglob("*_nuclei_masks.tif")):
+        # CellProfiler's SaveImages: <DNA image stem>_MaskNuclei.tiff, here in a sibling folder
+        dest = p.parent.parent / folder / p.name.replace("_nuclei_masks.tif", "-ch5sk1fk1fl1_MaskNuclei.tiff")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        p.rename(dest)
+    src = open_source(DataConfig(), str(tmp_path))
+    finder = MaskFinder.for_source(src, "nuclei", str(tmp_path))
+    got = list(iter_annotated(src, finder))
+    assert len(got) == 4
+    index = _index()
+    for rec, _, labels in got:
+        assert finder.find(rec).endswith("_MaskNuclei.tiff")  # type: ignore[union-attr]
+        np.testing.assert_array_equal(labels, _truth(index[(rec.well, rec.site)], "nuclei"))
+
+
+def test_relative_mask_paths_resolve_against_the_table(jump: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = list(csv.DictReader(open(jump / "load_data.csv", newline="")))
+    home = tmp_path / "project"
+    (home / "labels").mkdir(parents=True)
+    for row in rows:
+        src = Path(row["PathName_MaskNuclei"]) / row["FileName_MaskNuclei"]
+        (home / "labels" / src.name).write_bytes(src.read_bytes())
+        row["PathName_MaskNuclei"] = "labels"  # relative: to the table's folder (CellProfiler convention)
+        row["FileName_MaskCells"] = "labels/none.tif"
+        row["PathName_MaskCells"] = ""
+    table = home / "load_data.csv"
+    with open(table, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # not the table's folder
+    src = open_source(DataConfig(), str(table))
+    finder = MaskFinder.for_source(src, "nuclei", str(table))
+    assert len(list(iter_annotated(src, finder))) == 4
+    rec = src.records[0]
+    assert finder.find(rec) == str(home / "labels" / f"{Path(rows[0]['FileName_MaskNuclei']).name}")
+    cells = MaskFinder.for_source(src, "cells", str(table))
+    assert cells.candidates(rec)[0] == str(home / "labels" / "none.tif")  # bare names too
+
+
+def test_binary_masks_are_reported_once_per_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write_jump_folder(tmp_path, masks=True, **GEN)
+    for p in tmp_path.rglob("*_nuclei_masks.tif"):
+        tifffile.imwrite(p, (tifffile.imread(p) > 0).astype(np.uint8) * 255)
+    src = open_source(DataConfig(), str(tmp_path))
+    finder = MaskFinder.for_source(src, "nuclei", str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # two passes (fit reads fields more than once): still one line
+            assert len(list(iter_annotated(src, finder))) == 4
+    assert sum("binary" in r.getMessage() for r in caplog.records) == 1
+    assert finder.binary == 8

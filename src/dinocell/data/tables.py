@@ -5,6 +5,9 @@ Three shapes of the same information reach us:
 * CellProfiler ``load_data`` CSVs: ``FileName_Orig<Name>``, ``PathName_Orig<Name>``, ``Metadata_*``;
 * CytoTable / CellProfiler per-image tables (CSV or Parquet): the same columns prefixed with ``Image_``
   (``Image_FileName_OrigDNA``, ``Image_Metadata_Well``);
+* CytoTable exports whose channels are named without CellProfiler's ``Orig`` (``Image_FileName_DNA``):
+  when a table has no ``FileName_Orig*`` column at all, every ``FileName_<Name>`` / ``PathName_<Name>``
+  that is not an illumination function or a mask (``Illum*``, ``Mask*``) is an original image;
 * tables written next to the images, whose ``PathName_*`` folders are relative (``images/``) and mean
   "relative to this table", not to wherever the command happens to run.
 
@@ -32,14 +35,32 @@ NORMALISED = ("FileName_", "PathName_", "Metadata_", "URL_")
 
 def normalise_columns(df: pd.DataFrame) -> pd.DataFrame:
     """Drop the ``Image_`` prefix of ``Image_FileName_*``, ``Image_PathName_*``, ``Image_Metadata_*``
-    (and ``Image_URL_*``) columns.  Where both forms exist, the plain column is kept."""
+    (and ``Image_URL_*``) columns.  Where both forms exist, the plain column is kept.  Channels named
+    without ``Orig`` get it (:func:`add_orig`)."""
     rename: dict[str, str] = {}
     drop: list[str] = []
     for c in df.columns:
         if c.startswith(PREFIX) and c[len(PREFIX):].startswith(NORMALISED):
             plain = c[len(PREFIX):]
             (drop.append(c) if plain in df.columns else rename.__setitem__(c, plain))
-    return df.drop(columns=drop).rename(columns=rename)
+    return add_orig(df.drop(columns=drop).rename(columns=rename))
+
+
+NOT_ORIG = ("Orig", "Illum", "Mask", "Outlines")
+
+
+def add_orig(df: pd.DataFrame) -> pd.DataFrame:
+    """``FileName_<Name>`` -> ``FileName_Orig<Name>`` (and its ``PathName_``) when the table has no
+    ``FileName_Orig*`` column: channels named without ``Orig`` (CytoTable, custom NamesAndTypes)."""
+    if any(c.startswith("FileName_Orig") for c in df.columns):
+        return df
+    rename: dict[str, str] = {}
+    for c in df.columns:
+        for kind in ("FileName_", "PathName_", "URL_"):
+            name = c[len(kind):] if c.startswith(kind) else ""
+            if name and not name.startswith(NOT_ORIG) and f"{kind}Orig{name}" not in df.columns:
+                rename[c] = f"{kind}Orig{name}"
+    return df.rename(columns=rename)
 
 
 def _is_remote(folder: str) -> bool:
@@ -109,5 +130,5 @@ def verify_images(df: pd.DataFrame, limit: int | None = None) -> None:
             raise DataError(f"image not found: {path} (from {col} and its PathName folder)")
 
 
-__all__ = ["IMAGE_SUFFIXES", "check_suffixes", "image_paths", "normalise_columns",
+__all__ = ["IMAGE_SUFFIXES", "add_orig", "check_suffixes", "image_paths", "normalise_columns",
            "read_table", "resolve_folder", "resolve_paths", "verify_images"]

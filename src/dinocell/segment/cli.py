@@ -22,6 +22,8 @@ def register(sub: Any) -> None:
                      help="exported .safetensors, official DINOv3 .pth or pretraining run folder (default: "
                           "model.backbone; none = random init)")
     fit.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    fit.add_argument("--max-steps", type=int, default=None,
+                     help="stop this invocation after N steps (the schedule stays train.steps; rerun to resume)")
     fit.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. task.channel=AGP")
     allow_intermixed(fit)
     fit.set_defaults(func=_fit)
@@ -51,21 +53,18 @@ def _fit(args: argparse.Namespace) -> int:
     from dinocell.segment.run import fit
 
     cfg = load_segment_config(args.config, list(args.overrides or []))
-    summary = fit(cfg, args.output_dir, backbone=args.backbone, resume=not args.no_resume)
+    summary = fit(cfg, args.output_dir, backbone=args.backbone, resume=not args.no_resume,
+                  max_steps=args.max_steps)
     print(json.dumps(summary))
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     from dinocell.segment.predict import predict
-    from dinocell.segment.run import load_segmenter
+    from dinocell.segment.run import apply_overrides, load_segmenter
 
     net, cfg, _ = load_segmenter(args.run_dir)
-    if args.overrides:
-        from dinocell.config import to_dict
-        from dinocell.segment.config import segment_config_from_dict
-
-        cfg = segment_config_from_dict(to_dict(cfg), args.overrides)
+    cfg = apply_overrides(net, cfg, list(args.overrides))
     res = predict(net, cfg, list(args.inputs), args.out, channel=args.channel)
     print(f"segmented {res['fields']} field(s): {res['objects']} objects -> {res['table']}, {res['masks']}/")
     return 0

@@ -31,9 +31,14 @@ class SegModelConfig:
     arch: ModelConfig = field(default_factory=ModelConfig)  # random init / official .pth architecture
     mode: str = "frozen"  # frozen | finetune
     blocks: int = 1  # the last N backbone blocks feed the neck (timm forward_intermediates)
+    feature_blocks: list[int] | None = None  # explicit block indices for the neck (e.g. [1, 3]); replaces blocks
     neck_dim: int = 96
     decoder_dim: int = 32  # channels of the last upsampling stage (doubling towards the neck)
-    input_scale: float = 1.0  # resize factor applied before the backbone (outputs are at input size)
+    # resize factor before the backbone (outputs at input size); auto: from the training objects' median
+    # diameter (segment/scale.py), resolved by 'segment fit' and stored in the run's config
+    input_scale: float | str = "auto"
+    object_patches: float = 2.5  # auto scale: target object diameter in backbone patches
+    object_diameter: float | None = None  # measured by 'segment fit' (median equivalent diameter, px)
     flow_head: bool = False  # extra 2-channel head: gradient of the distance map (Cellpose-style flows)
 
 
@@ -43,7 +48,10 @@ class SegTaskConfig:
 
     objects: str = "nuclei"  # mask class: nuclei | cells | any <objects> with <field>_<objects>_masks.tif
     channel: str = "DNA"  # training input: a channel name or 'mean' (of the fluorescent channels)
-    crop_size: int = 64  # training crop (a multiple of the patch size after input_scale)
+    crop_size: int = 64  # training crop in backbone pixels (a field crop of crop_size / input_scale px)
+    # drop predicted and true objects touching the image edge at predict / evaluate (CellProfiler's
+    # IdentifyPrimaryObjects default); off by default so every object is kept and counted
+    drop_border_objects: bool = False
 
 
 @dataclass
@@ -93,7 +101,7 @@ class PostprocessConfig:
 class InferConfig:
     """Sliding-window inference."""
 
-    tile: int = 256
+    tile: int = 256  # backbone pixels (a field tile of tile / input_scale px)
     overlap: float = 0.25
     batch_size: int = 8
 
@@ -127,8 +135,17 @@ def validate(cfg: SegmentConfig) -> None:
             raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
     if not 0.0 <= cfg.infer.overlap < 1.0:
         raise ConfigError(f"config key 'infer.overlap' must be in [0, 1), got {cfg.infer.overlap}")
-    if cfg.model.input_scale <= 0:
-        raise ConfigError(f"config key 'model.input_scale' must be > 0, got {cfg.model.input_scale}")
+    scale = cfg.model.input_scale
+    if isinstance(scale, str):
+        if scale.strip().lower() != "auto":
+            raise ConfigError(f"config key 'model.input_scale' must be 'auto' or a number > 0, got '{scale}'")
+        cfg.model.input_scale = "auto"
+    elif scale <= 0:
+        raise ConfigError(f"config key 'model.input_scale' must be 'auto' or a number > 0, got {scale}")
+    if cfg.model.object_patches <= 0:
+        raise ConfigError(f"config key 'model.object_patches' must be > 0, got {cfg.model.object_patches}")
+    if cfg.model.feature_blocks is not None and not cfg.model.feature_blocks:
+        raise ConfigError("config key 'model.feature_blocks' must list at least one block index (or be null)")
 
 
 def segment_config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> SegmentConfig:

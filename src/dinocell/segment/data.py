@@ -3,21 +3,26 @@
 Where masks come from (first hit wins):
 
 * the synthetic source: the generator's exact labels (:meth:`SyntheticCellPainting.field_and_masks`);
-* a load_data table: columns ``FileName_Mask<Objects>`` / ``PathName_Mask<Objects>``;
-* beside the images, cellpose-style: ``<field>_<objects>_masks.tif`` where ``<field>`` is the JUMP
-  field stem (``r01c01f01p01``), the image file's stem or the common prefix of the channel files;
-  ``<field>_masks.tif`` (cellpose's own name) is accepted too.
+* a load_data table: columns ``FileName_Mask<Objects>`` / ``PathName_Mask<Objects>`` (also with
+  CytoTable's ``Image_`` prefix); relative folders and bare file names mean "relative to the table";
+* beside the images or in a sibling mask folder (``masks/``, ``<images>_masks/``, any ``*_masks/``
+  next to the image folder, or ``masks/`` inside it), under any of these names (case-insensitive,
+  ``.tif``/``.tiff``/``.png``): ``<field>_<objects>_masks`` (cellpose-style, and what ``segment
+  predict`` writes), ``<field>_masks`` (cellpose's own) and ``<field>_Mask<Objects>`` (CellProfiler's
+  ``SaveImages`` of a ``ConvertObjectsToImage`` named ``Mask<Objects>``).  ``<field>`` is the JUMP
+  field stem (``r01c01f01p01``), an image file's stem, the common prefix of the channel files, or
+  ``<plate>_<well>_s<site>`` / ``<plate>_<well>_<site>``.
 
-A mask with a single foreground value is a binary mask: it becomes instances by connected components
-(with a warning, because touching objects merge).
+A mask with a single foreground value is a binary mask: it becomes instances by connected components,
+with one warning per run (touching objects merge), not one per field.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +56,9 @@ def input_plane(planes: np.ndarray, channels: Sequence[str], fluorescent: Sequen
     return np.ascontiguousarray(planes[lower.index(which.lower())], dtype=np.float32)
 
 
-def as_instances(mask: np.ndarray, name: str) -> np.ndarray:
-    """Instance labels (uint32); a binary mask becomes instances by connected components (warned)."""
+def as_instances(mask: np.ndarray, name: str, on_binary: Callable[[str], None] | None = None) -> np.ndarray:
+    """Instance labels (uint32); a binary mask becomes instances by connected components and is
+    reported to ``on_binary(name)`` (default: a warning)."""
     from skimage.measure import label
 
     mask = np.asarray(mask)
@@ -64,12 +70,16 @@ def as_instances(mask: np.ndarray, name: str) -> np.ndarray:
         mask = np.rint(mask)
     values = np.unique(mask)
     if values.size == 2 and values[0] == 0:
-        log.warning("mask %s is binary: objects taken as connected components (touching ones merge)", name)
+        (on_binary or _warn_binary)(name)
         return label(mask > 0, connectivity=1).astype(np.uint32)
     return mask.astype(np.uint32)
 
 
-def read_mask(path: str) -> np.ndarray:
+def _warn_binary(name: str) -> None:
+    log.warning("mask %s is binary: objects taken as connected components (touching ones merge)", name)
+
+
+def read_mask(path: str, on_binary: Callable[[str], None] | None = None) -> np.ndarray:
     """Read a label image (uint16/uint32 TIFF or PNG) without clipping the label range."""
     import tifffile
 
@@ -81,7 +91,7 @@ def read_mask(path: str) -> np.ndarray:
         raise
     except Exception as e:
         raise DataError(f"cannot decode mask {path}: {type(e).__name__}: {e}") from None
-    return as_instances(arr, path)
+    return as_instances(arr, path, on_binary)
 
 
 def _read_png(path: str) -> np.ndarray:
@@ -103,11 +113,34 @@ def _stems(rec: FieldRecord) -> list[str]:
     stems = [n.rsplit(".", 1)[0] for n in names]
     prefix = os.path.commonprefix(stems).rstrip("_-. ") if stems else ""
     out += ([prefix] if prefix else []) + stems
+    if rec.well:
+        out += [f"{rec.plate}_{rec.well}_s{rec.site}", f"{rec.plate}_{rec.well}_{rec.site}"]
     return list(dict.fromkeys(out))
 
 
-def mask_columns(table: Any, objects: str) -> dict[tuple[str, str, str], str]:
-    """``(plate, well, site) -> mask path`` from a load_data table's ``*_Mask<Objects>`` columns."""
+def mask_folders(image_folder: Path) -> list[Path]:
+    """Where a field's masks may be: its image folder, ``masks/`` inside it, and the sibling folders
+    ``masks/``, ``<images>_masks/`` and any other ``*_masks/``."""
+    parent = image_folder.parent
+    out = [image_folder, image_folder / "masks", parent / "masks", parent / f"{image_folder.name}_masks"]
+    try:
+        out += sorted(p for p in parent.iterdir() if p.is_dir() and p.name.lower().endswith("_masks"))
+    except OSError:
+        pass
+    return [p for p in dict.fromkeys(out) if p != parent]
+
+
+def mask_names(stem: str, objects: str) -> list[str]:
+    """File names a ``<stem>`` field's ``objects`` mask may have (compared case-insensitively)."""
+    cp = "Mask" + objects[:1].upper() + objects[1:]
+    bases = [mask_file_name(stem, objects)[: -len(".tif")], f"{stem}_masks", f"{stem}_{cp}"]
+    return [b + suffix for b in bases for suffix in MASK_SUFFIXES]
+
+
+def mask_columns(table: Any, objects: str, base: str | os.PathLike[str] | None = None,
+                 ) -> dict[tuple[str, str, str], str]:
+    """``(plate, well, site) -> mask path`` from a load_data table's ``*_Mask<Objects>`` columns; a
+    relative path is joined to ``base`` (the table's folder), never to the working directory."""
     cols = {c.lower(): c for c in table.columns}
     fn, pn = cols.get(f"filename_mask{objects.lower()}"), cols.get(f"pathname_mask{objects.lower()}")
     if fn is None:
@@ -118,18 +151,24 @@ def mask_columns(table: Any, objects: str) -> dict[tuple[str, str, str], str]:
         site = str(int(float(site))) if site.replace(".", "", 1).isdigit() else site
         folder = str(row.get(pn, "")) if pn else ""
         name = str(row[fn])
-        out[(str(row.get("Metadata_Plate", "")), str(row.get("Metadata_Well", "")), site)] = (
-            os.path.join(folder, name) if folder and folder.lower() != "nan" else name)
+        path = os.path.join(folder, name) if folder and folder.lower() != "nan" else name
+        if base is not None and "://" not in path and not os.path.isabs(path):
+            path = os.path.normpath(os.path.join(os.fspath(base), path))
+        out[(str(row.get("Metadata_Plate", "")), str(row.get("Metadata_Well", "")), site)] = path
     return out
 
 
 @dataclass
 class MaskFinder:
-    """Finds the ``objects`` mask of each field of one source."""
+    """Finds the ``objects`` mask of each field of one source (one finder per run: it also keeps the
+    binary-mask note to one line per run)."""
 
     source: FieldSource
     objects: str
     table: dict[tuple[str, str, str], str] | None = None
+    binary: int = 0
+    _listings: dict[Path, dict[str, str]] = field(default_factory=dict, repr=False)
+    _folders: dict[Path, list[Path]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def for_source(cls, source: FieldSource, objects: str, spec: str) -> MaskFinder:
@@ -137,9 +176,21 @@ class MaskFinder:
         table = None
         if spec.lower().endswith((".csv", ".csv.gz", ".parquet", ".pq")):
             from dinocell.data.jump import read_load_data
+            from dinocell.data.tables import normalise_columns
 
-            table = mask_columns(read_load_data(spec), objects) or None
+            path = Path(spec)
+            table = mask_columns(normalise_columns(read_load_data(path)), objects,
+                                 base=path.resolve().parent) or None
         return cls(source, objects, table)
+
+    def _listing(self, folder: Path) -> dict[str, str]:
+        """Lower-case name -> name of a folder's files (listed once per folder)."""
+        if folder not in self._listings:
+            try:
+                self._listings[folder] = {n.lower(): n for n in os.listdir(folder)}
+            except OSError:
+                self._listings[folder] = {}
+        return self._listings[folder]
 
     def candidates(self, rec: FieldRecord) -> list[str]:
         if self.table is not None:
@@ -147,16 +198,27 @@ class MaskFinder:
             return [hit] if hit else []
         if not rec.channels:
             return []
-        folder = Path(next(iter(rec.channels.values()))).parent
-        out = []
-        for stem in _stems(rec):
-            for suffix in MASK_SUFFIXES:
-                out.append(str(folder / mask_file_name(stem, self.objects).replace(".tif", suffix)))
-                out.append(str(folder / f"{stem}_masks{suffix}"))
-        return out
+        for p in {Path(p).parent for p in rec.channels.values()} - self._folders.keys():
+            self._folders[p] = mask_folders(p)  # the parent folder is listed once per image folder
+        folders = list(dict.fromkeys(f for p in rec.channels.values() for f in self._folders[Path(p).parent]))
+        return [str(folder / name) for folder in folders for stem in _stems(rec)
+                for name in mask_names(stem, self.objects)]
 
     def find(self, rec: FieldRecord) -> str | None:
-        return next((p for p in self.candidates(rec) if os.path.isfile(p)), None)
+        if self.table is not None:
+            return next((p for p in self.candidates(rec) if os.path.isfile(p)), None)
+        for cand in self.candidates(rec):
+            p = Path(cand)
+            actual = self._listing(p.parent).get(p.name.lower())
+            if actual is not None:
+                return str(p.parent / actual)
+        return None
+
+    def _on_binary(self, name: str) -> None:
+        if self.binary == 0:
+            log.warning("mask %s is binary: objects taken as connected components (touching ones merge); "
+                        "further binary %s masks of this run are not reported", name, self.objects)
+        self.binary += 1
 
     def masks(self, rec: FieldRecord) -> np.ndarray:
         """The field's instance labels; DataError when there are none."""
@@ -170,7 +232,7 @@ class MaskFinder:
             looked = self.candidates(rec)[:2]
             raise MissingMaskError(f"no {self.objects} masks found for field {rec.key} (looked for "
                             f"{', '.join(looked) if looked else 'FileName_Mask' + self.objects.capitalize()})")
-        return read_mask(path)
+        return read_mask(path, self._on_binary)
 
 
 def annotated_field(source: FieldSource, finder: MaskFinder, rec: FieldRecord) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dinocell.segment.model import SegmentationNet, activate
+from dinocell.segment.scale import field_px, scaled_post
 
 
 def tile_starts(n: int, tile: int, stride: int) -> list[int]:
@@ -81,10 +82,19 @@ def sliding_window(net: SegmentationNet, image: np.ndarray, tile: int = 256, ove
 
 def segment_image(net: SegmentationNet, image: np.ndarray, cfg: Any, device: Any = None) -> np.ndarray:
     """Instance labels of one (H, W) image, or a list of them for a stack (N, H, W): sliding window,
-    then peaks + watershed.  ``cfg`` is a :class:`dinocell.segment.config.SegmentConfig`."""
-    from dinocell.segment.postprocess import instances
+    then peaks + watershed (then, with ``task.drop_border_objects``, no object touching the edge).
 
-    maps = sliding_window(net, image, cfg.infer.tile, cfg.infer.overlap, cfg.infer.batch_size, device)
-    if maps.ndim == 3:
-        return instances(maps[0], maps[1], cfg.post)
-    return [instances(m[0], m[1], cfg.post) for m in maps]  # type: ignore[return-value]
+    ``cfg`` is a :class:`dinocell.segment.config.SegmentConfig`.  The tile and the post-processing
+    distances are in backbone pixels: at the run's ``input_scale`` a field tile is ``tile / scale`` px.
+    """
+    from dinocell.segment.postprocess import drop_border_objects, instances
+
+    scale = net.input_scale
+    tile = field_px(cfg.infer.tile, scale)
+    post = scaled_post(cfg.post, scale)
+    maps = sliding_window(net, image, tile, cfg.infer.overlap, cfg.infer.batch_size, device)
+    drop = bool(cfg.task.drop_border_objects)
+    stack = maps[None] if maps.ndim == 3 else maps
+    out = [instances(m[0], m[1], post) for m in stack]
+    out = [drop_border_objects(lab) if drop else lab for lab in out]
+    return out[0] if maps.ndim == 3 else out  # type: ignore[return-value]

@@ -1,7 +1,8 @@
 """The segmenter: a dinocell backbone, a light neck and an upsampling decoder to full resolution.
 
-Patch tokens of the last ``blocks`` blocks (timm ``forward_intermediates``, already (B, D, h, w)) are
-concatenated, projected by a 1x1 + 3x3 neck, then doubled in resolution ``ceil(log2(patch))`` times
+Patch tokens of the last ``blocks`` blocks -- or of the blocks listed in ``feature_blocks``, e.g. an
+intermediate block whose tokens still carry local texture -- (timm ``forward_intermediates``, already
+(B, D, h, w)) are concatenated, projected by a 1x1 + 3x3 neck, then doubled in resolution ``ceil(log2(patch))`` times
 by (bilinear x2, 3x3 conv, GroupNorm, GELU) stages -- the DPT/DINOCell recipe minus the fusion of
 early layers, which a tiny frozen backbone does not need.  Heads: a normalised distance map and a
 foreground logit (DINOCell, SAMCell), optionally a Cellpose-style flow field.  The decoder sees only
@@ -23,8 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinocell.config import ModelConfig
+from dinocell.errors import ConfigError
 from dinocell.models.backbone import DinoBackbone, build_backbone
 from dinocell.models.loading import load_model
+from dinocell.segment.scale import numeric_scale
 
 
 def load_backbone_for_segmentation(spec: str | None, arch: ModelConfig) -> DinoBackbone:
@@ -47,6 +50,23 @@ def backbone_from_arch(arch: dict[str, Any]) -> DinoBackbone:
     return build_backbone(cfg, img_size=int(arch.get("img_size", 224)))
 
 
+def take_indices(cfg: Any, n_blocks: int) -> list[int]:
+    """Absolute block indices feeding the neck: ``cfg.feature_blocks`` (negative = from the end) or the
+    last ``cfg.blocks``; an index outside the backbone is a one-line ConfigError."""
+    listed = getattr(cfg, "feature_blocks", None)
+    if not listed:
+        n = max(1, min(int(cfg.blocks), n_blocks))
+        return list(range(n_blocks - n, n_blocks))
+    out = []
+    for i in listed:
+        j = int(i) + n_blocks if int(i) < 0 else int(i)
+        if not 0 <= j < n_blocks:
+            raise ConfigError(f"config key 'model.feature_blocks' has block {i}; this backbone has blocks "
+                              f"0..{n_blocks - 1}")
+        out.append(j)
+    return sorted(dict.fromkeys(out))
+
+
 def _norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(8, ch), ch)
 
@@ -62,8 +82,9 @@ class SegmentationNet(nn.Module):
             raise UserError(f"the segmenter feeds one channel; this backbone expects {backbone.in_chans}")
         self.backbone = backbone
         self.frozen = cfg.mode == "frozen"
-        self.blocks = max(1, min(int(cfg.blocks), backbone.n_blocks))
-        self.input_scale = float(cfg.input_scale)
+        self.take = take_indices(cfg, backbone.n_blocks)
+        self.blocks = len(self.take)
+        self.input_scale = numeric_scale(cfg.input_scale)
         self.flows = bool(cfg.flow_head)
         if self.frozen:
             backbone.requires_grad_(False)
@@ -90,10 +111,10 @@ class SegmentationNet(nn.Module):
         return self
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenated patch-token maps of the last ``blocks`` blocks, (B, D * blocks, h, w)."""
+        """Concatenated patch-token maps of the selected blocks, (B, D * blocks, h, w)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             maps = self.backbone.model.forward_intermediates(
-                x, indices=self.blocks, norm=True, output_fmt="NCHW", intermediates_only=True)
+                x, indices=list(self.take), norm=True, output_fmt="NCHW", intermediates_only=True)
         return torch.cat(list(maps), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

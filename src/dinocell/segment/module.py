@@ -9,6 +9,7 @@ backbone's lr scaled by ``optim.backbone_lr_mult``; a frozen backbone has no gro
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,7 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinocell.config import to_dict
 from dinocell.segment.model import SegmentationNet
@@ -62,6 +63,23 @@ def param_groups(net: SegmentationNet, cfg: Any) -> list[dict[str, Any]]:
     return groups
 
 
+class StepSampler(Sampler[int]):
+    """Dataset indices ``start .. total - 1`` in order (crop ``i`` is a pure function of ``i``).
+
+    ``__len__`` is the whole run even when resuming: Lightning counts batches from the restored step,
+    so the loader reports the run's length while yielding only what is left (as pretrain's
+    :class:`dinocell.train.datamodule.StreamSampler`)."""
+
+    def __init__(self, start: int, total: int) -> None:
+        self.start, self.total = int(start), int(total)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.total))
+
+    def __len__(self) -> int:
+        return self.total
+
+
 class SegmentModule(L.LightningModule):
     """Trains :class:`SegmentationNet` on random crops of annotated fields."""
 
@@ -76,8 +94,12 @@ class SegmentModule(L.LightningModule):
         return self.net(x)
 
     def train_dataloader(self) -> DataLoader:
+        """Built when fitting starts, so a resumed run's restored ``global_step`` is known: the sampler
+        continues the sample stream exactly where the uninterrupted run would be."""
         assert self.dataset is not None
-        return DataLoader(self.dataset, batch_size=self.cfg.train.batch_size, shuffle=False,
+        bs = self.cfg.train.batch_size
+        start = self.trainer.global_step * bs if self._trainer is not None else 0
+        return DataLoader(self.dataset, batch_size=bs, sampler=StepSampler(start, len(self.dataset)),
                           num_workers=max(0, self.cfg.data.num_workers), drop_last=True,
                           persistent_workers=self.cfg.data.num_workers > 0)
 

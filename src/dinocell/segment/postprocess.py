@@ -51,3 +51,15 @@ def instances(distance: np.ndarray, foreground: np.ndarray, cfg: Any) -> np.ndar
         lab[small[lab]] = 0
     lab, _, _ = relabel_sequential(lab)
     return lab.astype(label_dtype(int(lab.max())))
+
+
+def drop_border_objects(labels: np.ndarray) -> np.ndarray:
+    """Labels without the objects touching the image edge, renumbered 1..N (CellProfiler's
+    "discard objects touching the border"): their measured shape and intensity are truncated."""
+    from skimage.segmentation import clear_border, relabel_sequential
+
+    lab = np.asarray(labels)
+    if not lab.size or not lab.any():
+        return lab
+    out, _, _ = relabel_sequential(clear_border(lab))
+    return out.astype(label_dtype(int(out.max())) if np.issubdtype(lab.dtype, np.unsignedinteger) else lab.dtype)

@@ -1,7 +1,8 @@
 """``dinocell segment predict`` and ``evaluate``: label TIFFs + an object table, and AP per channel.
 
 ``predict`` writes, per field, ``OUT/masks/<plate>_<well>_s<site>_<objects>_masks.tif`` (uint16/32,
-0 = background) and one ``OUT/<objects>.parquet`` of every object (:mod:`dinocell.segment.objects`).
+0 = background) and one ``OUT/<objects>.parquet`` of every object (:mod:`dinocell.segment.objects`),
+staged and then published so that a killed run never mixes generations (:mod:`dinocell.segment.publish`).
 ``evaluate`` segments every annotated field once per fluorescent channel and once on their mean and
 reports AP50, AP 0.5:0.95 and F1@0.5 per channel (:mod:`dinocell.segment.metrics`).  ``synthetic``
 as the evaluation source means *held-out* synthetic fields: the run's generator with another seed.
@@ -12,23 +13,24 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dinocell.config import to_dict
 from dinocell.data.field import IMAGE_SUFFIXES
 from dinocell.data.sources import FieldSource, open_source
 from dinocell.errors import DataError
 from dinocell.evaluate.embed import HELD_OUT_SEED_OFFSET  # unseen synthetic fields, as `evaluate` uses
-from dinocell.segment.config import SegmentConfig, segment_config_from_dict
+from dinocell.segment.config import SegmentConfig
 from dinocell.segment.data import MEAN, MaskFinder, input_plane, iter_annotated
 from dinocell.segment.infer import segment_image
 from dinocell.segment.metrics import match_counts, scores, sum_counts
 from dinocell.segment.model import SegmentationNet
-from dinocell.segment.postprocess import label_dtype
+from dinocell.segment.postprocess import drop_border_objects, label_dtype
+from dinocell.segment.publish import MASKS, begin, mask_suffix, publish
 
 log = logging.getLogger(__name__)
 
@@ -84,28 +86,33 @@ def predict(net: SegmentationNet, cfg: SegmentConfig, inputs: list[str], out: st
         if not isinstance(s, _ImageFileSource):
             check_channel(s, channel)
     out_dir = Path(out)
+    objects = cfg.task.objects
+    stage = begin(out_dir, objects)  # nothing in OUT changes until every field is done
     tables, n_fields, n_objects = [], 0, 0
-    for source in sources:
-        which = "image" if isinstance(source, _ImageFileSource) else channel
-        for rec in source.records:
-            raw = source.load_raw(rec)
-            planes = source.load(rec)
-            labels = segment_image(net, input_plane(planes, source.channels, source.fluorescent, which), cfg)
-            stem = _safe(f"{rec.plate}_{rec.well}_s{rec.site}" if rec.well else rec.plate)
-            _write_tiff(out_dir / "masks" / f"{stem}_{cfg.task.objects}_masks.tif", labels)
-            meta = {"Metadata_Plate": rec.plate, "Metadata_Well": rec.well, "Metadata_Site": int(rec.site),
-                    **{k: v for k, v in rec.metadata.items() if k.startswith("Metadata_")
-                       and k not in ("Metadata_Plate", "Metadata_Well", "Metadata_Site")}}
-            tables.append(measure_objects(labels, raw, source.channels, cfg.task.objects, meta))
-            n_fields += 1
-            n_objects += int(labels.max())
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
-    path = out_dir / f"{cfg.task.objects}.parquet"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-    return {"fields": n_fields, "objects": n_objects, "table": str(path), "masks": str(out_dir / "masks")}
+    try:
+        for source in sources:
+            which = "image" if isinstance(source, _ImageFileSource) else channel
+            for rec in source.records:
+                raw = source.load_raw(rec)
+                planes = source.load(rec)
+                labels = segment_image(net, input_plane(planes, source.channels, source.fluorescent, which), cfg)
+                stem = _safe(f"{rec.plate}_{rec.well}_s{rec.site}" if rec.well else rec.plate)
+                _write_tiff(stage / MASKS / f"{stem}{mask_suffix(objects)}", labels)
+                meta = {"Metadata_Plate": rec.plate, "Metadata_Well": rec.well, "Metadata_Site": int(rec.site),
+                        **{k: v for k, v in rec.metadata.items() if k.startswith("Metadata_")
+                           and k not in ("Metadata_Plate", "Metadata_Well", "Metadata_Site")}}
+                tables.append(measure_objects(labels, raw, source.channels, objects, meta))
+                n_fields += 1
+                n_objects += int(labels.max())
+        table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+        table_name = f"{objects}.parquet"
+        table.to_parquet(stage / table_name, index=False)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)  # the previous generation stays as it was
+        raise
+    publish(stage, out_dir, objects, table_name)
+    return {"fields": n_fields, "objects": n_objects, "table": str(out_dir / table_name),
+            "masks": str(out_dir / MASKS)}
 
 
 def evaluation_source(cfg: SegmentConfig, data: str) -> FieldSource:
@@ -129,6 +136,8 @@ def evaluate_net(net: SegmentationNet, cfg: SegmentConfig, source: FieldSource, 
     for rec, planes, truth in iter_annotated(source, finder, limit):
         stack = np.stack([input_plane(planes, source.channels, source.fluorescent, c) for c in channels])
         preds = segment_image(net, stack, cfg)
+        if cfg.task.drop_border_objects:  # the truth as the predictions: no object cut by the edge
+            truth = drop_border_objects(truth)
         for c, pred in zip(channels, preds, strict=True):
             cnt = match_counts(truth, pred)
             counts[c].append(cnt)
@@ -141,11 +150,10 @@ def evaluate_net(net: SegmentationNet, cfg: SegmentConfig, source: FieldSource, 
 def evaluate(run_dir: str | os.PathLike[str], data: str, overrides: list[str] | None = None,
              limit: int | None = None) -> dict[str, Any]:
     """Load a ``segment fit`` run and evaluate it on ``data``."""
-    from dinocell.segment.run import load_segmenter
+    from dinocell.segment.run import apply_overrides, load_segmenter
 
     net, cfg, _ = load_segmenter(run_dir)
-    if overrides:
-        cfg = segment_config_from_dict(to_dict(cfg), overrides)
+    cfg = apply_overrides(net, cfg, list(overrides or []))
     return evaluate_net(net, cfg, evaluation_source(cfg, data), data, limit=limit)
 
 

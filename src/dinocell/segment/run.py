@@ -24,25 +24,47 @@ from dinocell.paths import write_text_atomic
 from dinocell.segment.config import SegmentConfig, segment_config_from_dict
 from dinocell.segment.model import SegmentationNet, backbone_from_arch, load_backbone_for_segmentation
 from dinocell.segment.module import CKPT_KEY, SegmentModule
+from dinocell.segment.scale import field_px, resolve_scale
 from dinocell.train.checkpoint import CKPT_DIR, LAST, AtomicCheckpointIO, load_checkpoint_file
 from dinocell.train.run import parse_devices, resolve_precision
 
 log = logging.getLogger(__name__)
 
 
-def training_fields(cfg: SegmentConfig, source: Any = None) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """(input planes, targets, channel names) of every annotated training field, held in memory."""
+def training_fields(cfg: SegmentConfig, source: Any = None,
+                    ) -> tuple[list[np.ndarray], list[np.ndarray], list[str], float | None]:
+    """(input planes, targets, channel names, median object diameter in px) of every annotated training
+    field, held in memory."""
     from dinocell.data.sources import open_source
     from dinocell.segment.data import MaskFinder, input_plane, iter_annotated
+    from dinocell.segment.scale import equivalent_diameters
     from dinocell.segment.targets import make_targets
 
     source = source or open_source(cfg.data)
     finder = MaskFinder.for_source(source, cfg.task.objects, str(cfg.data.source))
-    inputs, targets = [], []
+    inputs, targets, diameters = [], [], []
     for _, planes, labels in iter_annotated(source, finder):
         inputs.append(input_plane(planes, source.channels, source.fluorescent, cfg.task.channel))
         targets.append(make_targets(labels, flows=cfg.model.flow_head))
-    return inputs, targets, list(source.channels)
+        diameters.append(equivalent_diameters(labels))
+    d = np.concatenate(diameters) if diameters else np.zeros(0)
+    return inputs, targets, list(source.channels), (float(np.median(d)) if d.size else None)
+
+
+def split_training_source(cfg: SegmentConfig, run_dir: Path, resuming: bool) -> tuple[Any, list[str], int]:
+    """(training source, held-out wells, held-out field count): ``data.holdout`` wells are never trained
+    on; the list is decided once per run folder (``holdout.txt``) and kept for resumes, as pretrain's."""
+    from dinocell.data.holdout import read_holdout_file, resolve_wells, split_source, write_holdout_file
+    from dinocell.data.sources import open_source
+
+    source = open_source(cfg.data)
+    wells = read_holdout_file(run_dir) if resuming else None
+    if wells is None:
+        wells = resolve_wells(source.records, cfg.data.holdout)
+    train, held = split_source(source, wells)
+    write_holdout_file(run_dir, wells)
+    cfg.data.holdout.n_wells, cfg.data.holdout.n_fields = len(wells), len(held.records)
+    return train, list(wells), len(held.records)
 
 
 def _quiet_lightning() -> None:
@@ -52,8 +74,12 @@ def _quiet_lightning() -> None:
 
 
 def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | None = None,
-        resume: bool = True) -> dict[str, Any]:
-    """Train the segmenter into ``output_dir`` (resuming ``checkpoints/last.ckpt``); returns the summary."""
+        resume: bool = True, max_steps: int | None = None) -> dict[str, Any]:
+    """Train the segmenter into ``output_dir`` (resuming ``checkpoints/last.ckpt``); returns the summary.
+
+    ``max_steps`` stops this invocation early without changing the schedule (``train.steps``): a later
+    rerun resumes the very same run.  The sample stream and the lr schedule are functions of the
+    step, so a resumed run is bit-identical to an uninterrupted one."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -72,12 +98,19 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
     if not resume:
         for old in (run_dir / CKPT_DIR).glob("*.ckpt"):
             old.unlink()
+    if max_steps is not None and max_steps < 1:
+        raise UserError(f"--max-steps must be >= 1, got {max_steps}")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    inputs, targets, channels = training_fields(cfg)
-    net = SegmentationNet(load_backbone_for_segmentation(cfg.model.backbone, cfg.model.arch), cfg.model)
+    train_source, held_wells, held_fields = split_training_source(cfg, run_dir, ckpt_path is not None)
+    inputs, targets, channels, diameter = training_fields(cfg, train_source)
+    bb = load_backbone_for_segmentation(cfg.model.backbone, cfg.model.arch)
+    requested = cfg.model.input_scale
+    cfg.model.object_diameter = round(diameter, 3) if diameter is not None else None
+    cfg.model.input_scale = resolve_scale(cfg.model, diameter, bb.patch_size)  # predict reuses it
+    net = SegmentationNet(bb, cfg.model)
     save_config(cfg, run_dir)  # type: ignore[arg-type]
-    dataset = CropDataset(inputs, targets, cfg.task.crop_size, cfg.train.steps * cfg.train.batch_size,
-                          seed=cfg.train.seed)
+    crop = field_px(cfg.task.crop_size, float(cfg.model.input_scale))
+    dataset = CropDataset(inputs, targets, crop, cfg.train.steps * cfg.train.batch_size, seed=cfg.train.seed)
     module = SegmentModule(cfg, net, dataset, channels)
     logger = None
     if cfg.track.logger != "none":
@@ -86,7 +119,10 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
         logger = build_logger(cfg, run_dir, resume=ckpt_path is not None)  # type: ignore[arg-type]
     trainer = L.Trainer(
         accelerator=cfg.train.accelerator, devices=parse_devices(cfg.train.devices),
-        precision=resolve_precision(cfg.train.precision), max_steps=cfg.train.steps, max_epochs=-1,
+        # the loader holds the whole run and restarts at global_step * batch on resume; max_epochs=-1 so
+        # a rerun with a longer train.steps continues after a finished run
+        precision=resolve_precision(cfg.train.precision), max_steps=min(cfg.train.steps, max_steps or cfg.train.steps),
+        max_epochs=-1,
         logger=logger if logger is not None else False, plugins=[AtomicCheckpointIO(cfg.train.keep_last_n)],
         # keep-last-N is enforced by AtomicCheckpointIO (it also removes orphans of killed runs)
         callbacks=[ModelCheckpoint(dirpath=run_dir / CKPT_DIR, filename="step{step:08d}",
@@ -100,13 +136,17 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
         warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+        warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
         trainer.fit(module, ckpt_path=ckpt_path)
     if trainer.global_step > 0:
         trainer.save_checkpoint(last, weights_only=False)
     losses = module.loss_history
     k = max(1, min(20, len(losses) // 10))
     summary = {"steps": trainer.global_step, "objects": cfg.task.objects, "channel": cfg.task.channel,
-               "fields": len(inputs), "backbone": cfg.model.backbone, "mode": cfg.model.mode,
+               "fields": len(inputs), "heldout_wells": len(held_wells), "heldout_fields": held_fields,
+               "object_diameter_px": cfg.model.object_diameter, "input_scale": cfg.model.input_scale,
+               "input_scale_from": "auto" if isinstance(requested, str) else "config",
+               "crop_field_px": crop, "backbone": cfg.model.backbone, "mode": cfg.model.mode,
                "loss_first_mean": float(np.mean(losses[:k])) if losses else None,
                "loss_last_mean": float(np.mean(losses[-k:])) if losses else None}
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
@@ -138,3 +178,16 @@ def load_segmenter(run_dir: str | os.PathLike[str]) -> tuple[SegmentationNet, Se
         with torch.no_grad():
             net.backbone.model.rope.periods.copy_(periods.to(net.backbone.model.rope.periods.dtype))
     return net.eval(), cfg, list(meta.get("channel_names", []))
+
+
+def apply_overrides(net: SegmentationNet, cfg: SegmentConfig, overrides: list[str]) -> SegmentConfig:
+    """A loaded run's config with ``key=value`` overrides; a numeric ``model.input_scale`` among them
+    also rescales the model (e.g. ``model.input_scale=1`` to compare with the recorded auto scale)."""
+    if not overrides:
+        return cfg
+    from dinocell.config import to_dict
+
+    cfg = segment_config_from_dict(to_dict(cfg), overrides)
+    if not isinstance(cfg.model.input_scale, str):
+        net.input_scale = float(cfg.model.input_scale)
+    return cfg
