@@ -326,7 +326,7 @@ class ReferenceCallback(L.Callback):
         if not self.warned and start - value > self.max_drop:
             self.warned = True
             log.warning("reference %s fell from %.4f (step 0) to %.4f at step %d (more than "
-                        "track.reference_max_drop=%.3g): the model may be forgetting %s", metric, start, value, step,
+                        "track.reference_max_drop=%.3g) on the reference fields (track.reference=%s)", metric, start, value, step,
                         self.max_drop, self.cfg.track.reference)
         write_text_atomic(self.path, json.dumps({"reference": str(self.cfg.track.reference), "metric": metric,
                                                  "warned": self.warned, "history": self.history}, indent=2))
