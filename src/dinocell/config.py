@@ -275,6 +275,12 @@ class TrackConfig:
     attention_log_interval: int = 1000
     pca_log_interval: int = 5000
     log_model_checkpoints: bool = False
+    # forgetting guard (dinocell.track.callbacks.ReferenceCallback): a reference field set scored at step 0,
+    # every reference_every steps and at the end -> reference/* metrics, summary.json reference_start/min/end
+    reference: str = "heldout"  # heldout (the run's held-out wells) | none | a source URI (folder, s3://, ...)
+    reference_every: int = 1000  # steps between scores (0: step 0 and the end only)
+    reference_fields: int = 64  # fields of the reference set, spread over it
+    reference_max_drop: float = 0.02  # warn once when the score falls this far below its step-0 value
 
 
 @dataclass

@@ -95,21 +95,3 @@ def test_channel_embeddings_errors(tiny_backbone) -> None:
         cons.channel_embeddings(tiny_backbone, torch.rand(1, 2, 16, 16), [True])
     with pytest.raises(DataError, match="at least one fluorescent"):
         cons.channel_embeddings(tiny_backbone, torch.rand(1, 2, 16, 16), [False, False])
-
-
-def test_summarize_multiview_keys_and_ranges(tiny_backbone) -> None:
-    g = torch.Generator().manual_seed(2)
-    fields = torch.rand(8, 3, 32, 32, generator=g)
-    labels = [0, 1] * 4
-    out = cons.summarize_multiview(tiny_backbone, fields, labels, [True] * 3, ["DNA", "ER", "RNA"], crop_size=32)
-    assert out["channels"] == ["DNA", "ER", "RNA"]
-    assert np.asarray(out["consistency_matrix"]).shape == (3, 3)
-    assert -1 <= out["channel_consistency"] <= 1 and -1 <= out["channel_consistency_raw"] <= 1
-    assert out["channel_consistency_raw"] > out["channel_consistency"]  # raw cosine is inflated
-    assert 0 <= out["cross_channel_retrieval_top1"] <= 1
-    assert 0 <= out["transfer_knn_accuracy"] <= 1
-    assert cons.summarize_multiview(tiny_backbone, fields, None, [True] * 3, ["a", "b", "c"])[
-        "transfer_knn_accuracy"] is None
-    unknown = [0, 1, -1, 1, 0, 1, 0, 1]  # -1: a field without a label
-    assert cons.summarize_multiview(tiny_backbone, fields, unknown, [True] * 3, ["a", "b", "c"])[
-        "transfer_knn_accuracy"] is None

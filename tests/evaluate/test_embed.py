@@ -168,15 +168,3 @@ def test_data_config_uses_held_out_seed_and_model_scaling() -> None:
     assert cfg.data.synthetic.seed == 5  # the model's config is not modified
     with pytest.raises(UserError, match="did you mean"):
         E.data_config(m, None, ["data.synthetc.n_fields=3"])
-
-
-def test_load_fields_crops_to_square_before_resizing() -> None:
-    class Src:
-        def load(self, rec):
-            x = np.zeros((1, 8, 16), np.float32)
-            x[..., 4:12] = 1.0  # the centred 8x8 square is all ones
-            return x
-
-    rec = type("R", (), {"key": "k"})()
-    out, kept, skipped = E.load_fields(Src(), [rec], 4)
-    assert out.shape == (1, 1, 4, 4) and torch.allclose(out, torch.ones(1, 1, 4, 4))

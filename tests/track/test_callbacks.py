@@ -12,8 +12,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dinocell.config import load_config
+from dinocell.errors import ConfigError
 from dinocell.track import loggers as lg
-from dinocell.track.callbacks import DiagnosticsCallback
+from dinocell.track.callbacks import (
+    DiagnosticsCallback,
+    ReferenceCallback,
+    reference_enabled,
+    reference_summary,
+)
 
 TINY = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.patch_size=8",
         "data.views.global_crop_size=32", "data.synthetic.n_fields=32", "data.synthetic.size=48",
@@ -103,7 +109,8 @@ def test_callback_writes_figures_and_tensorboard_images(tmp_path: Path) -> None:
     assert [e.step for e in ev] == [0, 2, 4, 6]
     assert (ev[-1].height, ev[-1].width) == att.shape[:2]
     for key in ("eval/channel_consistency", "eval/channel_consistency_raw", "eval/cross_channel_retrieval_top1",
-                "eval/transfer_knn_accuracy"):
+                "eval/transfer_knn_accuracy", "eval/knn_accuracy", "eval/patch_consistency",
+                "eval/patch_retrieval_top1"):
         vals = acc.Scalars(key)
         assert [e.step for e in vals] == [0, 3, 6]
         assert all(-1.0 <= e.value <= 1.0 for e in vals)
@@ -127,17 +134,89 @@ def test_callback_logs_wandb_images_offline(tmp_path: Path, monkeypatch: pytest.
     assert b"figures/attention" in data and b"eval/channel_consistency" in data
 
 
-def test_callback_failure_does_not_stop_training(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+class _Unreadable:
+    """A source whose every field fails to decode (a broken mount, corrupt files)."""
+
+    def __init__(self, source) -> None:
+        self.records, self.channels, self.fluorescent = source.records, source.channels, source.fluorescent
+
+    def load(self, rec):
+        from dinocell.errors import DataError
+
+        raise DataError(f"cannot decode {rec.key}")
+
+
+def test_data_failure_is_logged_and_training_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = load_config(None, TINY + ["track.logger=csv", "track.attention_log_interval=0"])
+    cb = DiagnosticsCallback(cfg, tmp_path)
+
+    class BadData(StandIn):
+        def __init__(self, cfg) -> None:
+            super().__init__(cfg)
+            self.source = _Unreadable(self.source)
+
+    trainer = L.Trainer(max_steps=2, logger=False, callbacks=[cb], enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
+    with caplog.at_level("WARNING", logger="dinocell"):
+        trainer.fit(BadData(cfg))
+    assert trainer.global_step == 2
+    assert "diagnostics at step 0 failed: DataError: need at least 2 readable held-out fields" in caplog.text
+    assert "skipping field" in caplog.text  # each unreadable field is named once
+
+
+def test_a_bug_in_diagnostics_is_not_swallowed(tmp_path: Path) -> None:
     cfg = load_config(None, TINY + ["track.logger=csv"])
     cb = DiagnosticsCallback(cfg, tmp_path)
 
     class Broken(StandIn):
         def __init__(self, cfg) -> None:
             super().__init__(cfg)
-            self.example_fields = torch.rand(2, 3, 32, 32)  # 3 channels but 5 names/flags
+            self.example_fields = torch.rand(2, 3, 32, 32)  # 3 channels but 5 names/flags: a programming error
 
     trainer = L.Trainer(max_steps=2, logger=False, callbacks=[cb], enable_progress_bar=False,
                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu")
-    trainer.fit(Broken(cfg))
-    assert trainer.global_step == 2
-    assert "diagnostics at step" in caplog.text
+    with pytest.raises(IndexError):
+        trainer.fit(Broken(cfg))
+
+
+def _fit_reference(cfg, run_dir: Path, module: StandIn, steps: int = 4) -> ReferenceCallback:
+    cb = ReferenceCallback(cfg, run_dir)
+    trainer = L.Trainer(max_steps=steps, logger=False, callbacks=[cb], enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", devices=1)
+    trainer.fit(module)
+    return cb
+
+
+def test_reference_guard_scores_logs_and_warns_once(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from dinocell.track import callbacks as C
+
+    scripted = iter([0.90, 0.80, 0.85, 0.70])  # drops by 0.10 at step 2, again at the end: one warning
+    monkeypatch.setattr(C, "measure", lambda backbone, fields, dense=True: SimpleNamespace(
+        figures={"knn_accuracy": next(scripted), "cross_channel_retrieval_top1": 0.5}))
+    cfg = load_config(None, TINY + ["track.reference=heldout", "track.reference_every=2", "track.reference_fields=16"])
+    with caplog.at_level("WARNING", logger="dinocell.track.callbacks"):
+        cb = _fit_reference(cfg, tmp_path, StandIn(cfg), steps=5)
+    assert [(h["step"], h["score"]) for h in cb.history] == [(0, 0.9), (2, 0.8), (4, 0.85), (5, 0.7)]
+    assert all(h["metric"] == "knn_accuracy" for h in cb.history)
+    summary = reference_summary(tmp_path)
+    assert (summary["reference_start"], summary["reference_min"], summary["reference_end"]) == (0.9, 0.7, 0.7)
+    drops = [r.getMessage() for r in caplog.records if "reference knn_accuracy fell" in r.getMessage()]
+    assert len(drops) == 1 and "at step 2" in drops[0] and summary["reference_warned"]
+    # a resumed run keeps its step-0 value and its warning, and does not score a step twice
+    again = ReferenceCallback(cfg, tmp_path)
+    assert again.history == cb.history and again.warned
+
+
+def test_reference_on_a_second_source_and_off(tmp_path: Path) -> None:
+    cfg = load_config(None, TINY + ["track.reference=synthetic", "track.reference_every=0",
+                                    "track.reference_fields=8"])
+    cb = _fit_reference(cfg, tmp_path, StandIn(cfg), steps=2)
+    assert [h["step"] for h in cb.history] == [0, 2]
+    assert cb.history[0]["score"] == cb.history[1]["score"]  # StandIn's teacher does not move
+    assert reference_enabled(cfg)
+    assert not reference_enabled(load_config(None, TINY + ["track.reference=none"]))
+    with pytest.raises(ConfigError, match="reference_every"):
+        reference_enabled(load_config(None, TINY + ["track.reference_every=-1"]))

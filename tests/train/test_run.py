@@ -49,6 +49,13 @@ def test_run_folder_contents(tiny_run: tuple[Path, dict]) -> None:
     assert data["skipped_fields"] == 0 and data["eval_fields"] <= data["heldout_fields"]
     assert data == json.loads(json.dumps(summary))
     assert not list(run.rglob("*.tmp"))
+    # dense figures and the forgetting guard (track.reference=heldout by default: step 0 and the end)
+    for key in ("patch_consistency_before", "patch_consistency_after", "patch_retrieval_top1_after",
+                "knn_accuracy_after"):
+        assert data[key] is not None, key
+    assert 0 <= data["patch_retrieval_top1_after"] <= 1 and data["patch_chance"] == 1 / 16
+    assert data["reference"] == "heldout" and data["reference_steps"] == [0, 5]
+    assert data["reference_min"] <= data["reference_start"] and data["reference_min"] <= data["reference_end"]
 
 
 def test_rerun_resumes_and_is_a_noop_when_done(tiny_run: tuple[Path, dict]) -> None:

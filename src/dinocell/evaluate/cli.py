@@ -26,7 +26,9 @@ def register(sub: Any) -> None:
     ev.add_argument("--labels-csv", default=None, metavar="CSV", help="labelled images: CSV with path,label")
     ev.add_argument("--profiles", default=None, metavar="FILE",
                     help="profile table (Parquet/CSV from 'dinocell embed'): copairs replicate mAP")
-    ev.add_argument("--limit", type=int, default=None, help="at most N fields, spread over the source")
+    ev.add_argument("--limit", type=int, default=None,
+                    help="at most N fields, spread over the source (default: all; a run's held-out wells: "
+                         "the run's train.eval_fields, as summary.json)")
     ev.add_argument("--size", type=int, default=None, help="image size fed to the model (default: training crop)")
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--null-size", type=int, default=10000, help="copairs null distribution size")

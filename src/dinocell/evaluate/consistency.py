@@ -70,7 +70,8 @@ def channel_embeddings(
     batch_size: int = 64,
     pool: str = "cls",
 ) -> torch.Tensor:
-    """Embed each channel of each field as a 1-channel image: (F, C+1, D), index C = mean image.
+    """Embed each channel of each field as a 1-channel image: (F, C+1, D), index C = mean image
+    (``pool="patch"``: (F, C+1, D, h, w) patch-token maps).
 
     Fields (F, C, H, W) float in [0, 1] are resized (antialiased bilinear) to ``crop_size`` (or kept at
     their size) rounded to a multiple of the patch size.  Fields are processed in chunks of about
@@ -87,7 +88,7 @@ def channel_embeddings(
         if (th, tw) != (h, w):
             x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False, antialias=True)
         emb = encode_features(backbone, x, pool=pool, batch_size=batch_size)
-        out.append(emb.reshape(-1, n_views, emb.shape[-1]))
+        out.append(emb.reshape(-1, n_views, *emb.shape[1:]))
     if not out:
         return torch.empty(0, n_views, int(getattr(backbone, "embed_dim", 0)))
     return torch.cat(out).float()
@@ -169,53 +170,6 @@ def pair_table(matrix: np.ndarray, names: Sequence[str]) -> list[dict[str, Any]]
     return rows
 
 
-# --------------------------------------------------------------------------------------------------
-# The demo summary
-# --------------------------------------------------------------------------------------------------
-
-
-def summarize_multiview(
-    backbone: Any,
-    fields: torch.Tensor,
-    labels: Sequence[int] | np.ndarray | None,
-    fluorescent: Sequence[bool],
-    channel_names: Sequence[str],
-    crop_size: int | None = None,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """The multi-view quality numbers of ``make demo`` (DESIGN Q1/Q2) for held-out fields.
-
-    Keys: ``channel_consistency`` (centred, over the real channels — the mean image excluded),
-    ``channel_consistency_raw``, ``cross_channel_retrieval_top1``, ``transfer_knn_accuracy`` (kNN
-    k=20, T=0.07, fit on channel a of half the fields, test on channel b of the other half, mean over
-    a != b; ``None`` without labels), ``consistency_matrix`` (centred, list of lists), ``channels``,
-    ``n_fields``.
-    """
-    from dinocell.evaluate.transfer import transfer_knn
-
-    names = list(channel_names)
-    if len(names) != fields.shape[1]:
-        raise DataError(f"{len(names)} channel names for fields with {fields.shape[1]} channels")
-    emb = channel_embeddings(backbone, fields, fluorescent, crop_size=crop_size, batch_size=batch_size)
-    real = emb[:, : len(names)]
-    cons, mat = channel_consistency(real, centre=True)
-    cons_raw, _ = channel_consistency(real, centre=False)
-    out: dict[str, Any] = {
-        "channel_consistency": cons,
-        "channel_consistency_raw": cons_raw,
-        "cross_channel_retrieval_top1": cross_channel_retrieval(real, centre=True),
-        "transfer_knn_accuracy": None,
-        "consistency_matrix": mat.tolist(),
-        "channels": names,
-        "n_fields": int(fields.shape[0]),
-    }
-    if labels is not None:
-        y = np.asarray(labels)
-        if (y >= 0).all() and np.unique(y).size >= 2:  # -1 = unknown label
-            out["transfer_knn_accuracy"], _ = transfer_knn(real, y, k=20, temperature=0.07)
-    return out
-
-
 __all__ = [
     "centre_embeddings",
     "channel_consistency",
@@ -224,5 +178,4 @@ __all__ = [
     "cross_channel_retrieval",
     "cross_channel_retrieval_matrix",
     "pair_table",
-    "summarize_multiview",
 ]

@@ -42,6 +42,7 @@ import yaml
 
 from dinocell.config import Config, config_from_dict, to_dict
 from dinocell.errors import ConfigError, DataError, UserError
+from dinocell.evaluate.heldout import spread_indices
 from dinocell.evaluate.profile_table import DTYPES, profiles_frame, write_profiles
 from dinocell.evaluate.profiling import aggregate_wells, feature_columns
 from dinocell.evaluate.tiling import GEOMETRIES, field_tiles
@@ -270,44 +271,6 @@ def eval_source(model: LoadedModel, data: str | None, overrides: Sequence[str] =
     return open_source(cfg.data), desc, None
 
 
-def load_fields(source: Any, records: Sequence[Any], size: int | None) -> tuple[torch.Tensor, list[Any], list[str]]:
-    """Fields as one (N, C, size, size) stack for the fixed-size evaluation metrics; bad fields skipped.
-
-    A non-square field is first centre-cropped to its largest square, so a resize never changes the
-    aspect ratio of the cells (profiles use :func:`run_embed`, which does not resize at all).
-    """
-    import torch.nn.functional as F
-
-    out, kept, skipped = [], [], []
-    for rec in records:
-        try:
-            x = torch.from_numpy(np.ascontiguousarray(source.load(rec))).float()
-        except DataError as e:
-            skipped.append(f"{rec.key}: {e}")
-            log.warning("skipping field %s: %s", rec.key, e)
-            continue
-        if size is not None and tuple(x.shape[-2:]) != (size, size):
-            h, w = int(x.shape[-2]), int(x.shape[-1])
-            s = min(h, w)
-            x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-            x = F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-        out.append(x)
-        kept.append(rec)
-    if not out:
-        return torch.zeros(0), kept, skipped
-    shapes = {tuple(t.shape) for t in out}
-    if len(shapes) > 1:
-        raise DataError(f"fields have different shapes {sorted(shapes)}; pass --size to resize them")
-    return torch.stack(out), kept, skipped
-
-
-def spread_indices(n_total: int, limit: int | None) -> np.ndarray:
-    """``limit`` indices spread evenly over ``range(n_total)`` (all when ``limit`` is None)."""
-    if limit is None or limit >= n_total:
-        return np.arange(n_total)
-    return np.unique(np.linspace(0, n_total - 1, max(1, limit)).round().astype(int))
-
-
 # --------------------------------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------------------------------
@@ -416,8 +379,6 @@ __all__ = [
     "data_config",
     "eval_source",
     "field_views",
-    "load_fields",
     "record_metadata",
     "run_embed",
-    "spread_indices",
 ]

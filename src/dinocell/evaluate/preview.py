@@ -141,7 +141,7 @@ def preview(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write the preview grids; returns ``{"files": [...], "n": ..., "skipped": [...]}``."""
-    from dinocell.evaluate.embed import spread_indices
+    from dinocell.evaluate.heldout import spread_indices
 
     if (source is None) == (csv is None):
         raise UserError("give either --dir (a data source) or --csv with --tile-col")

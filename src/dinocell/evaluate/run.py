@@ -7,6 +7,7 @@ labels):
 
 * channel consistency: C×C matrix of mean same-field cosines, centred and raw, and a per-pair table;
 * cross-channel retrieval (top-1 same-field retrieval across stains);
+* dense figures: patch consistency and same-field patch retrieval (:mod:`dinocell.evaluate.heldout`);
 * phenotype probes per view (each channel, the mean image, all channels concatenated): weighted kNN
   (k = 10, 20; T = 0.07) and a linear probe (logistic regression) on a stratified 50/50 field split;
 * cross-channel transfer: kNN and linear probe fitted on channel A, tested on channel B, all pairs;
@@ -15,15 +16,22 @@ labels):
 Profile evaluation (``--profiles FILE``): copairs replicate-retrieval mAP and fraction retrieved
 (:mod:`dinocell.evaluate.profiling`).
 
+Fields and figures come from :mod:`dinocell.evaluate.heldout`, the code the run summary and the
+training callbacks use (``evaluation.json["heldout"]`` holds its flat figures).  A run folder scored on
+its held-out wells without ``--limit`` uses the run's ``train.eval_fields`` fields, so it reproduces
+``summary.json``.
+
 Outputs in ``--out-dir`` (default ``<run>/eval``): ``evaluation.json``, ``evaluation.md`` and PNGs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +41,8 @@ import torch.nn.functional as F
 
 from dinocell.data.field import IMAGE_SUFFIXES
 from dinocell.errors import DataError, UserError
-from dinocell.evaluate.embed import data_config, eval_source, load_fields, spread_indices
+from dinocell.evaluate.embed import data_config, eval_source
+from dinocell.evaluate.heldout import HeldoutFields, measure, spread_indices, with_size
 from dinocell.models.loading import LoadedModel, load_model
 from dinocell.paths import write_text_atomic
 
@@ -106,34 +115,43 @@ def labelled_paths(folder: str | None = None, csv: str | None = None) -> tuple[l
     raise UserError("give a labelled folder or a labels CSV")
 
 
-def load_labelled(paths: Sequence[str], labels: Sequence[str], size: int, scaling: Any) -> tuple[
-        torch.Tensor, list[int], list[str], list[str]]:
-    """Fields (F, C, S, S) scaled per channel, integer labels, class names and skipped files."""
-    from dinocell.data.decode import scale_field
+@dataclass
+class _Image:
+    key: str  # the file path
+    metadata: dict[str, Any]
+    plate: str = "labelled"
 
-    classes = sorted(set(labels))
-    ids = {c: i for i, c in enumerate(classes)}
-    fields, ys, skipped = [], [], []
-    n_ch = None
-    for path, lab in zip(paths, labels, strict=True):
-        try:
-            raw = read_multichannel(path)
-        except DataError as e:
-            skipped.append(str(e))
-            continue
+
+class LabelledImages:
+    """Labelled image files as a field source (``records``, ``channels``, ``fluorescent``, ``load``), so
+    they go through the one held-out evaluation; ``load`` scales with the model's :class:`Preprocess`.
+
+    The channel count comes from the first readable image; an image with another count is skipped."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[str], preprocess: Any,
+                 channel_names: Sequence[str] = ()) -> None:
+        self.preprocess = preprocess
+        self.classes = sorted(set(labels))
+        ids = {c: i for i, c in enumerate(self.classes)}
+        self.records = [_Image(str(p), {"label": ids[lab]}) for p, lab in zip(paths, labels, strict=True)]
+        n_ch = None
+        for rec in self.records:
+            try:
+                n_ch = read_multichannel(rec.key).shape[0]
+                break
+            except DataError:
+                continue
         if n_ch is None:
-            n_ch = raw.shape[0]
-        if raw.shape[0] != n_ch:
-            skipped.append(f"{path}: {raw.shape[0]} channels, expected {n_ch}")
-            continue
-        x = torch.from_numpy(scale_field(raw, scaling)).float()
-        fields.append(F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
-                                    align_corners=False)[0])
-        ys.append(ids[lab])
-    if len(fields) < 2:
-        raise DataError(f"need at least 2 readable labelled images, got {len(fields)}"
-                        + (f" (first problem: {skipped[0]})" if skipped else ""))
-    return torch.stack(fields), ys, classes, skipped
+            raise DataError(f"no labelled image is readable (first: {paths[0] if paths else '-'})")
+        self.channels = list(channel_names) if len(channel_names) == n_ch else [f"ch{i}" for i in range(n_ch)]
+        self.fluorescent = [True] * n_ch
+        self.name = "labelled images"
+
+    def load(self, rec: Any) -> np.ndarray:
+        raw = read_multichannel(rec.key)
+        if raw.shape[0] != len(self.channels):
+            raise DataError(f"{rec.key}: {raw.shape[0]} channels, expected {len(self.channels)}")
+        return self.preprocess.scale(raw)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,7 +322,12 @@ def to_markdown(res: dict[str, Any]) -> str:
                   "| metric | value |", "|---|---|",
                   f"| channel consistency (centred) | {_fmt(cc['centred'])} |",
                   f"| channel consistency (raw) | {_fmt(cc['raw'])} |",
-                  f"| cross-channel retrieval top-1 | {_fmt(cr['top1'])} (chance {_fmt(cr['chance'])}) |", "",
+                  f"| cross-channel retrieval top-1 | {_fmt(cr['top1'])} (chance {_fmt(cr['chance'])}) |"]
+        if "patch_consistency" in res:
+            pc, pr_ = res["patch_consistency"], res["patch_retrieval"]
+            lines += [f"| patch consistency (centred, same location) | {_fmt(pc['centred'])} |",
+                      f"| patch retrieval top-1 (same field) | {_fmt(pr_['top1'])} (chance {_fmt(pr_['chance'])}) |"]
+        lines += ["",
                   "### Per channel pair", "",
                   "| channel A | channel B | centred cosine | raw cosine | retrieval A→B |", "|---|---|---|---|---|"]
         lines += [f"| {p['a']} | {p['b']} | {_fmt(p['centred'])} | {_fmt(p['raw'])} | {_fmt(p['retrieval_top1'])} |"
@@ -387,7 +410,6 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run the evaluation (see module doc); returns the results and writes the report files."""
-    from dinocell.evaluate.consistency import channel_embeddings
     from dinocell.evaluate.plots import matrix_figure, save_figure
 
     if model is None and profiles is None:
@@ -397,36 +419,31 @@ def evaluate(
     figures: list[str] = []
     if model is not None:
         m = model if isinstance(model, LoadedModel) else load_model(model)
-        patch = int(m.backbone.patch_size)
-        crop = max(patch, int(round((size or m.crop_size) / patch)) * patch)
-        skipped: list[str] = []
+        pre = with_size(m.preprocess, size)
         if labelled or labels_csv:
             cfg = data_config(m, data or "synthetic", overrides)
+            pre = dataclasses.replace(pre, scaling=cfg.data.scaling)  # the model's, unless overridden
             paths, names_ = labelled_paths(labelled, labels_csv)
-            fields, labels, classes, skipped = load_labelled(paths, names_, crop, cfg.data.scaling)
-            n_ch = fields.shape[1]
-            channel_names = (list(m.channel_names) if len(m.channel_names) == n_ch
-                             else [f"ch{i}" for i in range(n_ch)])
-            fluorescent = [True] * n_ch
+            source: Any = LabelledImages(paths, names_, pre, m.channel_names)
             data_desc = labelled or labels_csv
-            label_list: list[int] | None = labels
-            res["classes"] = classes
+            res["classes"] = source.classes
         else:
             source, data_desc, heldout = eval_source(m, data, overrides)
             res["heldout_fields"] = heldout
-            recs = [source.records[int(i)] for i in spread_indices(len(source.records), limit)]
-            channel_names, fluorescent = list(source.channels), list(source.fluorescent)
-            emb, kept, skipped = _embed_records(m.backbone, source, recs, crop, batch_size)
-            if len(kept) < 2:
-                raise DataError(f"need at least 2 readable fields to evaluate, got {len(kept)}")
-            label_list = _record_labels(kept)
-
-            def fields(i: int, _src: Any = source, _kept: list[Any] = kept) -> torch.Tensor:
-                return load_fields(_src, [_kept[i]], crop)[0][0]
-        if not callable(fields):
-            emb = channel_embeddings(m.backbone, fields, fluorescent, crop_size=crop, batch_size=batch_size)
-        res.update({"model": m.description, "data": data_desc, "size": crop, "skipped": skipped})
+            if limit is None and heldout is not None and m.cfg is not None and m.cfg.train.eval_fields > 0:
+                limit = int(m.cfg.train.eval_fields)  # the run's evaluation set: summary.json's figures
+        fields = HeldoutFields(source, pre, limit=limit, cache=False)
+        held = measure(m.backbone, fields, batch_size=batch_size)
+        emb, label_list, channel_names = held.emb, held.labels, fields.channels
+        res.update({"model": m.description, "data": data_desc, "size": fields.side, "skipped": held.skipped})
         res.update(evaluate_embeddings(emb, channel_names, label_list, ks=ks, temperature=temperature, seed=seed))
+        res["heldout"] = held.figures
+        if held.figures.get("patch_consistency") is not None:
+            f = held.figures
+            res["patch_consistency"] = {"centred": f["patch_consistency"], "matrix": f["patch_consistency_matrix"],
+                                        "fields": f["patch_fields"]}
+            res["patch_retrieval"] = {"top1": f["patch_retrieval_top1"], "chance": f["patch_chance"],
+                                      "gallery": "patches of the same field"}
         if "channel_consistency" in res:
             cc = res["channel_consistency"]
             for name, mat, title in (
@@ -443,7 +460,8 @@ def evaluate(
                         out / "transfer_knn.png")
             figures.append(str(out / "transfer_knn.png"))
         gallery = 1 if len(channel_names) > 1 else len(channel_names)
-        save_figure(retrieval_figure(fields, emb, channel_names, label_list, 0, gallery), out / "retrieval_examples.png")
+        save_figure(retrieval_figure(fields.field, emb, channel_names, label_list, 0, gallery),
+                    out / "retrieval_examples.png")
         figures.append(str(out / "retrieval_examples.png"))
     if profiles is not None:
         from dinocell.evaluate.profiling import read_profiles, replicate_map
@@ -460,38 +478,6 @@ def evaluate(
     return res
 
 
-def _embed_records(backbone: Any, source: Any, records: Sequence[Any], size: int, batch_size: int,
-                   chunk_fields: int = 64) -> tuple[torch.Tensor, list[Any], list[str]]:
-    """Channel embeddings of ``records`` loaded ``chunk_fields`` at a time (bounded memory)."""
-    from dinocell.evaluate.consistency import channel_embeddings
-
-    embs, kept, skipped = [], [], []
-    for start in range(0, len(records), chunk_fields):
-        fields, ok, bad = load_fields(source, records[start:start + chunk_fields], size)
-        skipped += bad
-        if ok:
-            embs.append(channel_embeddings(backbone, fields, source.fluorescent, crop_size=size,
-                                           batch_size=batch_size))
-            kept += ok
-    if not embs:
-        return torch.zeros(0), kept, skipped
-    return torch.cat(embs), kept, skipped
-
-
-def _record_labels(records: Sequence[Any]) -> list[int] | None:
-    """Integer labels from records: ``label`` if every record has one, else ``Metadata_Label`` names."""
-    if records and all("label" in r.metadata for r in records):
-        try:
-            return [int(r.metadata["label"]) for r in records]
-        except ValueError:
-            pass
-    if records and all("Metadata_Label" in r.metadata for r in records):
-        names = sorted({str(r.metadata["Metadata_Label"]) for r in records})
-        ids = {n: i for i, n in enumerate(names)}
-        return [ids[str(r.metadata["Metadata_Label"])] for r in records]
-    return None
-
-
 def summary_line(res: dict[str, Any]) -> str:
     """A few headline numbers for the console."""
     parts = []
@@ -499,6 +485,9 @@ def summary_line(res: dict[str, Any]) -> str:
         parts.append(f"consistency {res['channel_consistency']['centred']:.3f} (raw "
                      f"{res['channel_consistency']['raw']:.3f})")
         parts.append(f"retrieval top-1 {res['cross_channel_retrieval']['top1']:.3f}")
+    if "patch_consistency" in res:
+        parts.append(f"patch consistency {_fmt(res['patch_consistency']['centred'])}, patch retrieval "
+                     f"{_fmt(res['patch_retrieval']['top1'])}")
     if "transfer" in res:
         parts.append(f"kNN transfer {_fmt(res['transfer']['knn']['mean_off_diagonal'])}")
     if "profiles" in res:
@@ -507,5 +496,5 @@ def summary_line(res: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-__all__ = ["evaluate", "evaluate_embeddings", "labelled_paths", "load_labelled", "read_multichannel",
+__all__ = ["evaluate", "evaluate_embeddings", "labelled_paths", "LabelledImages", "read_multichannel",
            "retrieval_figure", "to_markdown"]

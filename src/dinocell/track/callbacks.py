@@ -17,7 +17,9 @@ network that gets exported and evaluated.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,12 +30,20 @@ import torch
 import torch.nn.functional as F
 
 from dinocell.config import Config
+from dinocell.errors import ConfigError, UserError
 from dinocell.evaluate import plots
+from dinocell.evaluate.heldout import FIGURES as EVAL_FIGURES
+from dinocell.evaluate.heldout import HeldoutFields, measure, primary, training_preprocess
+from dinocell.paths import write_text_atomic
 from dinocell.track import diagnostics as dg
 
 log = logging.getLogger(__name__)
 
-MAX_EVAL_FIELDS = 64
+#: What a diagnostic may fail with without stopping training: bad or unreachable data (UserError,
+#: DataError), a full disk or a lost mount (OSError), a figure too large for the device.  Anything else
+#: is a bug and propagates.
+EXPECTED_FAILURES: tuple[type[BaseException], ...] = (UserError, OSError, torch.OutOfMemoryError)
+REFERENCE_FILE = "reference.json"
 
 
 def _teacher_backbone(pl_module: Any) -> Any:
@@ -60,10 +70,15 @@ class DiagnosticsCallback(L.Callback):
         self.attention_interval = int(cfg.track.attention_log_interval)
         self.pca_interval = int(cfg.track.pca_log_interval)
         n = cfg.train.eval_fields if eval_fields is None else eval_fields
-        self.n_eval = max(0, min(int(n), MAX_EVAL_FIELDS))
+        self.n_eval = max(0, int(n))
         self._done: dict[str, int] = {}
-        self._eval: tuple[torch.Tensor, list[int], list[str]] | None = None
+        self._fields: HeldoutFields | None = None
         self.saved: list[Path] = []
+        self.last_figures: dict[str, Any] | None = None
+
+    def use_fields(self, fields: HeldoutFields | None) -> None:
+        """Score these (already selected) held-out fields, e.g. the run summary's, instead of loading them."""
+        self._fields = fields
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -88,9 +103,7 @@ class DiagnosticsCallback(L.Callback):
         pca = pca and self._done.get("pca") != step
         if not (attention or pca):
             return
-        # Under FSDP every rank must take part in a forward pass; otherwise only rank 0 does the work.
-        sharded = "fsdp" in type(getattr(trainer, "strategy", None)).__name__.lower()
-        if not (trainer.is_global_zero or sharded):
+        if not _runs_here(trainer):  # rank 0 (every rank under FSDP: all take part in a forward pass)
             return
         try:
             if attention:
@@ -99,7 +112,7 @@ class DiagnosticsCallback(L.Callback):
             if pca:
                 self._done["pca"] = step
                 self.log_embeddings(trainer, pl_module, step)
-        except Exception as e:  # diagnostics must never kill a long training run
+        except EXPECTED_FAILURES as e:  # bad data, disk, memory: log and keep training
             log.warning("diagnostics at step %d failed: %s: %s", step, type(e).__name__, e)
 
     def log_attention(self, trainer: L.Trainer, pl_module: Any, step: int) -> None:
@@ -132,51 +145,51 @@ class DiagnosticsCallback(L.Callback):
             self._emit(trainer, "attention_heads", heads_fig, step)
 
     def log_embeddings(self, trainer: L.Trainer, pl_module: Any, step: int) -> None:
-        """Feature PCA, the channel-consistency matrix and ``eval/*`` scalars on the evaluation fields."""
-        from dinocell.evaluate.consistency import (
-            channel_consistency,
-            channel_embeddings,
-            cross_channel_retrieval,
-        )
-        from dinocell.evaluate.transfer import transfer_knn
+        """Feature PCA, the channel-consistency matrix and ``eval/*`` scalars on the held-out fields, all
+        from :func:`dinocell.evaluate.heldout.measure` (the run summary's and ``dinocell evaluate``'s code)."""
+        from dinocell.evaluate.consistency import channel_consistency
 
-        fields, labels, plates = self._eval_set(pl_module, trainer)
-        if len(fields) < 2:
+        fields = self.heldout_fields(trainer, pl_module)
+        if fields is None:
             return
-        backbone = _teacher_backbone(pl_module)
-        names = list(pl_module.channel_names)
-        emb = channel_embeddings(backbone, fields, list(pl_module.fluorescent), crop_size=None,
-                                 batch_size=max(1, self.cfg.data.batch_size)).numpy()  # (F, C+1, D)
+        res = measure(_teacher_backbone(pl_module), fields)
+        self.last_figures = res.figures
+        emb = res.emb.numpy()  # (F, C+1, D)
+        names = list(fields.channels)
         n, v, d = emb.shape
         view_names = names + ["mean"]
         points = plots.pca_2d(emb.reshape(-1, d))
         colourings: dict[str, list[Any]] = {"channel": [view_names[k] for _ in range(n) for k in range(v)]}
-        if any(y >= 0 for y in labels):
-            colourings["label"] = [labels[i] for i in range(n) for _ in range(v)]
+        if res.labels is not None:
+            colourings["label"] = [res.labels[i] for i in range(n) for _ in range(v)]
+        plates = [str(getattr(r, "plate", "?")) for r in res.records]
         if len(set(plates)) > 1:
             colourings["plate"] = [plates[i] for i in range(n) for _ in range(v)]
         pca_fig = plots.pca_figure(points, colourings, title=f"PCA of per-channel embeddings ({n} fields), step {step}")
-
-        cons, _ = channel_consistency(emb[:, :-1], centre=True) if len(names) > 1 else (float("nan"), None)
+        cons = res.figures["channel_consistency"]
         _, full = channel_consistency(emb, centre=True)
         mat_fig = plots.matrix_figure(full, view_names,
-                                   f"channel consistency (centred cosine), step {step}\n"
-                                   f"mean off-diagonal over channels: {cons:.3f}")
-        metrics: dict[str, float] = {}
-        if len(names) > 1:
-            real = emb[:, :-1]
-            metrics["eval/channel_consistency"] = cons
-            metrics["eval/channel_consistency_raw"] = channel_consistency(real, centre=False)[0]
-            metrics["eval/cross_channel_retrieval_top1"] = cross_channel_retrieval(real, centre=True)
-            y = np.asarray(labels)
-            if (y >= 0).all() and np.unique(y).size >= 2 and n >= 4:
-                metrics["eval/transfer_knn_accuracy"] = transfer_knn(real, y, k=20, temperature=0.07)[0]
+                                      f"channel consistency (centred cosine), step {step}\n"
+                                      f"mean off-diagonal over channels: {float('nan') if cons is None else cons:.3f}")
+        metrics = {f"eval/{k}": float(res.figures[k]) for k in EVAL_FIGURES if res.figures.get(k) is not None}
         if trainer.is_global_zero:
             self._emit(trainer, "pca", pca_fig, step)
             self._emit(trainer, "consistency", mat_fig, step)
             if metrics:
                 for lg in trainer.loggers:
                     lg.log_metrics(metrics, step=step)
+
+    def heldout_fields(self, trainer: Any, pl_module: Any) -> HeldoutFields | None:
+        """The ``eval/*`` fields: ``train.eval_fields`` of :meth:`eval_source`, selected and loaded once
+        with the training's preprocessing (the run summary scores the same ones)."""
+        if self._fields is None:
+            source = self.eval_source(trainer, pl_module)
+            if source is None or self.n_eval < 2 or len(source.records) < 2:
+                log.info("no held-out fields to score: the eval/* figures are off")
+                return None
+            self._fields = HeldoutFields(source, training_preprocess(self.cfg, list(source.channels)),
+                                         limit=self.n_eval)
+        return self._fields
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -196,38 +209,6 @@ class DiagnosticsCallback(L.Callback):
             return dm.heldout
         return getattr(pl_module, "source", None)
 
-    def _eval_set(self, pl_module: Any, trainer: Any = None) -> tuple[torch.Tensor, list[int], list[str]]:
-        """Up to ``n_eval`` held-out fields spread evenly (all plates/labels), loaded once."""
-        if self._eval is not None:
-            return self._eval
-        fields: list[torch.Tensor] = []
-        labels: list[int] = []
-        plates: list[str] = []
-        source = self.eval_source(trainer, pl_module)
-        size = self.cfg.data.views.global_crop_size
-        if source is not None and self.n_eval > 0 and len(source.records) > 0:
-            idx = np.unique(np.linspace(0, len(source.records) - 1, self.n_eval).round().astype(int))
-            for i in idx:
-                rec = source.records[int(i)]
-                try:
-                    x = torch.from_numpy(np.ascontiguousarray(source.load(rec))).float()
-                except Exception as e:  # a bad field: skip it, as training does
-                    log.debug("diagnostics: skipping field %s: %s", rec.key, e)
-                    continue
-                fields.append(F.interpolate(x[None], size=(size, size), mode="bilinear", antialias=True,
-                                            align_corners=False)[0])
-                labels.append(int(rec.metadata.get("label", -1)))
-                plates.append(str(rec.plate))
-        if len(fields) < 2 and source is None:  # no source at all: the module's fixed examples
-            ex = pl_module.example_fields
-            fields = [f for f in ex.float().cpu()] if ex is not None else []
-            labels = list(pl_module.example_labels)[: len(fields)]
-            labels += [-1] * (len(fields) - len(labels))
-            plates = ["?"] * len(fields)
-        stacked = torch.stack(fields) if fields else torch.zeros(0)
-        self._eval = (stacked, labels, plates)
-        return self._eval
-
     def _emit(self, trainer: L.Trainer, kind: str, fig: Any, step: int) -> None:
         """Save ``<kind>_stepNNNNNN.png`` and ``<kind>_latest.png``, then log to every attached logger."""
         path = self.fig_dir / f"{kind}_step{step:06d}.png"
@@ -240,8 +221,135 @@ class DiagnosticsCallback(L.Callback):
         for lg in trainer.loggers:
             try:
                 log_figure(lg, f"figures/{kind}", fig, path, step)
-            except Exception as e:
-                log.warning("could not log figure %s to %s: %s", kind, type(lg).__name__, e)
+            except (OSError, ValueError, RuntimeError) as e:  # a logger's own I/O or media error
+                log.warning("could not log figure %s to %s: %s: %s", kind, type(lg).__name__, type(e).__name__, e)
+
+
+def _runs_here(trainer: Any) -> bool:
+    """Rank 0 does the work; under FSDP every rank must take part in the forward passes."""
+    sharded = "fsdp" in type(getattr(trainer, "strategy", None)).__name__.lower()
+    return bool(trainer.is_global_zero or sharded)
+
+
+def reference_enabled(cfg: Config) -> bool:
+    """Whether the forgetting guard is on (``track.reference`` not ``none``/empty); checks its keys."""
+    t = cfg.track
+    if t.reference_every < 0 or t.reference_fields < 0 or not t.reference_max_drop >= 0:
+        raise ConfigError("config keys 'track.reference_every', 'track.reference_fields' and "
+                          "'track.reference_max_drop' must be >= 0")
+    return str(t.reference or "none").strip().lower() not in ("none", "", "off", "false") and t.reference_fields >= 2
+
+
+class ReferenceCallback(L.Callback):
+    """Forgetting guard: score the teacher on a fixed reference field set while it trains.
+
+    ``track.reference``: ``heldout`` (the run's held-out wells) or a source URI (a folder, load_data
+    file, ``s3://`` prefix, ``synthetic``; opened with the run's data section, so the same channels and
+    scaling) such as the domain the weights started from.  Scored with :func:`dinocell.evaluate.heldout.measure`
+    (CLS figures only: no dense pass) at step 0, every ``track.reference_every`` steps and at the end;
+    logged as ``reference/*``; the score (within-channel kNN when the fields carry labels, else
+    cross-channel retrieval top-1) is kept in ``<run>/reference.json`` (so resumed runs keep their
+    step-0 value) and summarised in ``summary.json``.  One warning per run when the score falls more
+    than ``track.reference_max_drop`` below its step-0 value.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str | Path) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.path = Path(run_dir) / REFERENCE_FILE
+        self.every = int(cfg.track.reference_every)
+        self.max_drop = float(cfg.track.reference_max_drop)
+        state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.history: list[dict[str, Any]] = list(state.get("history", []))
+        self.warned = bool(state.get("warned", False))
+        self._fields: HeldoutFields | None = None
+        self._off = False
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step == 0:
+            self.score(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.every > 0 and trainer.global_step % self.every == 0:
+            self.score(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.score(trainer, pl_module)
+
+    # ------------------------------------------------------------------ work
+    def fields(self, trainer: Any, pl_module: Any) -> HeldoutFields | None:
+        if self._fields is None and not self._off:
+            ref = str(self.cfg.track.reference).strip()
+            if ref.lower() == "heldout":
+                source = DiagnosticsCallback.eval_source(trainer, pl_module)
+            else:
+                from dinocell.data.sources import open_source
+
+                source = open_source(self.cfg.data, ref)
+            if source is None or len(source.records) < 2:
+                log.warning("track.reference=%s has fewer than 2 fields: the forgetting guard is off", ref)
+                self._off = True
+                return None
+            self._fields = HeldoutFields(source, training_preprocess(self.cfg, list(source.channels)),
+                                         limit=int(self.cfg.track.reference_fields))
+        return self._fields
+
+    def score(self, trainer: Any, pl_module: Any) -> dict[str, Any] | None:
+        """Score the reference set at the current step (once per step); None when off or failed."""
+        step = int(trainer.global_step)
+        if self._off or any(h["step"] == step for h in self.history) or not _runs_here(trainer):
+            return None
+        try:
+            fields = self.fields(trainer, pl_module)
+            if fields is None:
+                return None
+            figures = measure(_teacher_backbone(pl_module), fields, dense=False).figures
+        except EXPECTED_FAILURES as e:  # an unreachable reference source must not stop training
+            log.warning("reference score at step %d failed: %s: %s", step, type(e).__name__, e)
+            return None
+        best = primary(figures)
+        if best is None:
+            log.warning("the reference fields give neither kNN (no labels) nor retrieval (one channel): "
+                        "the forgetting guard is off")
+            self._off = True
+            return None
+        metric, value = best
+        entry = {"step": step, "metric": metric, "score": value,
+                 **{k: figures[k] for k in ("knn_accuracy", "transfer_knn_accuracy", "cross_channel_retrieval_top1",
+                                            "channel_consistency") if figures.get(k) is not None}}
+        if not trainer.is_global_zero:
+            return entry
+        self.history.append(entry)
+        start = self.history[0]["score"]
+        if not self.warned and start - value > self.max_drop:
+            self.warned = True
+            log.warning("reference %s fell from %.4f (step 0) to %.4f at step %d (more than "
+                        "track.reference_max_drop=%.3g) on the reference fields (track.reference=%s)", metric, start, value, step,
+                        self.max_drop, self.cfg.track.reference)
+        write_text_atomic(self.path, json.dumps({"reference": str(self.cfg.track.reference), "metric": metric,
+                                                 "warned": self.warned, "history": self.history}, indent=2))
+        metrics = {f"reference/{k}": float(v) for k, v in entry.items() if k not in ("step", "metric")}
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=step)
+        return entry
+
+
+def reference_summary(run_dir: str | Path) -> dict[str, Any]:
+    """``reference_start`` / ``_min`` / ``_end`` (+ metric, source, steps) of a run's forgetting guard."""
+    path = Path(run_dir) / REFERENCE_FILE
+    if not path.is_file():
+        return {}
+    state = json.loads(path.read_text())
+    scores = [h["score"] for h in state.get("history", []) if h.get("score") is not None
+              and math.isfinite(h["score"])]
+    if not scores:
+        return {}
+    return {"reference": state.get("reference"), "reference_metric": state.get("metric"),
+            "reference_start": scores[0], "reference_min": min(scores), "reference_end": scores[-1],
+            "reference_steps": [h["step"] for h in state["history"]],
+            "reference_warned": bool(state.get("warned"))}
 
 
 def log_figure(logger: Any, key: str, fig: Any, path: Path, step: int) -> None:
@@ -260,4 +368,4 @@ def log_figure(logger: Any, key: str, fig: Any, path: Path, step: int) -> None:
         logger.log_image(key=key, images=[str(path)], step=step)
 
 
-__all__ = ["DiagnosticsCallback", "log_figure"]
+__all__ = ["DiagnosticsCallback", "ReferenceCallback", "log_figure", "reference_enabled", "reference_summary"]

@@ -25,6 +25,8 @@ from dinocell.train.checkpoint import CKPT_DIR, LAST, AtomicCheckpointIO, prune_
 
 log = logging.getLogger(__name__)
 
+EVAL_BEFORE = "eval_before.json"
+
 
 # ----------------------------------------------------------------------------------- trainer
 
@@ -73,12 +75,12 @@ def _callbacks(cfg: Config, run_dir: Path) -> list[Any]:
             save_top_k=-1, enable_version_counter=False,
         )
     ]
-    try:
-        from dinocell.track.callbacks import DiagnosticsCallback
-    except ImportError:
-        DiagnosticsCallback = None  # noqa: N806
-    if DiagnosticsCallback is not None and cfg.track.logger != "none":
+    from dinocell.track.callbacks import DiagnosticsCallback, ReferenceCallback, reference_enabled
+
+    if cfg.track.logger != "none":
         cbs.append(DiagnosticsCallback(cfg, run_dir))
+    if reference_enabled(cfg):  # the forgetting guard runs without a logger too: it feeds summary.json
+        cbs.append(ReferenceCallback(cfg, run_dir))
     return cbs
 
 
@@ -97,6 +99,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
 
     from dinocell.data.holdout import read_holdout_file, write_holdout_file
     from dinocell.data.sources import open_source
+    from dinocell.track.callbacks import REFERENCE_FILE
     from dinocell.train.datamodule import DinoCellDataModule
     from dinocell.train.module import DinoCellModule
 
@@ -116,6 +119,9 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     if not resume and ckpt_dir.is_dir():
         for old in [*ckpt_dir.glob("*.ckpt"), *ckpt_dir.glob("*.tmp")]:
             old.unlink()
+    if ckpt_path is None:  # a fresh start: figures cached by an earlier run in this folder are stale
+        for name in (EVAL_BEFORE, REFERENCE_FILE):
+            (run_dir / name).unlink(missing_ok=True)
     prune_checkpoints(ckpt_dir, cfg.train.keep_last_n)  # orphans of an interrupted run
 
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -127,13 +133,14 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     source = open_source(cfg.data)
     source.verify()  # like `dinocell data ls`: unreadable files are counted; all unreadable -> one line
     logger = _logger(cfg, run_dir, resume=ckpt_path is not None)
+    callbacks = _callbacks(cfg, run_dir)
     trainer = _build_trainer(
         accelerator=cfg.train.accelerator, devices=parse_devices(cfg.train.devices), num_nodes=cfg.train.num_nodes,
         strategy=_strategy(cfg), precision=resolve_precision(cfg.train.precision),
         # one Lightning epoch = the whole run (the loader's length is the schedule horizon);
         # --max-steps only stops it earlier
         max_steps=cfg.train.max_steps or -1, max_epochs=1, logger=logger if logger is not None else False,
-        callbacks=_callbacks(cfg, run_dir), plugins=[AtomicCheckpointIO(cfg.train.keep_last_n)],
+        callbacks=callbacks, plugins=[AtomicCheckpointIO(cfg.train.keep_last_n)],
         enable_progress_bar=cfg.train.progress_bar,  # clipping: per module, in the LightningModule
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         log_every_n_steps=1, use_distributed_sampler=False, default_root_dir=str(run_dir),
@@ -151,6 +158,9 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
 
     evaluator = _Evaluator(cfg, run_dir, data.heldout)
     before = evaluator.before(module) if trainer.is_global_zero else None
+    for cb in callbacks:  # the eval/* callback scores the summary's fields (loaded once)
+        if hasattr(cb, "use_fields") and evaluator.fields() is not None:
+            cb.use_fields(evaluator.fields())
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -194,50 +204,52 @@ def _build_trainer(**kwargs: Any) -> Any:
 class _Evaluator:
     """Before/after figures on held-out fields: the demo's proof that features became channel-invariant.
 
-    ``heldout`` is the DataModule's held-out source: wells that training never reads."""
+    ``heldout`` is the DataModule's held-out source: wells that training never reads.  The figures
+    come from :mod:`dinocell.evaluate.heldout`, as the ``eval/*`` callback's and ``dinocell evaluate``'s
+    do, on ``train.eval_fields`` fields with the training's preprocessing."""
 
     def __init__(self, cfg: Config, run_dir: Path, heldout: Any) -> None:
         self.cfg, self.run_dir, self.heldout = cfg, run_dir, heldout
-        self._held: tuple[torch.Tensor, list[int]] | tuple[()] | None = None
+        self._fields: Any = None
 
-    def _held_out(self) -> tuple[torch.Tensor, list[int]] | None:
-        """Held-out fields, loaded once per run (``before`` and ``after`` measure the same tensor)."""
-        if self._held is None:
-            self._held = self._load_held_out()
-        return self._held or None
-
-    def _load_held_out(self) -> tuple[torch.Tensor, list[int]] | tuple[()]:
-        from dinocell.data.sources import load_resized_fields
+    def fields(self) -> Any:
+        """The evaluated held-out fields (selected once; inputs cached after the first pass), or None."""
+        from dinocell.evaluate.heldout import HeldoutFields, training_preprocess
 
         n = max(0, self.cfg.train.eval_fields)
-        if n == 0 or self.heldout is None or len(self.heldout) == 0:
-            return ()
-        fields, labels = load_resized_fields(self.heldout, n, self.cfg.data.views.global_crop_size)
-        if len(fields) < 2:
-            return ()
-        return torch.stack(fields), labels
+        if self._fields is None and n >= 2 and self.heldout is not None and len(self.heldout) >= 2:
+            pre = training_preprocess(self.cfg, list(self.heldout.channels))
+            self._fields = HeldoutFields(self.heldout, pre, limit=n)
+        return self._fields
 
-    def _measure(self, module: Any, held: tuple[torch.Tensor, list[int]]) -> dict[str, Any]:
-        from dinocell.evaluate.consistency import summarize_multiview
+    def _measure(self, module: Any) -> dict[str, Any] | None:
+        from dinocell.errors import DataError
+        from dinocell.evaluate.heldout import measure
 
-        fields, labels = held
-        backbone = module.meta.teacher["backbone"]
-        return summarize_multiview(backbone, fields, labels, module.fluorescent, module.channel_names,
-                                   crop_size=None)
+        fields = self.fields()
+        if fields is None:
+            return None
+        try:
+            res = measure(module.meta.teacher["backbone"], fields)
+        except DataError as e:  # fewer than two readable held-out fields: no figures, say why
+            log.warning("held-out evaluation skipped: %s", e)
+            return None
+        return {**res.figures, "eval_fields": len(res.records)}
 
     def before(self, module: Any) -> dict[str, Any] | None:
         """Figures of the model before training (cached in the run folder for resumed runs)."""
-        cache = self.run_dir / "eval_before.json"
+        cache = self.run_dir / EVAL_BEFORE
         if cache.is_file():
             return json.loads(cache.read_text())
-        held = self._held_out()
-        if held is None:
-            return None
-        res = self._measure(module, held)
-        write_text_atomic(cache, json.dumps(res, indent=2))
+        res = self._measure(module)
+        if res is not None:
+            write_text_atomic(cache, json.dumps(res, indent=2))
         return res
 
     def after(self, module: Any, before: dict[str, Any] | None, step: int, skipped: int = 0) -> dict[str, Any]:
+        from dinocell.evaluate.heldout import FIGURES
+        from dinocell.track.callbacks import reference_summary
+
         losses = module.loss_history
         summary: dict[str, Any] = {"steps": step, "loss_first": losses.first, "loss_last": losses.last}
         if len(losses):
@@ -247,19 +259,18 @@ class _Evaluator:
             summary["loss_mean"] = losses.mean
         summary["heldout_fields"] = len(self.heldout) if self.heldout is not None else 0
         summary["skipped_fields"] = int(skipped)
-        held = self._held_out()
-        if held is not None and before is not None:
-            after = self._measure(module, held)
-            for key in ("channel_consistency", "channel_consistency_raw", "cross_channel_retrieval_top1",
-                        "transfer_knn_accuracy"):
-                if key in after:
-                    summary[f"{key}_before"] = before.get(key)
-                    summary[f"{key}_after"] = after.get(key)
+        after = self._measure(module) if before is not None else None
+        if after is not None and before is not None:
+            for key in FIGURES:
+                summary[f"{key}_before"] = before.get(key)
+                summary[f"{key}_after"] = after.get(key)
             summary["cross_channel_retrieval_top1"] = after.get("cross_channel_retrieval_top1")
             summary["transfer_knn_accuracy"] = after.get("transfer_knn_accuracy")
+            summary["patch_chance"] = after.get("patch_chance")
             summary["consistency_matrix_after"] = after.get("consistency_matrix")
             summary["channels"] = after.get("channels")
-            summary["eval_fields"] = len(held[1])
+            summary["eval_fields"] = after.get("eval_fields")
+        summary.update(reference_summary(self.run_dir))
         v = self.cfg.data.views
         summary["policy"] = v.policy
         summary["aligned_globals"] = bool(v.aligned_globals or v.policy == "all_channels")
@@ -279,9 +290,14 @@ def format_summary(s: dict[str, Any]) -> str:
     for key, label in (("channel_consistency", "channel consistency (centred)"),
                        ("channel_consistency_raw", "channel consistency (raw)"),
                        ("cross_channel_retrieval_top1", "cross-channel retrieval top-1"),
-                       ("transfer_knn_accuracy", "cross-channel kNN transfer")):
+                       ("transfer_knn_accuracy", "cross-channel kNN transfer"),
+                       ("patch_consistency", "patch consistency (centred)"),
+                       ("patch_retrieval_top1", "patch retrieval top-1")):
         if f"{key}_after" in s:
             rows.append((label, s.get(f"{key}_before"), s.get(f"{key}_after")))
+    if "reference_start" in s:
+        rows.append((f"reference {s.get('reference_metric')} (start -> end)", s.get("reference_start"),
+                     s.get("reference_end")))
     width = max(len(r[0]) for r in rows)
     lines = [f"{'metric':<{width}}  {'before':>8}  {'after':>8}", "-" * (width + 20)]
     lines += [f"{name:<{width}}  {f(a):>8}  {f(b):>8}" for name, a, b in rows]
