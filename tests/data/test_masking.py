@@ -153,10 +153,12 @@ def test_collate_is_deterministic_with_seed() -> None:
     assert torch.equal(a["masks"], b["masks"])
 
 
-def test_collate_tiny_grid_masks_at_least_one_patch() -> None:
-    # 32 px crops with patch 16: a 2x2 grid, where 10% of 4 patches rounds to zero
-    out = collate_multiview(_samples(2, g=32, loc=16), MaskConfig(), patch_size=16, rng=0)
-    assert int((out["masks"].sum(1) > 0).sum()) == 2
+def test_collate_tiny_grid_masks_none_where_the_count_rounds_to_zero() -> None:
+    # 32 px crops with patch 16: a 2x2 grid; of 8 crops 4 are "masked" with int(4 * p) = 0, 1, 1, 2 patches:
+    # dinov3 masks none in the first (it does not force one); reference: tests/train/test_parity_official.py
+    out = collate_multiview(_samples(4, g=32, loc=16), MaskConfig(), patch_size=16, rng=0)
+    assert sorted(out["masks"].sum(1).tolist()) == [0, 0, 0, 0, 0, 1, 1, 2]
+    assert out["n_masked_patches"] == 4
 
 
 def test_collate_no_masking_when_probability_zero() -> None:

@@ -21,18 +21,29 @@ def _group_of(groups: list[dict], param) -> dict:
     return next(g for g in groups if any(p is param for p in g["params"]))
 
 
-def test_no_weight_decay_on_bias_norm_layerscale_tokens(groups) -> None:
+def test_weight_decay_follows_dinov3_tokens_decay(groups) -> None:
+    """dinov3 (train/param_groups.py @ 6876159a) exempts only names ending in ``bias`` or containing
+    ``norm``, ``gamma``, ``fourier_w``: CLS, register (storage) and mask tokens *are* decayed."""
     meta, gs = groups
     named = dict(meta.student.named_parameters())
     for name, p in named.items():
         if not p.requires_grad:
             continue
         g = _group_of(gs, p)
-        nodecay = name.endswith("bias") or "norm" in name or "gamma" in name or "token" in name
-        if nodecay:
-            assert g["wd_multiplier"] == 0.0, name
-        elif p.ndim == 2 and "weight" in name:
-            assert g["wd_multiplier"] == 1.0, name
+        nodecay = name.endswith("bias") or "norm" in name or "gamma" in name
+        assert g["wd_multiplier"] == (0.0 if nodecay else 1.0), name
+    for token in ("backbone.model.cls_token", "backbone.model.reg_token", "backbone.mask_token"):
+        assert _group_of(gs, named[token])["wd_multiplier"] == 1.0, token
+    assert _group_of(gs, named["backbone.model.blocks.0.gamma_1"])["wd_multiplier"] == 0.0
+    assert _group_of(gs, named["backbone.model.norm.weight"])["wd_multiplier"] == 0.0
+
+
+def test_backbone_groups_are_flagged_and_never_mixed_with_heads(groups) -> None:
+    meta, gs = groups
+    backbone = {id(p) for p in meta.student["backbone"].parameters()}
+    for g in gs:
+        inside = {id(p) in backbone for p in g["params"]}
+        assert inside == {g["is_backbone"]}
 
 
 def test_layerwise_decay_and_patch_embed(groups) -> None:
