@@ -238,7 +238,11 @@ class DinoCellModule(L.LightningModule):
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed * 1_000_003 + step)
         self.meta.gram_active = step >= lc.gram_teacher_start
         self.meta.gram_weight = values["gram_weight"]
-        out = self.meta(batch, values["teacher_temp"], gram_generator=gen)
+        # CPU random draws inside the forward (RoPE coordinate rescaling, drop path on CPU) come from a
+        # per-step seed, so a resumed run repeats them exactly whatever the data pipeline drew meanwhile.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self.cfg.train.seed * 1_000_003 + step + 500_009)
+            out = self.meta(batch, values["teacher_temp"], gram_generator=gen)
         total = out["total"]
         self._track_finite(total.detach(), step)
         if self._finite_check_due(step):
