@@ -226,3 +226,12 @@ def test_non_aligned_batches_draw_one_mask_per_crop() -> None:
     assert int(out["masks"].any(-1).sum()) == 8  # int(2B * 0.5) crops masked, not per sample
     plain = [{k: v for k, v in s.items() if k != "aligned"} for s in samples]
     assert torch.equal(collate_multiview(plain, cfg, patch_size=8, rng=0)["masks"], out["masks"])
+
+
+def test_collate_stacks_gram_teacher_crops_crop_major() -> None:
+    samples = _samples(3)
+    for i, s in enumerate(samples):
+        s["gram_teacher_crops"] = [torch.full((1, 96, 96), float(10 * i + k)) for k in range(2)]
+    out = collate_multiview(samples, MaskConfig(), 16, rng=0)
+    assert out["gram_teacher_crops"].shape == (6, 1, 96, 96)
+    assert [float(x[0, 0, 0]) for x in out["gram_teacher_crops"]] == [0, 10, 20, 1, 11, 21]

@@ -155,3 +155,25 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path) -> None:
     lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert all(line.startswith("RAISED") for line in lines), lines
     assert "loss is nan at step 3" in lines[1] and "another rank by step 5" in lines[0]
+
+
+def test_gram_teacher_reads_its_own_larger_crops_and_scheduled_weight() -> None:
+    """With ``gram_teacher_crops`` in the batch the Gram teacher runs on them (2x larger here) and its patch
+    grid is resized to the student's; the module-set ``gram_weight`` scales the term in the total."""
+    from dinocell.config import MaskConfig
+    from dinocell.data.masking import collate_multiview
+    from tests_tiny import TINY
+
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY + ["loss.gram_weight=1.0", "data.views.n_local_crops=0"])
+    meta = MultiViewDINO(cfg)
+    samples = [{"global_crops": [torch.rand(1, 32, 32) for _ in range(2)], "local_crops": [],
+                "global_channels": [-1, 0], "local_channels": [],
+                "gram_teacher_crops": [torch.rand(1, 64, 64) for _ in range(2)]} for _ in range(2)]
+    batch = collate_multiview(samples, MaskConfig(), patch_size=8, rng=0)
+    with_own = meta(batch, 0.04)
+    plain = meta({k: v for k, v in batch.items() if k != "gram_teacher_crops"}, 0.04)
+    assert torch.isfinite(with_own["gram"]) and not torch.allclose(with_own["gram"], plain["gram"])
+    meta.gram_weight = 0.0
+    zero = meta(batch, 0.04)
+    assert torch.allclose(zero["total"], zero["dino"] + zero["ibot"] + 0.1 * zero["koleo"])
