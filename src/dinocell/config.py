@@ -176,6 +176,10 @@ class ModelConfig:
     drop_path_rate: float = 0.0
     layerscale_init: float | None = None  # None: DINOv3's 1e-5; from-scratch short runs learn faster at ~0.1
     act_checkpointing: bool = False
+    # Train-mode RoPE coordinate rescaling by one log-uniform factor in [1/r, r] per forward (student only;
+    # eval and the teacher stay deterministic).  2.0: dinov3's pos_embed_rope_rescale_coords of the DINOv3
+    # ViT recipes (configs/train/dinov3_vit7b16_pretrain.yaml, dinov3_vitl16_lvd1689m_distilled.yaml); null: off.
+    rope_rescale_coords: float | None = 2.0
 
 
 @dataclass
@@ -207,6 +211,16 @@ class LossConfig:
     gram_target: str = "gram_teacher"  # gram_teacher | ema
     gram_teacher_start: int = 0
     gram_teacher_every: int = 10000
+    # Refreshes happen before steps that are absolute multiples of gram_teacher_every, from
+    # gram_teacher_first_update on, at most gram_teacher_max_updates times (dinov3 gram.it_first_update,
+    # gram.max_updates; null: unlimited).
+    gram_teacher_first_update: int = 0
+    gram_teacher_max_updates: int | None = None
+    # Gram loss-weight schedule (dinov3 gram.loss_weight_schedule): linear gram_weight_start -> gram_weight over
+    # gram_weight_warmup_steps, then cosine to gram_weight_end; null start/end: the constant gram_weight.
+    gram_weight_start: float | None = None
+    gram_weight_end: float | None = None
+    gram_weight_warmup_steps: int = 0
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
@@ -233,6 +247,9 @@ class OptimConfig:
     freeze_last_layer_epochs: int = 1
     momentum_teacher: float = 0.992
     final_momentum_teacher: float = 1.0
+    # Two-stage continued pretraining: after train.head_warmup_steps the backbone's lr ramps linearly from 0
+    # to its scheduled value over this many steps (0: full lr at once).
+    backbone_warmup_steps: int = 0
 
 
 @dataclass
@@ -258,6 +275,9 @@ class TrainConfig:
     high_local_crop_size: int = 112
     eval_fields: int = 64
     progress_bar: bool = True
+    # Two-stage continued pretraining: the student backbone is frozen for the first N steps (no gradients, no
+    # optimiser update, no weight decay); the heads train and the teacher heads follow by EMA.
+    head_warmup_steps: int = 0
 
 
 @dataclass
@@ -503,6 +523,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.finite_check_every' must be >= 1")
     if cfg.loss.gram_teacher_start < 0 or cfg.loss.gram_teacher_every < 0:
         raise ConfigError("config keys 'loss.gram_teacher_start' and 'loss.gram_teacher_every' must be >= 0")
+    if cfg.train.head_warmup_steps < 0 or cfg.optim.backbone_warmup_steps < 0:
+        raise ConfigError("config keys 'train.head_warmup_steps' and 'optim.backbone_warmup_steps' must be >= 0")
+    if cfg.model.rope_rescale_coords is not None and cfg.model.rope_rescale_coords < 1:
+        raise ConfigError("config key 'model.rope_rescale_coords' must be >= 1 (a factor) or null")
+    if cfg.loss.gram_teacher_max_updates is not None and cfg.loss.gram_teacher_max_updates < 0:
+        raise ConfigError("config key 'loss.gram_teacher_max_updates' must be >= 0 or null")
     sc = cfg.data.scaling
     for name, rng in sc.fixed.items():
         if len(rng) != 2 or not rng[0] < rng[1]:

@@ -153,10 +153,12 @@ def test_collate_is_deterministic_with_seed() -> None:
     assert torch.equal(a["masks"], b["masks"])
 
 
-def test_collate_tiny_grid_masks_at_least_one_patch() -> None:
-    # 32 px crops with patch 16: a 2x2 grid, where 10% of 4 patches rounds to zero
-    out = collate_multiview(_samples(2, g=32, loc=16), MaskConfig(), patch_size=16, rng=0)
-    assert int((out["masks"].sum(1) > 0).sum()) == 2
+def test_collate_tiny_grid_masks_none_where_the_count_rounds_to_zero() -> None:
+    # 32 px crops with patch 16: a 2x2 grid; of 8 crops 4 are "masked" with int(4 * p) = 0, 1, 1, 2 patches:
+    # dinov3 masks none in the first (it does not force one); reference: tests/train/test_parity_official.py
+    out = collate_multiview(_samples(4, g=32, loc=16), MaskConfig(), patch_size=16, rng=0)
+    assert sorted(out["masks"].sum(1).tolist()) == [0, 0, 0, 0, 0, 1, 1, 2]
+    assert out["n_masked_patches"] == 4
 
 
 def test_collate_no_masking_when_probability_zero() -> None:
@@ -224,3 +226,12 @@ def test_non_aligned_batches_draw_one_mask_per_crop() -> None:
     assert int(out["masks"].any(-1).sum()) == 8  # int(2B * 0.5) crops masked, not per sample
     plain = [{k: v for k, v in s.items() if k != "aligned"} for s in samples]
     assert torch.equal(collate_multiview(plain, cfg, patch_size=8, rng=0)["masks"], out["masks"])
+
+
+def test_collate_stacks_gram_teacher_crops_crop_major() -> None:
+    samples = _samples(3)
+    for i, s in enumerate(samples):
+        s["gram_teacher_crops"] = [torch.full((1, 96, 96), float(10 * i + k)) for k in range(2)]
+    out = collate_multiview(samples, MaskConfig(), 16, rng=0)
+    assert out["gram_teacher_crops"].shape == (6, 1, 96, 96)
+    assert [float(x[0, 0, 0]) for x in out["gram_teacher_crops"]] == [0, 10, 20, 1, 11, 21]

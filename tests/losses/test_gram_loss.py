@@ -88,3 +88,20 @@ def test_matches_official_dinov3_image_level(remove_neg: bool, official: float) 
     torch.manual_seed(0)
     s, t = torch.randn(2, 16, 8), torch.randn(2, 16, 8)
     assert GramLoss(max_tokens=None, remove_neg=remove_neg)(s, t).item() == pytest.approx(official, rel=1e-6)
+
+
+def test_resize_patch_tokens_to_the_student_grid() -> None:
+    """The Gram teacher's larger crops give a finer grid; dinov3 resizes it back (bicubic, no antialias)."""
+    from dinocell.losses.gram import resize_patch_tokens
+
+    t = torch.randn(3, 16, 5)
+    assert resize_patch_tokens(t, 16) is t
+    const = torch.ones(2, 64, 4) * torch.arange(4.0)  # a constant map stays constant under interpolation
+    out = resize_patch_tokens(const, 16)
+    assert out.shape == (2, 16, 4) and torch.allclose(out, torch.ones(2, 16, 4) * torch.arange(4.0), atol=1e-5)
+    grid = torch.arange(64.0).reshape(1, 8, 8, 1).expand(1, 8, 8, 2).reshape(1, 64, 2)
+    ref = torch.nn.functional.interpolate(grid.transpose(1, 2).reshape(1, 2, 8, 8), size=(4, 4), mode="bicubic",
+                                          align_corners=False).flatten(2).transpose(1, 2)
+    assert torch.allclose(resize_patch_tokens(grid, 16), ref)
+    with pytest.raises(ValueError, match="square"):
+        resize_patch_tokens(torch.randn(1, 12, 2), 16)

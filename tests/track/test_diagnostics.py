@@ -116,3 +116,30 @@ def test_collapsed_teacher_is_flagged_and_healthy_one_is_not() -> None:
     msg = collapsed_teacher_message(bad, step=12)
     assert msg is not None and "step 12" in msg
     assert collapsed_teacher_message(good, step=12) is None
+
+
+def test_collapse_is_never_reported_at_step_0_only_on_a_trend_after_warmup() -> None:
+    """`make demo` used to print "teacher collapse at step 0" before any update: a random head at a low
+    temperature looks collapsed.  The monitor waits for the warm-up and a persistent flag."""
+    from dinocell.track.diagnostics import CollapseMonitor
+
+    def stats(share: float) -> dict[str, float]:
+        return {"diag/teacher_collapsed": float(share > 0.5), "diag/teacher_max_share": share,
+                "diag/teacher_usage_entropy": 0.1}
+
+    mon = CollapseMonitor(warmup_steps=60, patience=3)
+    assert mon.update(stats(0.99), 0) is None  # step 0: ignored however collapsed it looks
+    assert mon.update(stats(0.99), 40) is None  # still warming up
+    assert mon.update(stats(0.9), 60) is None and mon.update(stats(0.95), 80) is None
+    msg = mon.update(stats(0.97), 100)  # third flagged check in a row, share not shrinking
+    assert msg is not None and "teacher collapse at step 100" in msg
+    assert mon.update(stats(0.99), 120) is None  # reported once
+
+    recovering = CollapseMonitor(warmup_steps=10, patience=3)
+    for step, share in ((10, 0.9), (20, 0.7), (30, 0.55)):  # flagged but falling: left alone
+        assert recovering.update(stats(share), step) is None
+    broken_streak = CollapseMonitor(warmup_steps=10, patience=2)
+    assert broken_streak.update(stats(0.9), 10) is None
+    assert broken_streak.update(stats(0.1), 20) is None  # healthy check resets the streak
+    assert broken_streak.update(stats(0.9), 30) is None
+    assert broken_streak.update(stats(0.9), 40) is not None

@@ -21,18 +21,29 @@ def _group_of(groups: list[dict], param) -> dict:
     return next(g for g in groups if any(p is param for p in g["params"]))
 
 
-def test_no_weight_decay_on_bias_norm_layerscale_tokens(groups) -> None:
+def test_weight_decay_follows_dinov3_tokens_decay(groups) -> None:
+    """dinov3 (train/param_groups.py @ 6876159a) exempts only names ending in ``bias`` or containing
+    ``norm``, ``gamma``, ``fourier_w``: CLS, register (storage) and mask tokens *are* decayed."""
     meta, gs = groups
     named = dict(meta.student.named_parameters())
     for name, p in named.items():
         if not p.requires_grad:
             continue
         g = _group_of(gs, p)
-        nodecay = name.endswith("bias") or "norm" in name or "gamma" in name or "token" in name
-        if nodecay:
-            assert g["wd_multiplier"] == 0.0, name
-        elif p.ndim == 2 and "weight" in name:
-            assert g["wd_multiplier"] == 1.0, name
+        nodecay = name.endswith("bias") or "norm" in name or "gamma" in name
+        assert g["wd_multiplier"] == (0.0 if nodecay else 1.0), name
+    for token in ("backbone.model.cls_token", "backbone.model.reg_token", "backbone.mask_token"):
+        assert _group_of(gs, named[token])["wd_multiplier"] == 1.0, token
+    assert _group_of(gs, named["backbone.model.blocks.0.gamma_1"])["wd_multiplier"] == 0.0
+    assert _group_of(gs, named["backbone.model.norm.weight"])["wd_multiplier"] == 0.0
+
+
+def test_backbone_groups_are_flagged_and_never_mixed_with_heads(groups) -> None:
+    meta, gs = groups
+    backbone = {id(p) for p in meta.student["backbone"].parameters()}
+    for g in gs:
+        inside = {id(p) in backbone for p in g["params"]}
+        assert inside == {g["is_backbone"]}
 
 
 def test_layerwise_decay_and_patch_embed(groups) -> None:
@@ -144,3 +155,25 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(tmp_path) -> None:
     lines = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert all(line.startswith("RAISED") for line in lines), lines
     assert "loss is nan at step 3" in lines[1] and "another rank by step 5" in lines[0]
+
+
+def test_gram_teacher_reads_its_own_larger_crops_and_scheduled_weight() -> None:
+    """With ``gram_teacher_crops`` in the batch the Gram teacher runs on them (2x larger here) and its patch
+    grid is resized to the student's; the module-set ``gram_weight`` scales the term in the total."""
+    from dinocell.config import MaskConfig
+    from dinocell.data.masking import collate_multiview
+    from tests_tiny import TINY
+
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY + ["loss.gram_weight=1.0", "data.views.n_local_crops=0"])
+    meta = MultiViewDINO(cfg)
+    samples = [{"global_crops": [torch.rand(1, 32, 32) for _ in range(2)], "local_crops": [],
+                "global_channels": [-1, 0], "local_channels": [],
+                "gram_teacher_crops": [torch.rand(1, 64, 64) for _ in range(2)]} for _ in range(2)]
+    batch = collate_multiview(samples, MaskConfig(), patch_size=8, rng=0)
+    with_own = meta(batch, 0.04)
+    plain = meta({k: v for k, v in batch.items() if k != "gram_teacher_crops"}, 0.04)
+    assert torch.isfinite(with_own["gram"]) and not torch.allclose(with_own["gram"], plain["gram"])
+    meta.gram_weight = 0.0
+    zero = meta(batch, 0.04)
+    assert torch.allclose(zero["total"], zero["dino"] + zero["ibot"] + 0.1 * zero["koleo"])

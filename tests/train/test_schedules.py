@@ -99,8 +99,8 @@ def test_schedules_at() -> None:
     assert set(start) == {"lr", "weight_decay", "teacher_temp", "momentum"}
     assert start == pytest.approx({"lr": 0.0, "weight_decay": 0.04, "teacher_temp": 0.04, "momentum": 0.992})
     assert sch.at(10)["lr"] == pytest.approx(1e-3)
-    assert sch.at(15)["teacher_temp"] == pytest.approx(0.055)
-    assert sch.at(30)["teacher_temp"] == pytest.approx(0.07)
+    assert sch.at(15)["teacher_temp"] == pytest.approx(0.04 + 0.03 * 15 / 29)  # np.linspace(0.04, 0.07, 30)
+    assert sch.at(29)["teacher_temp"] == pytest.approx(0.07)
     assert sch.at(50)["weight_decay"] == pytest.approx(0.22)
     assert sch.at(50)["momentum"] == pytest.approx(0.996)
     end = sch.at(100)
@@ -140,13 +140,14 @@ def test_from_config_sqrt_scaling_and_max_steps() -> None:
     assert short.total_steps == 7
 
 
-def test_from_config_tiny_run_clamps_warmups() -> None:
-    # demo-sized: 3 epochs of 4 steps, but 10 warm-up epochs and 30 teacher-temp epochs
+def test_from_config_tiny_run_clamps_lr_warmup_but_not_teacher_temp() -> None:
+    # demo-sized: 3 epochs of 4 steps, but 10 warm-up epochs and 30 teacher-temp epochs.  The lr warm-up is
+    # compressed into the run; the teacher temperature follows dinov3's full 120-step warm-up (no compression)
     sch = from_config(OptimConfig(), LossConfig(), steps_per_epoch=4, epochs=3, global_batch=8)
     assert sch.total_steps == 12
-    assert sch.warmup_steps == 12 and sch.teacher_temp_warmup_steps == 12
+    assert sch.warmup_steps == 12 and sch.teacher_temp_warmup_steps == 120
     temps = [sch.at(s)["teacher_temp"] for s in range(13)]
-    assert temps[0] == pytest.approx(0.04) and temps[-1] == pytest.approx(0.07)
+    assert temps[0] == pytest.approx(0.04) and temps[-1] == pytest.approx(0.04 + 0.03 * 12 / 119)
     assert all(b > a for a, b in zip(temps, temps[1:], strict=False))
     values = [sch.at(s) for s in range(20)]
     assert all(math.isfinite(v) for d in values for v in d.values())
@@ -185,9 +186,30 @@ def test_sqrt_scaling_matches_official_dinov3(global_batch: int, official_lr: fl
     assert sch.lr == pytest.approx(official_lr, rel=1e-12)
 
 
-def test_gram_refresh_due_snapshot_then_every_n() -> None:
+def test_gram_refresh_due_snapshot_then_absolute_multiples() -> None:
     from dinocell.train.schedules import gram_refresh_due
 
-    assert [s for s in range(12) if gram_refresh_due(s, start=2, every=4)] == [2, 6, 10]
+    # snapshot at start 2, refreshes at absolute multiples of 4 (not 2 + 4k)
+    assert [s for s in range(13) if gram_refresh_due(s, start=2, every=4)] == [2, 4, 8, 12]
     assert [s for s in range(12) if gram_refresh_due(s, start=0, every=0)] == [0]  # one snapshot, never refreshed
     assert not gram_refresh_due(1, start=2, every=1)
+    # first update and the cap
+    assert [s for s in range(60) if gram_refresh_due(s, 0, 10, first_update=25, max_updates=2)] == [0, 30, 40]
+    assert [s for s in range(60) if gram_refresh_due(s, 0, 10, max_updates=0)] == [0]
+
+
+def test_gram_weight_schedule() -> None:
+    from dinocell.train.schedules import gram_weight
+
+    assert [gram_weight(s, 10, 0.7) for s in (0, 5, 50)] == [0.7, 0.7, 0.7]  # constant without start/end
+    w = [gram_weight(s, 8, 1.0, start=0.0, end=2.0, warmup_steps=3) for s in range(10)]
+    assert w[0] == 0.0 and w[3] == pytest.approx(1.0) and w[7] == pytest.approx(2.0) and w[9] == 2.0
+    assert all(b >= a for a, b in zip(w, w[1:], strict=False))
+
+
+def test_backbone_lr_factor_two_stage() -> None:
+    from dinocell.train.schedules import backbone_lr_factor
+
+    assert [backbone_lr_factor(s, 3, 4) for s in range(9)] == [0, 0, 0, 0.25, 0.5, 0.75, 1, 1, 1]
+    assert [backbone_lr_factor(s, 2, 0) for s in range(4)] == [0, 0, 1, 1]
+    assert [backbone_lr_factor(s, 0, 0) for s in range(2)] == [1, 1]  # one stage: untouched

@@ -8,8 +8,10 @@ correlated, so masking single patches would let the student copy from its neighb
 As in DINOv2/DINOv3, only a fraction of the global crops (``mask_sample_probability``) is masked, and
 the masked crops get ratios spread evenly over ``[min_ratio, max_ratio]`` so every batch sees both
 light and heavy masking: the i-th masked crop holds ``int(N * p_{i+1})`` patches, the upper edge of its
-bin of ``p = linspace(min_ratio, max_ratio, n + 1)`` (dinov3 ``collate_data_and_cast``; with the
-random completion the count is exact, so a batch's masked-patch total is fixed by its size).
+bin of ``p = torch.linspace(min_ratio, max_ratio, n + 1)`` (dinov3 ``collate_data_and_cast``, with
+torch's float32 linspace: numpy's rounds differently, e.g. 2901 instead of dinov3's 2900 masked patches
+for 98 crops of 14x14; with the random completion the count is exact, so a batch's masked-patch total is
+fixed by its size).  On tiny grids a bin whose count rounds to 0 masks nothing, as upstream.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ def _is_scalar(v: Any) -> bool:
     return isinstance(v, (numbers.Number, np.generic)) and not isinstance(v, complex)
 
 
-_CROP_KEYS = ("global_crops", "local_crops", "global_channels", "local_channels")
+_CROP_KEYS = ("global_crops", "local_crops", "global_channels", "local_channels", "gram_teacher_crops")
 
 
 def collate_multiview(
@@ -125,9 +127,9 @@ def collate_multiview(
     Crop-major means ``global_crops[k * B + b]`` is crop ``k`` of sample ``b`` (so the first B rows are
     every sample's mean view).  Of the ``2B`` global crops, ``int(2B * mask_sample_probability)`` get
     a block mask; their ratios are spread over ``[min_ratio, max_ratio]``: the i-th masked crop gets
-    ``int(N * p_{i+1})`` of the N patches, with ``p = linspace(min_ratio, max_ratio, n + 1)`` in float32
-    as dinov3 computes it (at least one patch on tiny grids).  The masks are then shuffled over the
-    crops.  When the samples are ``aligned`` (their globals share one box), the same rule runs over the
+    ``int(N * p_{i+1})`` of the N patches, with ``p = torch.linspace(min_ratio, max_ratio, n + 1)`` in
+    float32 as dinov3 computes it (0 patches when that rounds to 0 on tiny grids, as dinov3).  The masks
+    are then shuffled over the crops.  When the samples are ``aligned`` (their globals share one box), the same rule runs over the
     B samples instead, and every global crop of a sample gets that sample's mask.  ``masks_weight``
     gives each masked patch ``1/(masked patches of its image)`` so every masked image counts equally
     in the iBOT loss.  ``n_global_crops`` records G for the meta-architecture.
@@ -157,6 +159,9 @@ def collate_multiview(
         out["local_crops"] = g.new_zeros((0, *g.shape[1:2], 0, 0))
     out["local_channels"] = torch.tensor(
         [int(s["local_channels"][k]) for k in range(n_local) for s in samples], dtype=torch.long)
+    if "gram_teacher_crops" in samples[0]:  # dinov3: the Gram teacher's own (larger) view of each global crop
+        out["gram_teacher_crops"] = torch.stack(
+            [s["gram_teacher_crops"][k] for k in range(n_global) for s in samples])
 
     height, width = out["global_crops"].shape[-2:]
     if height % patch_size or width % patch_size:
@@ -173,12 +178,10 @@ def collate_multiview(
     # same order (crop-major), which cross-channel iBOT needs.  Otherwise one mask per crop (dinov3).
     n_units = b if aligned else n_images
     n_masked = int(n_units * mask_cfg.mask_sample_probability)
-    probs = np.linspace(mask_cfg.min_ratio, mask_cfg.max_ratio, n_masked + 1, dtype=np.float32)
+    probs = torch.linspace(mask_cfg.min_ratio, mask_cfg.max_ratio, n_masked + 1)  # float32, as dinov3
     masks: list[np.ndarray] = []
     for i in range(n_masked):
-        count = int(np.float32(n_patches) * probs[i + 1])  # upper edge of the bin, float32 as dinov3
-        if count == 0 and mask_cfg.max_ratio > 0:
-            count = 1  # tiny grids: a "masked" crop must hold at least one masked patch
+        count = int(n_patches * probs[i + 1])  # upper edge of the bin: a float32 product, as dinov3
         masks.append(generator(count, rng).reshape(-1))
     masks.extend(np.zeros(n_patches, dtype=bool) for _ in range(n_units - n_masked))
     order = rng.permutation(n_units)

@@ -13,11 +13,31 @@ batch, so the two matrices stay comparable entry by entry).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GramLoss"]
+__all__ = ["GramLoss", "resize_patch_tokens"]
+
+
+def resize_patch_tokens(tokens: torch.Tensor, n_tokens: int, mode: str = "bicubic") -> torch.Tensor:
+    """(B, N, D) patch tokens on a square grid resampled to ``n_tokens`` (a square number).
+
+    dinov3 feeds the Gram teacher its own higher-resolution global crops (``crops.gram_teacher_crops_size``)
+    and resizes its patch features back to the student's grid (``gram.global_teacher_resize_method``
+    bicubic, no antialias, ``align_corners=False``) so the two Gram matrices compare entry by entry.
+    """
+    b, n, d = tokens.shape
+    if n == n_tokens:
+        return tokens
+    side, side_out = math.isqrt(n), math.isqrt(n_tokens)
+    if side * side != n or side_out * side_out != n_tokens:
+        raise ValueError(f"resize_patch_tokens needs square grids, got {n} -> {n_tokens} tokens")
+    grid = tokens.transpose(1, 2).reshape(b, d, side, side)
+    out = F.interpolate(grid.float(), size=(side_out, side_out), mode=mode, align_corners=False, antialias=False)
+    return out.flatten(2).transpose(1, 2).to(tokens.dtype)
 
 
 class GramLoss(nn.Module):

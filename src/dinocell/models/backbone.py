@@ -57,6 +57,22 @@ class DinoBackbone(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
         self.sidecar: dict[str, Any] = {}  # filled by load_backbone (channel names, scaling, ...)
 
+    def set_rope_rescale(self, factor: float | None) -> None:
+        """Train-mode RoPE coordinate rescaling by one log-uniform factor in ``[1/factor, factor]`` per forward
+        (dinov3 ``pos_embed_rope_rescale_coords``; ``None``: off).  Eval mode is never augmented.
+
+        timm's ``RotaryEmbeddingDinoV3`` implements the same draw (one shared factor, ``uniform_`` of the log
+        on the grid's float32 CPU tensor, as dinov3's ``RopePositionEmbedding``; tests/train/
+        test_parity_official.py checks the values); it is configured after construction so any timm name works.
+        """
+        rope = self.model.rope
+        if rope is None:
+            return
+        if factor is not None and factor < 1:
+            raise ConfigError(f"config key 'model.rope_rescale_coords' must be >= 1 or null, got {factor}")
+        rope.rescale_coords = None if factor is None else float(factor)
+        rope.aug_active = any(v is not None for v in (rope.shift_coords, rope.jitter_coords, rope.rescale_coords))
+
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
         if x.ndim != 4:

@@ -150,6 +150,42 @@ def collapsed_teacher_message(stats: dict[str, float], step: int) -> str | None:
             "Lower optim.lr, raise loss.koleo_weight or check that the views differ.")
 
 
+class CollapseMonitor:
+    """Reports one-prototype collapse from a *trend*, never from a single (early) check.
+
+    At step 0 a randomly initialised head at a low teacher temperature routinely puts most of the batch's
+    probability on one prototype before any update has happened (``make demo`` used to print "teacher
+    collapse at step 0"); that is not collapse.  The monitor ignores checks before ``warmup_steps`` and
+    reports (once) only when :func:`prototype_usage_stats` flagged the last ``patience`` checks in a row and
+    the busiest prototype's share did not shrink over them (a teacher recovering on its own is left alone).
+    """
+
+    def __init__(self, warmup_steps: int, patience: int = 3) -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.warmup_steps = max(1, int(warmup_steps))
+        self.patience = int(patience)
+        self.reported = False
+        self._shares: list[float] = []
+
+    def update(self, stats: dict[str, float], step: int) -> str | None:
+        """Feed one check's stats; returns the warning the first time the trend says collapse."""
+        if self.reported or step < self.warmup_steps:
+            return None
+        if not stats.get("diag/teacher_collapsed"):
+            self._shares.clear()
+            return None
+        self._shares.append(float(stats["diag/teacher_max_share"]))
+        if len(self._shares) < self.patience:
+            return None
+        window = self._shares[-self.patience:]
+        if window[-1] < window[0] - 1e-3:
+            return None
+        self.reported = True
+        msg = collapsed_teacher_message(stats, step)
+        return None if msg is None else f"{msg} (flagged on {self.patience} checks in a row since the warm-up)"
+
+
 def uniform_teacher_message(teacher_probs: torch.Tensor, step: int, teacher_temp: float,
                             threshold: float = 0.98) -> str | None:
     """A warning when the teacher's Sinkhorn targets are still (nearly) uniform, else ``None``.
@@ -232,6 +268,7 @@ def attention_maps(backbone: Any, images: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
+    "CollapseMonitor",
     "attention_maps",
     "collapse_stats",
     "collapsed_teacher_message",

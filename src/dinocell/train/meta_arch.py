@@ -21,7 +21,7 @@ from torch import nn
 
 from dinocell.config import Config
 from dinocell.losses.dino import DINOLoss, multiview_pairs
-from dinocell.losses.gram import GramLoss
+from dinocell.losses.gram import GramLoss, resize_patch_tokens
 from dinocell.losses.ibot import iBOTPatchLoss
 from dinocell.losses.ibot_cross import CrossChannelIBOTLoss, cross_channel_pairing
 from dinocell.losses.koleo import KoLeoLoss
@@ -53,6 +53,7 @@ class MultiViewDINO(nn.Module):
         super().__init__()
         self.cfg = cfg
         backbone = build_backbone(cfg.model, img_size=cfg.data.views.global_crop_size)
+        backbone.set_rope_rescale(cfg.model.rope_rescale_coords)  # train mode only: the teacher stays exact
         heads = _heads(cfg, backbone.embed_dim)
         self.student = nn.ModuleDict({"backbone": backbone, **heads})
         # The teacher starts as an exact copy (released weights initialise both) and is only ever
@@ -64,6 +65,7 @@ class MultiViewDINO(nn.Module):
         # The frozen Gram teacher exists only when it is used; it is part of the state dict (resume
         # restores the snapshot) and never trained (not in the student, no gradients).
         self.gram_active = True
+        self.gram_weight = lc.gram_weight  # the module sets it per step (loss.gram_weight_* schedule)
         self.gram_teacher: nn.Module | None = None
         if lc.gram_weight > 0 and lc.gram_target == "gram_teacher":
             self.gram_teacher = copy.deepcopy(self.teacher["backbone"])
@@ -204,8 +206,10 @@ class MultiViewDINO(nn.Module):
 
         if lc.gram_weight > 0 and self.gram_active:
             if self.gram_teacher is not None:
-                with torch.no_grad():
-                    gram_target = self.gram_teacher.forward_features(g)["x_norm_patchtokens"]
+                with torch.no_grad():  # its own (e.g. larger, undistorted) crops when the batch has them
+                    gram_in = batch.get("gram_teacher_crops", g)
+                    gram_target = resize_patch_tokens(self.gram_teacher.forward_features(gram_in)["x_norm_patchtokens"],
+                                                      s_glob["x_norm_patchtokens"].shape[1])
             else:
                 gram_target = targets["patch_tokens"]
             losses["gram"] = self.gram_loss(s_glob["x_norm_patchtokens"], gram_target, generator=gram_generator)
@@ -213,7 +217,7 @@ class MultiViewDINO(nn.Module):
             losses["gram"] = cls_g.sum() * 0.0
 
         losses["total"] = (lc.dino_weight * losses["dino"] + lc.ibot_weight * losses["ibot"]
-                           + lc.koleo_weight * losses["koleo"] + lc.gram_weight * losses["gram"])
+                           + lc.koleo_weight * losses["koleo"] + self.gram_weight * losses["gram"])
         losses["_teacher_probs"] = targets["dino_probs"].detach()
         losses["_teacher_logits"] = targets["dino_logits"].detach()
         losses["_student_cls"] = cls_g.detach()

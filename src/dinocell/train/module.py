@@ -35,7 +35,16 @@ class NonFiniteLossError(UserError):
     """The loss became NaN/inf: the run stops and the last good checkpoint is kept."""
 
 
-_NO_DECAY_NAMES = ("cls_token", "reg_token", "mask_token", "pos_embed", "gamma", "storage_tokens")
+# dinov3 ``train/param_groups.py``: no weight decay on names ending in ``bias`` or containing ``norm``, ``gamma``
+# (LayerScale) or ``fourier_w``; everything else decays -- the CLS, register (storage) and mask tokens included.
+_NO_DECAY_SUBSTRINGS = ("norm", "gamma", "fourier_w")
+_HEAD_WARMUP_FROZEN = "_dinocell_head_warmup_frozen"  # marks a parameter frozen by the head warm-up
+
+
+def no_weight_decay(name: str) -> bool:
+    """dinov3's rule for a parameter name (tokens *are* decayed, unlike DINOv2-era code)."""
+    return name.endswith("bias") or any(k in name for k in _NO_DECAY_SUBSTRINGS)
+
 # Top-level names a backbone parameter may start with (after the timm ``model.`` prefix).  Anything else
 # (e.g. ``_orig_mod.`` from wrapping the backbone in torch.compile) would silently fall into the last
 # layer-decay bucket, so param_groups refuses it.
@@ -53,30 +62,47 @@ def _backbone_layer_id(backbone: torch.nn.Module, sub: str) -> int:
 
 
 def param_groups(meta: MultiViewDINO, cfg: Config) -> list[dict[str, Any]]:
-    """AdamW groups for the student: layer-wise lr decay (DINOv2/3), patch-embed lr x0.2, no weight
-    decay on biases, norms, LayerScale and tokens, and a flag on the prototype layers (frozen early)."""
+    """AdamW groups for the student: layer-wise lr decay (DINOv2/3), patch-embed lr x0.2, dinov3's weight
+    decay rule (:func:`no_weight_decay`), a flag on the prototype layers (frozen early) and one on the
+    backbone (its lr ramps separately in two-stage continued pretraining).  Backbone parameters frozen by the
+    head warm-up are kept: they join the optimiser now and receive updates once unfrozen."""
     oc = cfg.optim
     backbone = meta.student["backbone"]
     n_layers = backbone.n_blocks + 1
-    groups: dict[tuple[float, float, bool], list[torch.Tensor]] = defaultdict(list)
+    groups: dict[tuple[float, float, bool, bool], list[torch.Tensor]] = defaultdict(list)
     for name, p in meta.student.named_parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and not getattr(p, _HEAD_WARMUP_FROZEN, False):
             continue
-        if name.startswith("backbone."):
+        is_backbone = name.startswith("backbone.")
+        if is_backbone:
             sub = name[len("backbone."):]
             lr_mult = oc.layerwise_decay ** (n_layers - _backbone_layer_id(backbone, sub))
             if "patch_embed" in sub:
                 lr_mult *= oc.patch_embed_lr_mult
         else:
             lr_mult = 1.0
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in _NO_DECAY_NAMES)
         is_last = "last_layer" in name
-        groups[(lr_mult, 0.0 if no_decay else 1.0, is_last)].append(p)
+        groups[(lr_mult, 0.0 if no_weight_decay(name) else 1.0, is_last, is_backbone)].append(p)
     return [
-        {"params": ps, "lr_multiplier": lm, "wd_multiplier": wm, "is_last_layer": last, "lr": 0.0,
-         "weight_decay": 0.0}
-        for (lm, wm, last), ps in groups.items()
+        {"params": ps, "lr_multiplier": lm, "wd_multiplier": wm, "is_last_layer": last, "is_backbone": bb,
+         "lr": 0.0, "weight_decay": 0.0}
+        for (lm, wm, last, bb), ps in groups.items()
     ]
+
+
+def set_backbone_frozen(backbone: torch.nn.Module, frozen: bool) -> None:
+    """Freeze (or release) the student backbone for the head warm-up of two-stage continued pretraining.
+
+    ``requires_grad=False`` means autograd computes no backbone gradient, so AdamW (which skips parameters
+    whose ``grad`` is None) neither steps nor weight-decays it; the mark keeps it in :func:`param_groups`.
+    """
+    for p in backbone.parameters():
+        if frozen and p.requires_grad:
+            p.requires_grad_(False)
+            setattr(p, _HEAD_WARMUP_FROZEN, True)
+        elif not frozen and getattr(p, _HEAD_WARMUP_FROZEN, False):
+            p.requires_grad_(True)
+            delattr(p, _HEAD_WARMUP_FROZEN)
 
 
 def build_optimizer(meta: MultiViewDINO, cfg: Config) -> torch.optim.Optimizer:
@@ -112,7 +138,8 @@ class DinoCellModule(L.LightningModule):
         self.loss_history = LossHistory()
         # Step at which a still-uniform teacher is reported (once): past the first tenth of the run.
         self._uniform_check_step = max(20, total_steps // 10)
-        self._collapse_reported = False
+        # Collapse is judged on a trend after the lr warm-up / first tenth of the run, never at step 0.
+        self._collapse = diagnostics.CollapseMonitor(max(self._uniform_check_step, self.schedules.warmup_steps))
         # First non-finite loss since the last check, kept on the device (no host sync per step).
         self._bad_step: torch.Tensor | None = None
         self._bad_loss: torch.Tensor | None = None
@@ -181,10 +208,19 @@ class DinoCellModule(L.LightningModule):
     def _apply_schedules(self, step: int) -> dict[str, float]:
         values = self.schedules.at(min(step, self.total_steps - 1))
         frozen = sched.freeze_last_layer(step, self.steps_per_epoch, self.cfg.optim.freeze_last_layer_epochs)
+        head_warmup = self.cfg.train.head_warmup_steps
+        bb_factor = sched.backbone_lr_factor(step, head_warmup, self.cfg.optim.backbone_warmup_steps)
+        if head_warmup > 0:  # a pure function of the step: a resumed run re-applies the right stage
+            set_backbone_frozen(self.meta.student["backbone"], step < head_warmup)
         opt = self.optimizers(use_pl_optimizer=False)
         for g in opt.param_groups:
-            g["lr"] = 0.0 if (frozen and g["is_last_layer"]) else values["lr"] * g["lr_multiplier"]
+            lr = values["lr"] * g["lr_multiplier"] * (bb_factor if g.get("is_backbone") else 1.0)
+            g["lr"] = 0.0 if (frozen and g["is_last_layer"]) else lr
             g["weight_decay"] = values["weight_decay"] * g["wd_multiplier"]
+        lc = self.cfg.loss
+        values["gram_weight"] = sched.gram_weight(step, self.total_steps, lc.gram_weight, lc.gram_weight_start,
+                                                  lc.gram_weight_end, lc.gram_weight_warmup_steps)
+        values["backbone_lr_factor"] = bb_factor
         return values
 
     # ------------------------------------------------------------------ steps
@@ -196,11 +232,17 @@ class DinoCellModule(L.LightningModule):
         step = self.global_step
         values = self._apply_schedules(step)
         lc = self.cfg.loss
-        if sched.gram_refresh_due(step, lc.gram_teacher_start, lc.gram_teacher_every):
+        if sched.gram_refresh_due(step, lc.gram_teacher_start, lc.gram_teacher_every, lc.gram_teacher_first_update,
+                                  lc.gram_teacher_max_updates):
             self.meta.refresh_gram_teacher()
         gen = torch.Generator(device="cpu").manual_seed(self.cfg.train.seed * 1_000_003 + step)
         self.meta.gram_active = step >= lc.gram_teacher_start
-        out = self.meta(batch, values["teacher_temp"], gram_generator=gen)
+        self.meta.gram_weight = values["gram_weight"]
+        # CPU random draws inside the forward (RoPE coordinate rescaling, drop path on CPU) come from a
+        # per-step seed, so a resumed run repeats them exactly whatever the data pipeline drew meanwhile.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self.cfg.train.seed * 1_000_003 + step + 500_009)
+            out = self.meta(batch, values["teacher_temp"], gram_generator=gen)
         total = out["total"]
         self._track_finite(total.detach(), step)
         if self._finite_check_due(step):
@@ -262,6 +304,7 @@ class DinoCellModule(L.LightningModule):
         metrics.update({
             "training/lr": values["lr"], "training/weight_decay": values["weight_decay"],
             "training/momentum": values["momentum"], "training/teacher_temp": values["teacher_temp"],
+            "training/gram_weight": values["gram_weight"], "training/backbone_lr_factor": values["backbone_lr_factor"],
             "training/epoch": self.global_step / self.steps_per_epoch, "training/iteration": self.global_step,
             "perf/data_time": self._t_data,
         })
@@ -269,10 +312,9 @@ class DinoCellModule(L.LightningModule):
                                                   out["_student_cls"], out["_patch_tokens"]))
         usage = diagnostics.prototype_usage_stats(out["_teacher_logits"], values["teacher_temp"])
         metrics.update(usage)
-        msg = diagnostics.collapsed_teacher_message(usage, self.global_step)
-        if msg is not None and not self._collapse_reported and self.trainer.global_rank == 0:
+        msg = self._collapse.update(usage, self.global_step)
+        if msg is not None and self.trainer.global_rank == 0:
             log.warning(msg)
-            self._collapse_reported = True
         metrics.update(diagnostics.system_stats())
         if hasattr(self.source, "metrics"):
             metrics.update({k: float(v) for k, v in self.source.metrics().items() if k.startswith("s3/")})

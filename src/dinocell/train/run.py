@@ -51,7 +51,8 @@ def _strategy(cfg: Config) -> Any:
         return ModelParallelStrategy(save_distributed_checkpoint=False)
     if s == "ddp":
         # iBOT head parameters get no gradient when iBOT is off
-        return "ddp_find_unused_parameters_true" if cfg.loss.ibot_weight == 0 else "ddp"
+        unused = cfg.loss.ibot_weight == 0 or cfg.train.head_warmup_steps > 0  # head warm-up: frozen backbone
+        return "ddp_find_unused_parameters_true" if unused else "ddp"
     return "auto"
 
 

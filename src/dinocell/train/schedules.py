@@ -5,7 +5,9 @@ drives four quantities by the step: learning rate (linear warm-up, then cosine t
 decay (cosine 0.04 -> 0.4), teacher temperature (linear 0.04 -> 0.07, then constant) and teacher EMA
 momentum (cosine 0.992 -> 1.0).  DINOv2 precomputes arrays of length ``total_steps``; we evaluate closed
 forms instead, so nothing has to be checkpointed or rebuilt on resume, any step (even past the end) has
-a value, and runs far shorter than the warm-ups (the offline demo) simply compress them.
+a value, and runs far shorter than the lr warm-up (the offline demo) compress it.  The teacher-temperature
+warm-up is *not* compressed, as in dinov3 (``CosineScheduler`` over ``warmup_teacher_temp_epochs``): a run
+shorter than it ends below ``teacher_temp``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from dinocell.config import LossConfig, OptimConfig
 from dinocell.errors import ConfigError
 
-__all__ = ["Schedules", "cosine", "freeze_last_layer", "from_config", "gram_refresh_due", "linear_warmup"]
+__all__ = ["Schedules", "backbone_lr_factor", "cosine", "freeze_last_layer", "from_config", "gram_refresh_due",
+           "gram_weight", "linear_warmup", "official_warmup"]
 
 REFERENCE_BATCH = 1024  # DINOv2/v3 learning rates are quoted per 1024 images
 SQRT_SCALE_FACTOR = 4.0  # dinov3 ``sqrt_wrt_1024``: lr * 4 * sqrt(global_batch / 1024)
@@ -35,6 +38,19 @@ def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> flo
     if step >= warmup_steps:
         return float(end)
     return float(start + (end - start) * step / warmup_steps)
+
+
+def official_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
+    """dinov3's warm-up, ``np.linspace(start, end, warmup_steps)[step]``: ``end`` is reached at the *last*
+    warm-up step (``warmup_steps - 1``), then held.  Used for the teacher temperature."""
+    _check_step(step)
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if step >= warmup_steps:
+        return float(end)
+    if warmup_steps == 1:
+        return float(start)
+    return float(start + (end - start) * step / (warmup_steps - 1))
 
 
 def cosine(
@@ -76,17 +92,66 @@ def freeze_last_layer(step: int, steps_per_epoch: int, freeze_epochs: int) -> bo
     return step < max(freeze_epochs, 0) * steps_per_epoch
 
 
-def gram_refresh_due(step: int, start: int, every: int) -> bool:
-    """True when the Gram teacher takes a new snapshot of the EMA teacher before ``step``.
+def gram_refresh_due(step: int, start: int, every: int, first_update: int = 0,
+                     max_updates: int | None = None) -> bool:
+    """True when the Gram teacher takes a snapshot of the EMA teacher before ``step``.
 
-    DINOv3 anchors to a frozen earlier teacher and refreshes it every ``every`` steps
-    (``gram.update_frequency``); here the first snapshot is at ``start`` and ``every = 0`` never
-    refreshes it.  A pure function of the step, so a resumed run refreshes at the same steps.
+    dinov3 (``train/train.py``) loads the EMA teacher once (``gram.it_load_ema_teacher``; here ``start``) and
+    then refreshes it after iteration ``it`` when ``it + 1`` is an absolute multiple of
+    ``gram.update_frequency`` (``every``), ``it + 1 >= gram.it_first_update`` (``first_update``) and fewer
+    than ``gram.max_updates`` refreshes happened.  In our convention that is "before step ``it + 1``".
+    Refreshes before ``start`` are skipped (nothing is anchored yet) but count against ``max_updates``, as
+    upstream.  A pure function of the step: a resumed run refreshes at the same steps (upstream re-derives
+    the count on resume with a formula that can over-count).
     """
     _check_step(step)
     if step < start:
         return False
-    return step == start or (every > 0 and (step - start) % every == 0)
+    if step == start:
+        return True
+    if every <= 0 or step % every or step < max(first_update, 1):
+        return False
+    if max_updates is None:
+        return True
+    first = max(first_update, 1)
+    first_multiple = -(-first // every) * every
+    done = 0 if step <= first_multiple else (step - first_multiple - 1) // every + 1
+    return done < max_updates
+
+
+def gram_weight(step: int, total_steps: int, peak: float, start: float | None = None, end: float | None = None,
+                warmup_steps: int = 0) -> float:
+    """The Gram loss weight at ``step``: constant ``peak`` unless ``start`` or ``end`` is given; then dinov3's
+    ``linear_warmup_cosine_decay``: linear ``start -> peak`` over ``warmup_steps`` (end point excluded), a
+    cosine ``peak -> end`` whose last value (``end``) falls on step ``total_steps - 1``, ``end`` after it."""
+    _check_step(step)
+    if start is None and end is None:
+        return float(peak)
+    s0 = peak if start is None else start
+    s1 = peak if end is None else end
+    warmup = min(max(warmup_steps, 0), total_steps)
+    if step < warmup:
+        return float(s0 + (peak - s0) * step / warmup)
+    n_cos = total_steps - warmup
+    if step >= total_steps or n_cos <= 1:
+        return float(s1 if step >= total_steps or n_cos < 1 else peak)
+    progress = (step - warmup) / (n_cos - 1)
+    return float(s1 + (peak - s1) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def backbone_lr_factor(step: int, head_warmup_steps: int, backbone_warmup_steps: int) -> float:
+    """Multiplier of the backbone's lr in two-stage continued pretraining.
+
+    0 while the backbone is frozen (``step < head_warmup_steps``), then a linear ramp that reaches 1 after
+    ``backbone_warmup_steps`` steps: the first backbone update uses ``1 / backbone_warmup_steps`` of its lr,
+    so freshly initialised heads cannot push large gradients into released weights at full lr.
+    """
+    _check_step(step)
+    if step < head_warmup_steps:
+        return 0.0
+    if backbone_warmup_steps <= 0:
+        return 1.0
+    return float(min(1.0, (step - head_warmup_steps + 1) / backbone_warmup_steps))
 
 
 @dataclass(frozen=True)
@@ -114,12 +179,15 @@ class Schedules:
             raise ValueError("teacher temperatures must be > 0")
 
     def at(self, step: int) -> dict[str, float]:
-        """``{"lr", "weight_decay", "teacher_temp", "momentum"}`` at ``step`` (any step >= 0)."""
-        tt_warmup = min(self.teacher_temp_warmup_steps, self.total_steps)
+        """``{"lr", "weight_decay", "teacher_temp", "momentum"}`` at ``step`` (any step >= 0).
+
+        The teacher temperature follows dinov3's warm-up over its full length, even past the run's end.
+        """
         return {
             "lr": cosine(step, self.total_steps, self.lr, self.min_lr, self.warmup_steps, 0.0),
             "weight_decay": cosine(step, self.total_steps, self.wd, self.wd_end),
-            "teacher_temp": linear_warmup(step, tt_warmup, self.teacher_temp_start, self.teacher_temp),
+            "teacher_temp": official_warmup(step, self.teacher_temp_warmup_steps, self.teacher_temp_start,
+                                            self.teacher_temp),
             "momentum": cosine(step, self.total_steps, self.momentum, self.momentum_end),
         }
 
@@ -136,7 +204,7 @@ def from_config(
 
     ``optim.scale_lr == "sqrt"`` scales the peak lr by ``4 * sqrt(global_batch / 1024)``, dinov3's
     ``sqrt_wrt_1024`` rule (``min_lr`` is not scaled, as in dinov3's default schedules).  ``max_steps`` (e.g. ``train.max_steps``) shortens the run, and with it
-    the cosine horizon.  Warm-ups longer than the run are clamped to it.
+    the cosine horizon.  The lr warm-up is clamped to the run; the teacher-temperature warm-up is not (dinov3).
     """
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -179,7 +247,7 @@ def from_config(
         wd_end=optim_cfg.weight_decay_end,
         teacher_temp_start=loss_cfg.warmup_teacher_temp,
         teacher_temp=loss_cfg.teacher_temp,
-        teacher_temp_warmup_steps=min(loss_cfg.warmup_teacher_temp_epochs * steps_per_epoch, total),
+        teacher_temp_warmup_steps=loss_cfg.warmup_teacher_temp_epochs * steps_per_epoch,
         momentum=optim_cfg.momentum_teacher,
         momentum_end=optim_cfg.final_momentum_teacher,
     )
