@@ -203,6 +203,10 @@ class LossConfig:
     ibot_weight: float = 1.0
     # iBOT targets from the *other* aligned global crops at the same position (needs aligned globals)
     ibot_cross_channel: bool = False
+    # Dense cross-channel distillation (losses/dense_cross.py): every student patch of aligned global
+    # crop k learns the teacher's patch of the other crops at the same position; 0 = off
+    dense_cross_weight: float = 0.0
+    dense_cross_mode: str = "ibot"  # ibot (ibot_head + Sinkhorn, soft CE) | cosine (centred token cosine)
     koleo_weight: float = 0.1
     gram_weight: float = 0.0
     gram_max_tokens: int = 256
@@ -493,6 +497,7 @@ def validate(cfg: Config) -> None:
         "track.logger": (cfg.track.logger, ("wandb", "tensorboard", "csv", "none")),
         "optim.scale_lr": (cfg.optim.scale_lr, ("none", "sqrt")),
         "loss.gram_target": (cfg.loss.gram_target, ("gram_teacher", "ema")),
+        "loss.dense_cross_mode": (cfg.loss.dense_cross_mode, ("ibot", "cosine")),
         "data.illum": (cfg.data.illum, ("auto", "off", "required")),
         "data.scaling.mode": (cfg.data.scaling.mode, ("field", "plate", "fixed")),
     }
@@ -505,6 +510,14 @@ def validate(cfg: Config) -> None:
                           "data.views.aligned_globals=true (or data.views.policy=all_channels)")
     if cfg.loss.ibot_cross_channel and v.policy == "single_view":
         raise ConfigError("config key 'loss.ibot_cross_channel' needs channel views; "
+                          "data.views.policy=single_view has only the mean image")
+    if cfg.loss.dense_cross_weight < 0:
+        raise ConfigError("config key 'loss.dense_cross_weight' must be >= 0 (0 = off)")
+    if cfg.loss.dense_cross_weight > 0 and not (v.aligned_globals or v.policy == "all_channels"):
+        raise ConfigError("config key 'loss.dense_cross_weight' needs aligned global crops: set "
+                          "data.views.aligned_globals=true (or data.views.policy=all_channels)")
+    if cfg.loss.dense_cross_weight > 0 and v.policy == "single_view":
+        raise ConfigError("config key 'loss.dense_cross_weight' needs channel views; "
                           "data.views.policy=single_view has only the mean image")
     m = cfg.data.mask
     if not 0.0 <= m.min_ratio <= m.max_ratio <= 1.0:

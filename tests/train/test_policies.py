@@ -128,3 +128,86 @@ def test_datamodule_scales_the_batch_and_keeps_the_step_count(tiny_overrides: li
     batch = next(iter(d1.train_dataloader()))
     assert batch["global_crops"].shape[0] == 2 * 6
     assert np.all(batch["n_global_crops"] == 6)
+
+
+@pytest.mark.parametrize("mode", ["ibot", "cosine"])
+def test_dense_cross_switch_changes_the_training_loss(tiny_overrides: list[str], mode: str) -> None:
+    over = [*tiny_overrides, "data.views.aligned_globals=true", "data.mask.mask_sample_probability=0.0"]
+    off = load_config(None, over)
+    on = load_config(None, [*over, "loss.dense_cross_weight=0.5", f"loss.dense_cross_mode={mode}"])
+    torch.manual_seed(0)
+    model_off = MultiViewDINO(off)
+    model_on = MultiViewDINO(on)
+    model_on.load_state_dict(model_off.state_dict())
+    assert model_off.dense_cross is None and model_on.dense_cross is not None
+    batch = _batch(on)
+    assert batch["mask_indices"].numel() == 0  # nothing masked: iBOT is silent, the dense term is not
+    out_off, out_on = model_off(batch, teacher_temp=0.04), model_on(batch, teacher_temp=0.04)
+    assert out_off["dense_cross"].item() == 0.0 and out_on["ibot"].item() == 0.0
+    assert out_on["dense_cross"].item() > 0
+    assert torch.allclose(out_on["total"], out_off["total"] + 0.5 * out_on["dense_cross"])
+    out_on["total"].backward()
+    blocks = model_on.student["backbone"].model.blocks
+    grads = [p.grad for p in blocks.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    head_grad = model_on.student["ibot_head"].mlp[0].weight.grad if mode == "ibot" else None
+    assert mode == "cosine" or (head_grad is not None and head_grad.abs().sum() > 0)
+
+
+def test_dense_cross_targets_are_the_other_crop_at_every_position(tiny_overrides: list[str], monkeypatch) -> None:
+    from dinocell.losses.dense_cross import DenseCrossChannelLoss
+
+    cfg = load_config(None, [*tiny_overrides, "data.views.policy=all_channels", "loss.dense_cross_weight=1.0"])
+    model = MultiViewDINO(cfg)
+    batch = _batch(cfg)
+    seen = {}
+    original = DenseCrossChannelLoss.ibot
+
+    def spy(self, s, t, pairing):
+        seen["s"], seen["t"], seen["pairing"] = s.shape, t.shape, pairing.clone()
+        return original(self, s, t, pairing)
+
+    monkeypatch.setattr(DenseCrossChannelLoss, "ibot", spy)
+    model(batch, teacher_temp=0.04)
+    n_patches = (32 // cfg.model.patch_size) ** 2
+    assert seen["s"] == seen["t"] == (6, 3, n_patches, cfg.head.prototypes)
+    assert torch.all(seen["pairing"].diagonal() == 0)
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["loss.dense_cross_weight=1.0"], "aligned"),
+    (["loss.dense_cross_weight=1.0", "data.views.policy=single_view", "data.views.aligned_globals=true"],
+     "channel views"),
+    (["loss.dense_cross_weight=-1"], ">= 0"),
+    (["loss.dense_cross_mode=l2"], "dense_cross_mode"),
+])
+def test_dense_cross_config_errors(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_single_channel_inputs_are_covered_by_the_policies() -> None:
+    """IC-ViT-style single-channel sampling: every crop is one stain (or the mean), in_chans=1, and
+    ``channel_pairs`` trains on two single stains with no mean anchor at all."""
+    cfg = load_config(None, ["data.views.policy=channel_pairs", "data.views.global_crop_size=32",
+                             "data.views.n_local_crops=2", "data.views.local_crop_size=16"])
+    assert cfg.model.in_chans == 1
+    aug = MultiViewAugmentation(cfg.data.views, FLUO)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        out = aug(torch.rand(5, 64, 64, generator=g), generator=g)
+        assert all(c.shape[0] == 1 for c in out["global_crops"] + out["local_crops"])
+        assert all(ch >= 0 for ch in out["global_channels"])
+
+
+@pytest.mark.slow
+def test_dense_cross_switch_changes_a_tiny_runs_loss(tiny_overrides: list[str], tmp_path) -> None:
+    from dinocell.train.run import pretrain
+
+    over = [*tiny_overrides, "data.views.aligned_globals=true", "train.eval_fields=0"]
+    first = {}
+    for name, extra in (("off", []), ("on", ["loss.dense_cross_weight=1.0"])):
+        summary = pretrain(load_config(None, [*over, *extra]), tmp_path / name, max_steps=2)
+        first[name] = summary["loss_first"]
+    # same seed, same first batch and weights: the difference is the dense term (a CE, > 0)
+    assert first["on"] > first["off"] + 0.1

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from dinocell.config import Config
+from dinocell.losses.dense_cross import DenseCrossChannelLoss
 from dinocell.losses.dino import DINOLoss, multiview_pairs
 from dinocell.losses.gram import GramLoss, resize_patch_tokens
 from dinocell.losses.ibot import iBOTPatchLoss
@@ -73,6 +74,8 @@ class MultiViewDINO(nn.Module):
         self.dino_loss = DINOLoss(lc.student_temp, lc.sinkhorn_iterations, lc.cross_entropy)
         self.ibot_loss = iBOTPatchLoss(lc.student_temp, lc.sinkhorn_iterations, lc.cross_entropy)
         self.ibot_cross = CrossChannelIBOTLoss(self.ibot_loss) if lc.ibot_cross_channel else None
+        self.dense_cross = (DenseCrossChannelLoss(lc.student_temp, lc.sinkhorn_iterations, lc.cross_entropy)
+                            if lc.dense_cross_weight > 0 else None)
         self.koleo_loss = KoLeoLoss()
         self.gram_loss = GramLoss(lc.gram_max_tokens)
         self._student_params: list[torch.Tensor] | None = None
@@ -148,7 +151,25 @@ class MultiViewDINO(nn.Module):
             masked = flat.index_select(0, idx)
             plogits = self.teacher["ibot_head"](masked)
             res["ibot_probs"] = self.ibot_loss.teacher_probs(plogits, teacher_temp)
+        if self.dense_cross is not None and self.cfg.loss.dense_cross_mode == "ibot":
+            dense = self.teacher["ibot_head"](patches.reshape(-1, patches.shape[-1]))
+            res["dense_probs"] = self.dense_cross.teacher_probs(
+                dense.view(n_global, b, patches.shape[1], -1), teacher_temp)
         return res
+
+    def dense_cross_loss(self, student_patches: torch.Tensor, targets: dict[str, torch.Tensor],
+                         n_global: int) -> torch.Tensor:
+        """``loss.dense_cross_*``: every student patch token of aligned crop k against the teacher's
+        patch of the other crops at the same position (:class:`DenseCrossChannelLoss`)."""
+        assert self.dense_cross is not None
+        n, d = student_patches.shape[1], student_patches.shape[2]
+        b = student_patches.shape[0] // n_global
+        pairing = cross_channel_pairing(n_global).to(student_patches)
+        if self.cfg.loss.dense_cross_mode == "cosine":
+            teacher = targets["patch_tokens"].view(n_global, b, n, d)
+            return self.dense_cross.cosine(student_patches.view(n_global, b, n, d), teacher, pairing)
+        logits = self.student["ibot_head"](student_patches.reshape(-1, d)).view(n_global, b, n, -1)
+        return self.dense_cross.ibot(logits, targets["dense_probs"], pairing)
 
     def forward(self, batch: dict[str, Any], teacher_temp: float,
                 gram_generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
@@ -158,6 +179,9 @@ class MultiViewDINO(nn.Module):
         every ordered pair of distinct globals, KoLeo is summed over the G globals (DINOv3 for G = 2).
         With ``loss.ibot_cross_channel`` the masked tokens of aligned crop k learn the teacher's tokens of
         the other crops at the same positions (:class:`CrossChannelIBOTLoss`) instead of their own.
+        With ``loss.dense_cross_weight > 0`` *every* patch token of aligned crop k also learns the
+        teacher's token of the other crops at the same position (:meth:`dense_cross_loss`; key
+        ``dense_cross``, zero when off).
 
         Diagnostics (detached, keys start with ``_``): ``_teacher_probs`` (Sinkhorn targets, (G, B, K)),
         ``_teacher_logits`` (the teacher's DINO-head logits *before* Sinkhorn, (G, B, K); its softmax at
@@ -218,6 +242,11 @@ class MultiViewDINO(nn.Module):
 
         losses["total"] = (lc.dino_weight * losses["dino"] + lc.ibot_weight * losses["ibot"]
                            + lc.koleo_weight * losses["koleo"] + self.gram_weight * losses["gram"])
+        if self.dense_cross is not None:
+            losses["dense_cross"] = self.dense_cross_loss(s_glob["x_norm_patchtokens"], targets, n_global)
+            losses["total"] = losses["total"] + lc.dense_cross_weight * losses["dense_cross"]
+        else:
+            losses["dense_cross"] = cls_g.sum() * 0.0
         losses["_teacher_probs"] = targets["dino_probs"].detach()
         losses["_teacher_logits"] = targets["dino_logits"].detach()
         losses["_student_cls"] = cls_g.detach()
