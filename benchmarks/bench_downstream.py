@@ -84,13 +84,20 @@ MODES = {
                   plates=["data.synthetic.n_plates=2", "data.synthetic.wells_per_plate=8",
                           "data.synthetic.sites_per_well=1", "data.synthetic.n_classes=3",
                           "data.synthetic.n_fields=16"], real_side=384),
-    "quick": Mode(budget_steps=120, seg_steps=80, seg_batch=8, syn_fields=128, syn_eval=16, null_size=2000),
+    "quick": Mode(budget_steps=120, seg_steps=150, seg_batch=16, syn_fields=128, syn_eval=16, null_size=2000),
     "full": Mode(budget_steps=None, seg_steps=300, seg_batch=16, syn_fields=256, syn_eval=64, null_size=5000),
 }
 
 
 def ratio(num: float, den: float) -> float:
-    return num / den if den > 0 else float("nan")
+    """``num / den``; nan when the denominator scored nothing (the figure is undefined then)."""
+    return float(num / den) if den > 0 else float("nan")
+
+
+def mean_ratio(pairs: list[tuple[float, float]]) -> float:
+    """Mean of the defined ratios (nan when none is defined)."""
+    vals = [r for r in (ratio(n, d) for n, d in pairs) if np.isfinite(r)]
+    return float(np.mean(vals)) if vals else float("nan")
 
 
 class Heads:
@@ -154,7 +161,7 @@ def run_synthetic(heads: Heads, primary: str, designs: list[str]) -> dict[str, A
         oracle[c] = heads.score(heads.fit(f"syn_{primary}_{c}", primary, cfg), cfg, "synthetic", [c])[c]
     table(f"AP50, synthetic nuclei, head trained on DNA ({heads.mode.syn_eval} held-out fields)", dna,
           {f"{primary} oracle": oracle})
-    s1 = float(np.nanmean([ratio(dna[primary][c], oracle[c]) for c in OTHER]))
+    s1 = mean_ratio([(dna[primary][c], oracle[c]) for c in OTHER])
     s2 = float("nan")
     if "single_view" in dna:
         s2 = ratio(float(np.mean([dna[primary][c] for c in OTHER])),
@@ -165,9 +172,9 @@ def run_synthetic(heads: Heads, primary: str, designs: list[str]) -> dict[str, A
 def table(title: str, rows: dict[str, dict[str, float]], extra: dict[str, dict[str, float]] | None = None) -> None:
     allrows = {**rows, **(extra or {})}
     cols = list(dict.fromkeys(c for r in allrows.values() for c in r))
-    print(f"\n{title}\n{'backbone':<24}" + "".join(f"{c:>9}" for c in cols))
+    print(f"\n{title}\n{'backbone':<28}" + "".join(f"{c:>10}" for c in cols))
     for name, r in allrows.items():
-        print(f"{name:<24}" + "".join(f"{r[c]:>9.3f}" if c in r else f"{'':>9}" for c in cols))
+        print(f"{name:<28}" + "".join(f"{r[c]:>10.3f}" if c in r else f"{'':>10}" for c in cols))
     print(flush=True)
 
 
@@ -260,7 +267,7 @@ def run_real(heads: Heads, primary: str, designs: list[str], shared: Path) -> di
     return {"dsb2018": {"heads": r1_heads, "classical": ap_classical},
             "pediatric": {"dna_head": dna, "oracle": oracle}, "tile": {f"{t}/{b}": v for (t, b), v in tile.items()},
             "R1": ratio(max(r1_heads[d] for d in designs), ap_classical),
-            "R2": float(np.nanmean([ratio(dna[c], oracle[c]) for c in OTHER])), "R3": r3}
+            "R2": mean_ratio([(dna[c], oracle[c]) for c in OTHER]), "R3": r3}
 
 
 def ped_plane(task: RealTask, channel: str) -> np.ndarray:
