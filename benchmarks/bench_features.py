@@ -95,12 +95,14 @@ def _rewrite(src: Path, dst: Path, compression: str, checksum: bool) -> dict[str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny ViT, 64^3 crop (seconds)")
+    ap.add_argument("--smoke", action="store_true", help="every code path in seconds (--quick, 32^3, 1 rep)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--dim", type=int, default=None, help="crop side in voxels")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = ap.parse_args()
-    dim = args.dim or (64 if args.quick else 128)
-    reps = args.reps or 5
+    args.quick = args.quick or args.smoke
+    dim = args.dim or (32 if args.smoke else 64 if args.quick else 128)
+    reps = args.reps or (1 if args.smoke else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = ModelSpec() if args.quick else ModelSpec(model_name="vit_small_patch16_dinov3")

@@ -7,6 +7,7 @@ residual is what the seed objective leaves (benchmarks/RESULTS.md, Q1/Q2).
 
     python benchmarks/bench_invariance.py --out runs/q12 --epochs 6            # screen
     python benchmarks/bench_invariance.py --out runs/q12full --only multiview,single_view,all_cross
+    python benchmarks/bench_invariance.py --out /tmp/q12smoke --smoke      # every code path, seconds
 
 Ends with ``Q12 ratio=<best consistency / seed multiview consistency> target>=1.39`` (0.70 / 0.505).
 """
@@ -45,6 +46,10 @@ VARIANTS: dict[str, list[str]] = {
     "all_cross": ["data.views.policy=all_channels", "data.views.scale_batch_to_crops=true",
                   "loss.ibot_cross_channel=true"],
 }
+
+#: --smoke: tiny fields and batches, in-process loading, a small held-out evaluation
+SMOKE = ["data.synthetic.n_fields=64", "data.batch_size=8", "data.num_workers=0", "train.eval_fields=16",
+         "train.progress_bar=false"]
 
 
 def variance_split(emb: torch.Tensor) -> tuple[float, float, float]:
@@ -105,11 +110,13 @@ def step_times(config: str, names: list[str], reps: int = 5) -> dict[str, float]
     return {n: sorted(t)[len(t) // 2] for n, t in times.items()}
 
 
-def train(name: str, overrides: list[str], out: Path, config: str, extra: list[str]) -> float:
+def train(name: str, overrides: list[str], out: Path, config: str, extra: list[str],
+          max_steps: int | None = None) -> float:
     run = out / name
     if (run / "summary.json").is_file():
         return float("nan")
     cmd = [sys.executable, "-m", "dinocell.cli", "pretrain", "--config", config, "--output-dir", str(run),
+           *(["--max-steps", str(max_steps)] if max_steps else []),
            "track.logger=none", *SEED_VIEWS, *overrides, *extra]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=os.environ.copy())
@@ -124,9 +131,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default="", help="comma-separated variant names")
     p.add_argument("--step-time", action="store_true", help="only time one step of each variant")
+    p.add_argument("--smoke", action="store_true",
+                   help="every code path in seconds: two variants, 2 steps of tiny batches (numbers meaningless)")
     args = p.parse_args()
     out = Path(args.out)
-    names = [n for n in args.only.split(",") if n] or list(VARIANTS)
+    names = [n for n in args.only.split(",") if n] or (["multiview", "single_view"] if args.smoke else list(VARIANTS))
     if args.step_time:
         t = step_times(args.config, names)
         for name, sec in t.items():
@@ -135,9 +144,11 @@ def main() -> None:
             print(f"Q12-step ratio={t['all'] / t['multiview']:.3f} target<=1.2")
         return
     extra = [f"train.seed={args.seed}"] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
+    if args.smoke:
+        extra += SMOKE
     rows = []
     for name in names:
-        secs = train(name, VARIANTS[name], out, args.config, extra)
+        secs = train(name, VARIANTS[name], out, args.config, extra, max_steps=2 if args.smoke else None)
         s = json.loads((out / name / "summary.json").read_text())
         fld, ch, res = decompose(out / name)
         rows.append((name, s, secs, fld, ch, res))

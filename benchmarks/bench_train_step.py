@@ -291,13 +291,15 @@ def measure(name: str, overrides: list[str], reps: int, phases: bool, memory: bo
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model only, few repetitions")
+    ap.add_argument("--smoke", action="store_true", help="every code path in seconds (tiny model, 1 rep)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--phases", action="store_true", help="also time the step by phase")
     ap.add_argument("--memory", action="store_true", help="also sample peak RSS of each")
     ap.add_argument("--also", action="append", default=[], metavar="KEY=VALUE",
                     help="also time a step variant with this config override (repeatable)")
     args = ap.parse_args(argv)
-    reps = args.reps or (5 if args.quick else 7)
+    args.quick = args.quick or args.smoke
+    reps = args.reps or (1 if args.smoke else 5 if args.quick else 7)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f} (batch 8, 2 globals + 8 locals)")
     names = list(MODELS)[1:] if args.quick else list(MODELS)

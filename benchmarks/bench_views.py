@@ -58,13 +58,15 @@ def naive(source, aug: MultiViewAugmentation, n: int, cfg) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer fields (CI smoke run)")
+    ap.add_argument("--quick", action="store_true", help="fewer fields")
+    ap.add_argument("--smoke", action="store_true", help="every code path in seconds (2 small fields)")
     ap.add_argument("--fields", type=int, default=None)
-    ap.add_argument("--size", type=int, default=1080)
+    ap.add_argument("--size", type=int, default=None, help="field side in px (default 1080; --smoke 256)")
     ap.add_argument("--clahe", action="store_true", help="CLAHE on in the dinocell pipeline too")
     ap.add_argument("--data", default=None, help="existing JUMP folder (default: write synthetic fields)")
     args = ap.parse_args(argv)
-    n = args.fields or (4 if args.quick else 16)
+    n = args.fields or (2 if args.smoke else 4 if args.quick else 16)
+    args.size = args.size or (256 if args.smoke else 1080)
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory() as tmp:
