@@ -11,9 +11,11 @@ import argparse
 import importlib
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from dinocell.errors import UserError
+from dinocell.paths import DiskFullError, is_disk_full, remove_temp_files
 
 COMMAND_MODULES = (
     "dinocell.data.cli",
@@ -59,14 +61,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    start = time.time()
     try:
         return int(args.func(args) or 0)
+    except DiskFullError as e:
+        _clean_after_disk_full(args, start)
+        print(f"dinocell: error: {e}", file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"dinocell: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a writer we do not wrap (torch.save, safetensors, pyarrow) hit a full disk
+        if not is_disk_full(e):
+            raise
+        _clean_after_disk_full(args, start)
+        where = getattr(e, "filename", None)
+        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        print(f"dinocell: error: no space left on the disk{f' to write {where}' if where else ''} "
+              f"({reason}); free some space or write elsewhere (earlier complete files are untouched)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dinocell: interrupted", file=sys.stderr)
         return 130
+
+
+#: argparse destinations that name a command's output (folder or file).
+OUTPUT_ARGS = ("output_dir", "out", "out_dir")
+
+
+def _clean_after_disk_full(args: argparse.Namespace, start: float) -> None:
+    """Remove the ``*.tmp`` files this command wrote into its outputs before the disk filled."""
+    outputs = [v for k in OUTPUT_ARGS if isinstance(v := getattr(args, k, None), str)]
+    for f in remove_temp_files(outputs, start):
+        logging.getLogger("dinocell").info("removed the partial file %s", f)
 
 
 if __name__ == "__main__":
