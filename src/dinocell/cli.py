@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 from dinocell.errors import UserError
@@ -24,6 +25,20 @@ COMMAND_MODULES = (
     "dinocell.extract.cli",
     "dinocell.segment.cli",
 )
+
+
+#: Third-party deprecation notices a dinocell user can do nothing about, as (message regex, category).
+#: Targeted by message, so every other warning (ours, or a library's about the user's data) still shows.
+THIRD_PARTY_NOISE: tuple[tuple[str, type[Warning]], ...] = (
+    # Lightning's own pytree helper instantiates torch's deprecated LeafSpec on every fit
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+
+
+def silence_third_party_noise() -> None:
+    """Install the :data:`THIRD_PARTY_NOISE` filters (at the CLI entry, never on import of the library)."""
+    for message, category in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    silence_third_party_noise()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
