@@ -79,6 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     start = time.time()
     try:
+        if args.command in ACTION_DESTS and getattr(args, ACTION_DESTS[args.command], None) is None:
+            # `dinocell segment` alone is a usage error: usage on stderr, exit 2 (not help on stdout)
+            print(f"{_subparser(parser, args.command).format_usage().rstrip()}\n"
+                  f"dinocell {args.command}: error: choose an ACTION", file=sys.stderr)
+            return 2
+        if args.command in STRICT_CHANNEL_MAP_COMMANDS:
+            from dinocell.data.channels import refuse_assumed_channel_map
+
+            with refuse_assumed_channel_map(f"dinocell {args.command}"):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except DiskFullError as e:
         _clean_after_disk_full(args, start)
@@ -100,6 +110,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dinocell: interrupted", file=sys.stderr)
         return 130
+
+
+#: Commands whose outputs carry channel names for good: an assumed channel map is refused there.
+STRICT_CHANNEL_MAP_COMMANDS = frozenset({"pretrain", "embed", "extract-fields", "segment"})
+#: Commands made of actions, and the argparse destination of their action.
+ACTION_DESTS = {"data": "data_command", "segment": "segment_command"}
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    return parser
 
 
 #: argparse destinations that name a command's output (folder or file).
