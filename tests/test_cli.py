@@ -70,3 +70,22 @@ def test_data_ls_reports_unreadable_tiff(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["data", "ls", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "no readable field" in err and len(err.strip().splitlines()) == 1
+
+
+def test_third_party_deprecation_noise_is_silenced_and_user_warnings_stay() -> None:
+    import warnings
+
+    from lightning.pytorch.utilities._pytree import _tree_flatten
+
+    from dinocell.cli import silence_third_party_noise
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _tree_flatten({"a": 1})  # Lightning builds a deprecated torch LeafSpec: the noise users see on every run
+        assert any("LeafSpec" in str(w.message) for w in seen), "the noise no longer exists: drop its filter"
+        seen.clear()
+        silence_third_party_noise()
+        _tree_flatten({"a": 1})
+        warnings.warn("channel DNA is constant in 3 fields", UserWarning, stacklevel=1)
+        warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["channel DNA is constant in 3 fields", "something else is deprecated"]

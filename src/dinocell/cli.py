@@ -11,9 +11,12 @@ import argparse
 import importlib
 import logging
 import sys
+import time
+import warnings
 from collections.abc import Sequence
 
 from dinocell.errors import UserError
+from dinocell.paths import DiskFullError, is_disk_full, remove_temp_files
 
 COMMAND_MODULES = (
     "dinocell.data.cli",
@@ -22,6 +25,20 @@ COMMAND_MODULES = (
     "dinocell.extract.cli",
     "dinocell.segment.cli",
 )
+
+
+#: Third-party deprecation notices a dinocell user can do nothing about, as (message regex, category).
+#: Targeted by message, so every other warning (ours, or a library's about the user's data) still shows.
+THIRD_PARTY_NOISE: tuple[tuple[str, type[Warning]], ...] = (
+    # Lightning's own pytree helper instantiates torch's deprecated LeafSpec on every fit
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+)
+
+
+def silence_third_party_noise() -> None:
+    """Install the :data:`THIRD_PARTY_NOISE` filters (at the CLI entry, never on import of the library)."""
+    for message, category in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,17 +73,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    silence_third_party_noise()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    start = time.time()
     try:
+        if args.command in ACTION_DESTS and getattr(args, ACTION_DESTS[args.command], None) is None:
+            # `dinocell segment` alone is a usage error: usage on stderr, exit 2 (not help on stdout)
+            print(f"{_subparser(parser, args.command).format_usage().rstrip()}\n"
+                  f"dinocell {args.command}: error: choose an ACTION", file=sys.stderr)
+            return 2
+        if args.command in STRICT_CHANNEL_MAP_COMMANDS:
+            from dinocell.data.channels import refuse_assumed_channel_map
+
+            with refuse_assumed_channel_map(f"dinocell {args.command}"):
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
+    except DiskFullError as e:
+        _clean_after_disk_full(args, start)
+        print(f"dinocell: error: {e}", file=sys.stderr)
+        return 2
     except UserError as e:
         print(f"dinocell: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a writer we do not wrap (torch.save, safetensors, pyarrow) hit a full disk
+        if not is_disk_full(e):
+            raise
+        _clean_after_disk_full(args, start)
+        where = getattr(e, "filename", None)
+        reason = str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__
+        print(f"dinocell: error: no space left on the disk{f' to write {where}' if where else ''} "
+              f"({reason}); free some space or write elsewhere (earlier complete files are untouched)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dinocell: interrupted", file=sys.stderr)
         return 130
+
+
+#: Commands whose outputs carry channel names for good: an assumed channel map is refused there.
+STRICT_CHANNEL_MAP_COMMANDS = frozenset({"pretrain", "embed", "extract-fields", "segment"})
+#: Commands made of actions, and the argparse destination of their action.
+ACTION_DESTS = {"data": "data_command", "segment": "segment_command"}
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    return parser
+
+
+#: argparse destinations that name a command's output (folder or file).
+OUTPUT_ARGS = ("output_dir", "out", "out_dir")
+
+
+def _clean_after_disk_full(args: argparse.Namespace, start: float) -> None:
+    """Remove the ``*.tmp`` files this command wrote into its outputs before the disk filled."""
+    outputs = [v for k in OUTPUT_ARGS if isinstance(v := getattr(args, k, None), str)]
+    for f in remove_temp_files(outputs, start):
+        logging.getLogger("dinocell").info("removed the partial file %s", f)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,7 @@ class DataConfig:
     load_data: str | None = None
     channels: list[str] | None = None
     source_map: str | None = None  # None: not given (resolve the map; assume source_4 with a warning)
-    channel_map: dict[int, str] | None = None  # explicit channel number -> stain name, e.g. {1: Mito}
+    channel_map: dict[int, str] | str | None = None  # explicit {1: Mito, ...}, or a built-in source (source_4)
     illum: str = "auto"  # auto | off | required: illumination correction from load_data Illum columns
     repeats: int = 1
     num_workers: int = 0

@@ -3,15 +3,32 @@
 A shared leaf (like :mod:`dinocell.config` and :mod:`dinocell.errors`): every layer's CLI may import it.
 Without these checks a user finds out after minutes of work, from a traceback, that the output folder
 is an existing file, that the disk location is read-only, or that ``--out`` names a folder.
+
+It also holds the one atomic writer (:func:`write_atomic`, :func:`write_text_atomic`): temp file +
+rename, and a full disk (``ENOSPC``, or torch's / safetensors' wrapped versions of it) becomes one
+:class:`DiskFullError` line naming the file and the bytes it needs, with the temp file removed and the
+last complete file untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from dinocell.errors import UserError
+
+#: errno values that mean "this disk / quota cannot take more bytes".
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# How third-party writers report the same thing without an errno: torch.save's PytorchStreamWriter
+# ("[enforce fail at inline_container.cc:...] ... file write failed"), safetensors' Rust IoError
+# ("No space left on device", kind StorageFull), pyarrow ("IOError: ... No space left on device").
+_DISK_FULL_TEXT = ("no space left on device", "storagefull", "disk quota exceeded", "file write failed",
+                   "file too large", "unexpected pos")
 
 
 def _check_creatable(folder: Path, what: str, target: Path) -> None:
@@ -49,10 +66,137 @@ def check_output_file(path: str | os.PathLike[str], what: str = "output file") -
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` to ``path`` through ``<name>.tmp`` + ``os.replace``: a killed process never leaves
-    a half-written summary, config or manifest behind (the parent folder is created if needed)."""
+    a half-written summary, config or manifest behind (the parent folder is created if needed); a full
+    disk is one :class:`DiskFullError` line (see :func:`write_atomic`)."""
+    data = text.encode()
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
+
+
+class DiskFullError(UserError):
+    """A write failed because the disk (or quota) is full; the message names the file and the bytes."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """``exc`` (or an exception it was raised from) says the disk or quota is full."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(e).lower()
+        if any(t in text for t in _DISK_FULL_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def human_bytes(n: float) -> str:
+    """``1.5 GB``-style size for messages."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Free bytes on the disk holding ``path`` (or its nearest existing ancestor); None if unknown."""
+    base = Path(path).expanduser().absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        return int(shutil.disk_usage(base).free)
+    except OSError:
+        return None
+
+
+def payload_bytes(obj: Any) -> int:
+    """Bytes of the arrays / tensors / bytes inside ``obj`` (nested dicts, lists): what a writer of it
+    needs at least.  Duck-typed on ``.nbytes`` so this leaf never imports torch or numpy."""
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return len(obj)
+    if isinstance(obj, str):
+        return len(obj.encode())
+    if isinstance(obj, Mapping):
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v) for v in obj)
+    n = getattr(obj, "nbytes", None)
+    return int(n) if isinstance(n, int) else 0
+
+
+def disk_full_error(path: str | os.PathLike[str], needed: int | None, exc: BaseException | None = None,
+                    written: int | None = None) -> DiskFullError:
+    """The one-line error for a write of ``needed`` bytes to ``path`` that did not fit."""
+    free = free_bytes(Path(path).parent)
+    if needed:
+        need = f"it needs {human_bytes(needed)}"
+    elif written:
+        need = f"it needs more than the {human_bytes(written)} written before the disk filled"
+    else:
+        need = "it needs more space"
+    have = f", {human_bytes(free)} free there" if free is not None else ""
+    return DiskFullError(f"no space left on the disk to write {path}: {need}{have}; free some space or "
+                         "write elsewhere (the previous complete file, if any, is untouched)")
+
+
+def ensure_free_space(path: str | os.PathLike[str], needed: int, margin: float = 1.05) -> None:
+    """Refuse up front (``DiskFullError``) when ``path``'s disk has less than ``needed * margin`` free.
+
+    Why: a failed multi-GB write wastes minutes and, for writers that do not clean up, leaves a temp
+    file; checking first costs one ``statvfs``."""
+    free = free_bytes(Path(path).parent)
+    if free is not None and needed > 0 and free < needed * margin:
+        raise disk_full_error(path, int(needed * margin))
+
+
+def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], object],
+                 needed: int | None = None) -> Path:
+    """Call ``write(tmp)`` for ``<path>.tmp`` and rename it to ``path``.
+
+    Any failure removes the temp file and leaves an earlier ``path`` untouched; a full disk becomes one
+    :class:`DiskFullError` naming ``path`` and ``needed`` bytes (or what was written before it failed),
+    so the CLI prints one line and exits 2 instead of a torch / safetensors traceback.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    try:
+        write(tmp)
+        os.replace(tmp, p)
+    except BaseException as e:
+        written = None
+        try:
+            written = tmp.stat().st_size if tmp.exists() else None
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, Exception) and is_disk_full(e):
+            raise disk_full_error(p, needed, e, written) from None
+        raise
     return p
+
+
+def remove_temp_files(outputs: Iterable[str | os.PathLike[str]], since: float,
+                      suffixes: tuple[str, ...] = (".tmp",)) -> list[Path]:
+    """Delete ``*.tmp`` files modified at or after ``since`` (``time.time()``) under each output folder
+    (recursively), or next to each output file: the half-written files a failed command left behind,
+    never older ones (another run's are not ours)."""
+    removed: list[Path] = []
+    for out in outputs:
+        root = Path(out).expanduser()
+        if root.is_dir():
+            files: Iterable[Path] = root.rglob("*")
+        elif root.parent.is_dir():
+            files = root.parent.glob(root.name + "*")
+        else:
+            continue
+        for f in files:
+            try:
+                if f.is_file() and f.name.endswith(suffixes) and f.stat().st_mtime >= since - 1.0:
+                    f.unlink()
+                    removed.append(f)
+            except OSError:
+                continue
+    return removed

@@ -118,7 +118,8 @@ def test_real_folder_is_assumed_with_one_loud_warning(caplog: pytest.LogCaptureF
         assert resolve_channel_map(sorted(str(p) for p in REAL.glob("*.tiff"))) == (SOURCE_4, "assumed")
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1
-    for needle in ("source_4", "ch1 Mito", "data.source_map", "data.channel_map", "data.load_data"):
+    for needle in ("source_4", "ch1 Mito", "data.channel_map=<source>", "data.channel_map=", "data.load_data",
+                   "refuse"):
         assert needle in warnings[0]
 
 
@@ -128,3 +129,54 @@ def test_config_channel_map_keys_are_ints() -> None:
     cfg = load_config(None, ["data.channel_map={1: Mito, 2: AGP}"])
     assert cfg.data.channel_map == {1: "Mito", 2: "AGP"} and cfg.data.source_map is None
     assert load_config(None, ["data.source_map=source_4"]).data.source_map == "source_4"
+
+
+def test_refusing_commands_get_one_line_with_the_three_fixes(tmp_path: Path) -> None:
+    (tmp_path / "r01c01f01p01-ch1sk1fk1fl1.tiff").write_bytes(b"")
+    with channels.refuse_assumed_channel_map("dinocell pretrain"):
+        with pytest.raises(DataError) as info:
+            resolve_channel_map(tmp_path)
+        # evidence still resolves inside the block
+        assert resolve_channel_map(tmp_path, channel_map_cfg="source_4") == (SOURCE_4, "channel_map")
+        assert resolve_channel_map(tmp_path, "source_4")[1] == "source_map"
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("dinocell pretrain:") and str(tmp_path) in msg
+    for needle in ("data.channel_map='{1: Mito", "data.load_data=", "data.channel_map=source_4"):
+        assert needle in msg
+    assert resolve_channel_map(tmp_path)[1] == "assumed"  # outside the block: the guess, with its warning
+
+
+def test_load_data_table_in_the_folder_is_evidence(tmp_path: Path) -> None:
+    from dinocell.data.synthetic import write_jump_folder
+
+    write_jump_folder(tmp_path, n_fields=1, size=32, n_plates=1, wells_per_plate=4, sites_per_well=1)
+    with channels.refuse_assumed_channel_map("dinocell embed"):
+        cmap, origin = resolve_channel_map(tmp_path)
+    assert origin == "load_data" and cmap[5] == "DNA" and cmap[1] == "Mito"
+    (tmp_path / "load_data.csv").write_text("not,a,load_data\n1,2,3\n")  # junk: ignored, not trusted
+    assert resolve_channel_map(tmp_path)[1] == "assumed"
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("source_99", "neither a map"), ({0: "DNA"}, "channel number >= 1"), ({"x": "DNA"}, "channel number >= 1"),
+    ({1: " "}, "channel number >= 1"), ({1: "DNA", 2: "DNA"}, "DNA for more than one channel"),
+])
+def test_explicit_channel_map_is_checked(tmp_path: Path, bad: object, message: str) -> None:
+    with pytest.raises(DataError, match=message):
+        resolve_channel_map(tmp_path, channel_map_cfg=bad)  # type: ignore[arg-type]
+
+
+def test_config_accepts_a_source_name_as_channel_map() -> None:
+    from dinocell.config import load_config
+
+    assert load_config(None, ["data.channel_map=source_4"]).data.channel_map == "source_4"
+
+
+def test_channel_map_record(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    rec = channels.channel_map_record(SimpleNamespace(channel_map={5: "DNA", 1: "Mito"},
+                                                      channel_map_origin="channel_map", channels=["DNA"]))
+    assert rec == {"channel_map": {"1": "Mito", "5": "DNA"}, "channel_map_origin": "channel_map", "channels": ["DNA"]}
+    synthetic = channels.channel_map_record(SimpleNamespace(channels=["DNA", "RNA"]))
+    assert synthetic["channel_map"] is None and synthetic["channel_map_origin"] == "named_by_source"

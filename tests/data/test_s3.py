@@ -453,3 +453,67 @@ def test_real_cpg0000_site_streams_from_local_server(cpg0000_site: Path, moto_ur
     assert x is not None and x.shape == (3, 1080, 1080)
     assert rec.metadata["Metadata_Batch"] == "2020_11_04_CPJUMP1"
     assert src.metrics()["s3/bytes"] == sum(p.stat().st_size for p in cpg0000_site.glob("*.tiff"))
+
+
+class _Trap:
+    """Unpickling this creates ``path``: a stand-in for any code a planted pickle could run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("size", [10, 100_000])  # in SQLite, and in its own file
+def test_disk_cache_never_unpickles(tmp_path: Path, size: int) -> None:
+    import diskcache
+
+    root, marker = tmp_path / "cache", tmp_path / "ran-code"
+    planted = diskcache.Cache(str(root))  # the stock Disk pickles any non-bytes value
+    planted.set("s3://b/field.tiff", [_Trap(marker), bytes(size)])
+    planted.set("s3://b/text.tiff", "a str is not an object's bytes")
+    planted.close()
+    dc = DiskCache(root, 10_000_000)
+    assert dc.get("s3://b/field.tiff") is None and dc.get("s3://b/text.tiff") is None
+    assert not marker.exists(), "a cached pickle was loaded"
+    assert dc.refused == 2 and len(dc) == 0  # both entries dropped
+    dc.put("s3://b/field.tiff", b"refetched")  # the caller's refetch lands as raw bytes
+    assert dc.get("s3://b/field.tiff") == b"refetched" and not marker.exists()
+    with pytest.raises(TypeError, match="bytes only"):
+        dc._cache.set("s3://b/x", _Trap(marker))
+    assert not marker.exists()
+
+
+def test_disk_cache_refuses_files_outside_its_folder(tmp_path: Path) -> None:
+    import sqlite3
+
+    root, victim = tmp_path / "cache", tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    dc = DiskCache(root, 10_000_000)
+    dc.put("s3://b/big", bytes(100_000))
+    con = sqlite3.connect(root / "cache.db")
+    con.execute("UPDATE Cache SET filename = ?", (str(Path("..") / victim.name),))
+    con.commit()
+    con.close()
+    assert dc.get("s3://b/big") is None and dc.refused == 1
+    assert victim.read_text() == "keep me", "dropping the entry removed a file outside the cache"
+
+
+def test_field_index_with_junk_header_is_rebuilt(jump_bucket: JumpBucket, proxy: FaultProxy, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    cfg = data_cfg(proxy.url, tmp_path)
+    first = S3FieldSource(jump_bucket.uri, cfg)
+    path = Path(first.index_path)
+    for junk in (b"{not json", b"[1, 2, 3]", b'"a string"', json.dumps({"version": None}).encode()):
+        table = pq.read_table(path)
+        pq.write_table(table.replace_schema_metadata({b"dinocell": junk}), path)
+        proxy.reset_counts()
+        again = S3FieldSource(jump_bucket.uri, cfg)
+        assert [r.key for r in again.records] == [r.key for r in first.records]
+        assert proxy.requests > 0, f"header {junk!r} was not rebuilt"
+        assert pq.read_schema(path).metadata[b"dinocell"] != junk
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated: rebuilt the same way
+    proxy.reset_counts()
+    assert len(S3FieldSource(jump_bucket.uri, cfg).records) == len(first.records) and proxy.requests > 0

@@ -5,13 +5,22 @@ sources.  :func:`resolve_channel_map` takes the strongest evidence available and
 from:
 
 1. ``load_data``: the plate's load_data table (``FileName_Orig<Name>`` columns) — the ground truth;
-2. ``channel_map``: an explicit ``data.channel_map={1: Mito, ...}``;
+   given as ``data.load_data``, or a ``load_data.csv`` / ``.parquet`` lying in the image folder itself
+   (what ``dinocell data synth`` and pe2loaddata leave there; an explicit ``data.source_map`` wins
+   over such a found table);
+2. ``channel_map``: an explicit ``data.channel_map={1: Mito, ...}``, or ``data.channel_map=source_4``
+   (a built-in map named on purpose: the way to accept the guess below);
 3. ``phenix_index``: the Harmony export's ``Index.idx.xml`` / ``Index.xml`` next to the images, whose
    ``<Maps><Map><Entry ChannelID="k"><ChannelName>`` records name each channel's dye; dyes are
    turned into Cell Painting stains with :data:`DYE_STAINS` (the table JUMP's pe2loaddata configs use);
 4. ``source_map``: a built-in map, only when the path (a ``source_N`` folder) or ``data.source_map``
    names the source;
 5. ``assumed``: otherwise source_4's map, with one loud warning naming the three overrides.
+
+Commands whose outputs carry the channel names for good (``pretrain``, ``embed``, ``segment``) run
+inside :func:`refuse_assumed_channel_map`: there an assumed map is a one-line :class:`DataError`
+saying how to give one, while ``data ls`` / ``data check`` keep showing the guess with its warning.
+:func:`channel_map_record` is what a run writes down (map + origin) so the choice is never implicit.
 """
 
 from __future__ import annotations
@@ -20,12 +29,14 @@ import logging
 import os
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from dinocell.data.jump import CHANNEL_MAPS, channel_map, channel_map_from_load_data
+from dinocell.data.jump import CHANNEL_MAPS, channel_map, channel_map_from_load_data, read_load_data
 from dinocell.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -33,6 +44,9 @@ log = logging.getLogger(__name__)
 ORIGINS = ("load_data", "channel_map", "phenix_index", "source_map", "assumed")
 ASSUMED_SOURCE = "source_4"
 INDEX_NAMES = ("Index.idx.xml", "Index.xml")
+#: load_data tables recognised inside an image folder (pe2loaddata / ``dinocell data synth`` names).
+FOLDER_TABLES = ("load_data.csv", "load_data.csv.gz", "load_data.parquet", "load_data_with_illum.csv",
+                 "load_data_with_illum.csv.gz", "load_data_with_illum.parquet")
 
 #: Dye (Harmony ``ChannelName``) -> Cell Painting stain, lower-cased keys.  From the channel tables of
 #: the JUMP Phenix exports (Cell Painting v3: Hoechst -> DNA, ConA-488 -> ER, SYTO14 in the 488 long-pass
@@ -53,6 +67,31 @@ DYE_STAINS: dict[str, str] = {
 
 _SOURCE_DIR = re.compile(r"^source_\d+$")
 _warned: set[str] = set()
+_refusing: list[str] = []  # commands (innermost last) that refuse an assumed map
+
+
+@contextmanager
+def refuse_assumed_channel_map(command: str) -> Iterator[None]:
+    """Within this block an assumed channel map raises a one-line :class:`DataError` (see the module doc).
+
+    A process-wide switch rather than a parameter: sources are opened deep inside pretraining,
+    embedding and segmentation (datamodule, S3 index, predict inputs), and every one of them resolves
+    its map here."""
+    _refusing.append(command)
+    try:
+        yield
+    finally:
+        _refusing.pop()
+
+
+def assumed_map_message(command: str, where: str) -> str:
+    """The one line a refusing command prints: what is missing and the three ways to say it."""
+    guess = ", ".join(f"{k}: {v}" for k, v in list(CHANNEL_MAPS[ASSUMED_SOURCE].items())[:5])
+    return (f"{command}: nothing says which stain each Phenix channel of {where} holds (no load_data table, "
+            f"no Index.idx.xml, no source_N folder in the path); give the map with "
+            f"data.channel_map='{{{guess}}}' (with your plates' numbers), data.load_data=<load_data.csv|parquet>, "
+            f"or data.channel_map={ASSUMED_SOURCE} to accept the {ASSUMED_SOURCE} guess "
+            f"('dinocell data ls' shows it)")
 
 
 def _local(tag: str) -> str:
@@ -115,6 +154,52 @@ def source_named_by(paths: Sequence[str]) -> str | None:
     return None
 
 
+def find_folder_table(folder: str | os.PathLike[str]) -> Path | None:
+    """A load_data table (:data:`FOLDER_TABLES`) lying in ``folder`` itself."""
+    base = Path(folder)
+    for n in FOLDER_TABLES:
+        if (base / n).is_file():
+            return base / n
+    return None
+
+
+def _map_from_folder_table(folder: Path) -> dict[int, str] | None:
+    table = find_folder_table(folder)
+    if table is None:
+        return None
+    try:
+        cmap = channel_map_from_load_data(read_load_data(table))
+    except DataError as e:  # not a load_data table after all: no evidence, say why
+        log.warning("ignoring %s for the channel map: %s", table, e)
+        return None
+    if cmap:
+        log.info("channel map from %s: %s", table, cmap)
+    return cmap or None
+
+
+def _explicit_map(cfg: Mapping[int, str] | str) -> dict[int, str]:
+    """``data.channel_map`` as a map: a mapping (numbers >= 1, distinct names) or a built-in source name."""
+    if isinstance(cfg, str):
+        if cfg not in CHANNEL_MAPS:
+            raise DataError(f"data.channel_map={cfg!r} is neither a map like '{{1: Mito, 2: AGP}}' nor a known "
+                            f"source ({', '.join(sorted(CHANNEL_MAPS))})")
+        return dict(channel_map(cfg))
+    out: dict[int, str] = {}
+    for k, v in cfg.items():
+        try:
+            n = int(k)
+        except (TypeError, ValueError):
+            n = 0
+        if n < 1 or not str(v).strip():
+            raise DataError(f"data.channel_map entry {k!r}: {v!r} is not '<channel number >= 1>: <stain name>'")
+        out[n] = str(v).strip()
+    dup = sorted({v for v in out.values() if list(out.values()).count(v) > 1})
+    if dup:
+        raise DataError(f"data.channel_map names {', '.join(dup)} for more than one channel number; "
+                        "each stain must come from one channel")
+    return out
+
+
 def _warn_assumed() -> None:
     if ASSUMED_SOURCE in _warned:
         return
@@ -123,14 +208,15 @@ def _warn_assumed() -> None:
     log.warning(
         "CHANNEL MAP ASSUMED: nothing says which stain each Phenix channel holds (no load_data table, "
         "no Index.idx.xml, no source_N in the path), so the %s map is used: %s. If your plates were "
-        "imaged differently, every channel name is wrong. Set one of: data.source_map=<source>, "
-        "data.channel_map='{1: Mito, 2: AGP, ...}', or data.load_data=<load_data.csv|parquet>.",
-        ASSUMED_SOURCE, cmap)
+        "imaged differently, every channel name is wrong. Set one of: data.channel_map='{1: Mito, 2: AGP, ...}', "
+        "data.load_data=<load_data.csv|parquet>, or data.channel_map=<source> (e.g. %s; data.source_map=<source> "
+        "is the same) to accept a built-in map; pretrain, embed and segment refuse to run on this guess.",
+        ASSUMED_SOURCE, cmap, ASSUMED_SOURCE)
 
 
 def resolve_channel_map(folder_or_paths: str | os.PathLike[str] | Sequence[str] | None,
                         source_map_cfg: str | None = None,
-                        channel_map_cfg: Mapping[int, str] | None = None,
+                        channel_map_cfg: Mapping[int, str] | str | None = None,
                         load_data_df: pd.DataFrame | None = None) -> tuple[dict[int, str], str]:
     """The channel-number -> stain map and its origin (one of :data:`ORIGINS`); see the module doc."""
     if load_data_df is not None:
@@ -138,7 +224,7 @@ def resolve_channel_map(folder_or_paths: str | os.PathLike[str] | Sequence[str] 
         if cmap:
             return cmap, "load_data"
     if channel_map_cfg:
-        return {int(k): str(v) for k, v in channel_map_cfg.items()}, "channel_map"
+        return _explicit_map(channel_map_cfg), "channel_map"
     if folder_or_paths is None:
         paths: list[str] = []
     elif isinstance(folder_or_paths, (str, os.PathLike)):
@@ -147,6 +233,11 @@ def resolve_channel_map(folder_or_paths: str | os.PathLike[str] | Sequence[str] 
         paths = [str(p) for p in folder_or_paths]
     local = [Path(p) for p in paths[:1] if "://" not in p]
     folder = (local[0] if local[0].is_dir() else local[0].parent) if local else None
+    if (folder is not None and folder.is_dir() and isinstance(folder_or_paths, (str, os.PathLike))
+            and not source_map_cfg):  # an explicit data.source_map wins over a table found lying there
+        table_map = _map_from_folder_table(folder)
+        if table_map:
+            return table_map, "load_data"
     index = find_phenix_index(folder) if folder is not None and folder.is_dir() else None
     if index is not None:
         return dyes_to_stains(parse_phenix_index(index)), "phenix_index"
@@ -156,9 +247,27 @@ def resolve_channel_map(folder_or_paths: str | os.PathLike[str] | Sequence[str] 
             raise DataError(f"no built-in channel map for '{named}' (known: {', '.join(sorted(CHANNEL_MAPS))}); "
                             f"set data.channel_map='{{1: Mito, ...}}' or data.load_data=<its load_data file>")
         return dict(channel_map(named)), "source_map"
+    if _refusing:
+        where = paths[0] if len(paths) == 1 else (f"{len(paths)} files under {os.path.dirname(paths[0])}"
+                                                  if paths else "the source")
+        raise DataError(assumed_map_message(_refusing[-1], where))
     _warn_assumed()
     return dict(channel_map(ASSUMED_SOURCE)), "assumed"
 
 
-__all__ = ["DYE_STAINS", "ORIGINS", "dyes_to_stains", "find_phenix_index", "parse_phenix_index",
-           "resolve_channel_map", "source_named_by"]
+def channel_map_record(source: Any) -> dict[str, Any]:
+    """What a run records about its channel names (for ``config.yaml`` / ``summary.json`` / manifests):
+    ``{"channel_map": {"1": "Mito", ...} | None, "channel_map_origin": <origin>, "channels": [...]}``.
+
+    ``channel_map`` is None where the source names channels itself (synthetic data, ``data.pattern``);
+    the origin then says so (``named_by_source``), so a record never leaves the question open."""
+    cmap = getattr(source, "channel_map", None)
+    origin = getattr(source, "channel_map_origin", None)
+    return {"channel_map": {str(k): v for k, v in sorted(cmap.items())} if cmap else None,
+            "channel_map_origin": origin or ("load_data" if cmap == {} else "named_by_source"),
+            "channels": list(getattr(source, "channels", []) or [])}
+
+
+__all__ = ["DYE_STAINS", "FOLDER_TABLES", "ORIGINS", "assumed_map_message", "channel_map_record",
+           "dyes_to_stains", "find_folder_table", "find_phenix_index", "parse_phenix_index",
+           "refuse_assumed_channel_map", "resolve_channel_map", "source_named_by"]

@@ -41,6 +41,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         out = str(Path("runs") / "sweeps" / os.environ["WANDB_SWEEP_ID"] / os.environ["WANDB_RUN_ID"])
     if out is None:
         out = str(Path("runs") / (Path(args.config).stem if args.config else "default"))
+    args.output_dir = out  # the CLI removes this run's temp files if the disk fills up
     pretrain(cfg, out, max_steps=args.max_steps, resume=not args.no_resume)
     return 0
 

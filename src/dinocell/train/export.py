@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from dinocell.errors import UserError
+from dinocell.paths import ensure_free_space, payload_bytes
 
 FORMATS = ("safetensors", "timm")
 
@@ -30,6 +31,10 @@ def export_run(run_or_ckpt: str | os.PathLike[str], out: str | os.PathLike[str],
     if p.is_dir() and not ckpt.is_file():
         raise UserError(f"no checkpoint in {p} (expected {ckpt})")
     m = load_checkpoint_model(ckpt)
+    # a full disk found before writing: one line, nothing half-written (failures later are caught by
+    # the CLI, whose message names the file)
+    target = Path(out) / "model.safetensors" if fmt == "timm" else Path(out)
+    ensure_free_space(target, payload_bytes(m.backbone.state_dict()))
     if fmt == "timm":
         return save_timm(m.backbone, out, m.preprocess)
     pre = m.preprocess
