@@ -123,6 +123,12 @@ class FieldIndex(Sequence[FieldRecord]):
         key = column if column in _BASE else f"m:{column}"
         return self.cols[key], self.cats[column]
 
+    def folder_codes(self, channel: str) -> tuple[np.ndarray, list[str]]:
+        """(per-field folder codes, folder names) of one channel's files."""
+        if self.naming is None and f"d:{channel}" in self.cols:
+            return self.cols[f"d:{channel}"], self.cats["folder"]
+        return self.cols["folder"], self.cats["folder"]
+
     def values(self, column: str) -> np.ndarray:
         """Per-field strings of a coded column (an object array: for small selections and tests)."""
         codes, names = self.codes(column)
@@ -227,7 +233,11 @@ class IndexBuilder:
 
     def add_record(self, plate: str, well: str, site: int, channels: dict[str, str],
                    metadata: dict[str, str] | None = None) -> None:
-        """One field with arbitrary file names (``channels``: name -> path)."""
+        """One field with arbitrary file names (``channels``: name -> path).
+
+        Amortised O(1): every column is an ``array``/``list`` that is only appended to (a default
+        argument such as ``array("q", bytes(8 * n))`` evaluated per call made a whole build O(n^2));
+        :meth:`build` converts each column once."""
         if self.naming is not None:
             raise ValueError("add_record needs a builder without a naming pattern")
         cols = self.cols
@@ -243,9 +253,12 @@ class IndexBuilder:
         for name in self.channels:
             path = channels.get(name, "")
             folder, _, base = path.rpartition("/")
-            col = self.cols.setdefault(f"d:{name}", array("q", bytes(8 * self._n)))
+            col = cols.get(f"d:{name}")
+            if col is None:  # a new channel: back-fill once (at most 62 times per builder)
+                col = cols[f"d:{name}"] = array("q", bytes(8 * self._n))
+                self.files[name] = [""] * self._n
             col.append(self._code("folder", folder + "/" if folder else ""))
-            self.files.setdefault(name, [""] * self._n).append(base)
+            self.files[name].append(base)
         cols["present"].append(bits)
         for k, v in (metadata or {}).items():
             if k in ("Metadata_Plate", "Metadata_Well", "Metadata_Site"):

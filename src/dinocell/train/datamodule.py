@@ -64,39 +64,52 @@ class StreamSampler(Sampler[int]):
         # slices, so ranks never read the same sample and resume needs no extra bookkeeping.
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
-    def _pass(self, epoch: int, k: int) -> list[int]:
-        """Pass ``k`` of an epoch: one shuffle of the fields, each field ``repeats`` times."""
+    def _pass(self, epoch: int, k: int) -> np.ndarray:
+        """Pass ``k`` of an epoch: one shuffle of the fields, each field ``repeats`` times (numpy: a
+        3M-field pass is one int64 array, not millions of Python ints)."""
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch + 1_000_003 * k)
-        order = torch.randperm(self.n_fields, generator=g).tolist()
+        order = torch.randperm(self.n_fields, generator=g).numpy().astype(np.int64)
         if self.repeats == 1:
             return order
         group = self.batch_size * self.world_size
         n_groups = max(1, len(order) // group)  # the last group absorbs the remainder
-        bounds = [i * group for i in range(n_groups)] + [len(order)]
-        groups = [order[bounds[i]:bounds[i + 1]] for i in range(n_groups)]
-        return [f * self.repeats + r for grp in groups for r in range(self.repeats) for f in grp]
+        reps = np.arange(self.repeats, dtype=np.int64)
+        head = order[:(n_groups - 1) * group].reshape(n_groups - 1, 1, group)
+        tail = order[(n_groups - 1) * group:].reshape(1, -1)
+        return np.concatenate([(head * self.repeats + reps[None, :, None]).reshape(-1),
+                               (tail * self.repeats + reps[:, None]).reshape(-1)])
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        """Dataset indices (field * repeats + r) of one virtual epoch."""
-        ids: list[int] = []
-        k = 0
-        while len(ids) < self.samples_per_epoch:
-            ids += self._pass(epoch, k)
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Dataset indices (field * repeats + r) of one virtual epoch (the last one is kept)."""
+        cached = getattr(self, "_epoch", None)
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        parts: list[np.ndarray] = []
+        have, k = 0, 0
+        while have < self.samples_per_epoch:
+            parts.append(self._pass(epoch, k))
+            have += len(parts[-1])
             k += 1
-        return ids[: self.samples_per_epoch]
+        ids = np.concatenate(parts)[: self.samples_per_epoch]
+        self._epoch = (epoch, ids)
+        return ids
 
     def __iter__(self) -> Iterator[int]:
         n = self.n_fields * self.repeats
         global_batch = self.batch_size * self.world_size
+        spe = self.samples_per_epoch
         k = self.start
+        chunk = 1 << 16  # stream positions converted to Python ints at a time
         while k < self.total:
-            epoch, pos = divmod(k, self.samples_per_epoch)
-            for i in self.epoch_order(epoch)[pos:]:
-                if k >= self.total:
-                    return
-                if (k % global_batch) // self.batch_size == self.rank:
-                    yield k * n + i  # the stream position rides along; FieldDataset reduces it mod n
-                k += 1
+            epoch, pos = divmod(k, spe)
+            order = self.epoch_order(epoch)
+            end = min(self.total, (epoch + 1) * spe)
+            for a in range(k, end, chunk):
+                ks = np.arange(a, min(end, a + chunk), dtype=np.int64)
+                ks = ks[(ks % global_batch) // self.batch_size == self.rank]
+                # the stream position rides along; FieldDataset reduces it mod n
+                yield from (ks * n + order[ks - epoch * spe]).tolist()
+            k = end
 
     def __len__(self) -> int:
         # The full per-rank length, also when resuming: the training loop counts batches from the
@@ -122,7 +135,6 @@ class StreamDataset(FieldDataset):
         self.cache_bytes = cache_bytes
         self._lru: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.bad = torch.zeros(len(source), dtype=torch.uint8).share_memory_()
-        self._index = {r.key: i for i, r in enumerate(source.records)}
 
     def load_field(self, field_idx: int) -> torch.Tensor:
         x = self._lru.get(field_idx)
@@ -142,14 +154,12 @@ class StreamDataset(FieldDataset):
         for start, tf in self.transforms:
             if stream_pos >= start:
                 self.transform = tf
-        seen = len(self.skipped)
-        try:
-            sample = super().__getitem__(int(stream_id))
-        finally:
-            for key in list(self.skipped)[seen:]:
-                self.bad[self._index[key]] = 1
+        sample = super().__getitem__(int(stream_id))
         sample["stream_pos"] = stream_pos
         return sample
+
+    def field_failed(self, field_idx: int) -> None:
+        self.bad[field_idx] = 1
 
     def skipped_count(self) -> int:
         """Fields that failed to load so far, over all workers."""
