@@ -288,19 +288,25 @@ def verify_index(index: Any, channels: Sequence[str]) -> tuple[np.ndarray, list[
     bad = ~index.has_channels(channels)
     gone_of: dict[str, tuple[np.ndarray, list[str], np.ndarray]] = {}
     remote = np.zeros(n, dtype=bool)
+    done: set[int] = set()
     for c in channels:
         codes, folders = index.folder_codes(c)
-        if not len(folders):
+        if not len(folders) or id(codes) in done:  # a Phenix index: one folder column for all
             continue
+        done.add(id(codes))
         is_remote = np.array(["://" in f for f in folders], dtype=bool)
+        if is_remote.all():  # an S3 index: nothing to look at per field
+            remote[:] = True
+            continue
+        used = np.bincount(codes, minlength=len(folders)) > 0
         gone = np.zeros(len(folders), dtype=bool)
-        for f in np.unique(codes):  # one stat per local folder, never per field
-            if not is_remote[f] and folders[f]:
-                gone[f] = not os.path.isdir(folders[f])
+        for f in np.flatnonzero(used & ~is_remote):  # one stat per local folder, never per field
+            gone[f] = bool(folders[f]) and not os.path.isdir(folders[f])
         if gone.any():
             gone_of[c] = (codes, folders, gone)
             bad |= gone[codes]
-        remote |= is_remote[codes]
+        if is_remote.any():
+            remote |= is_remote[codes]
     if remote.any():
         log.info("verify: %d field(s) on remote storage are not checked before training (a field "
                  "that fails to load is skipped and counted)", int(remote.sum()))

@@ -28,11 +28,11 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from dinocell.config import Config
-from dinocell.data.holdout import resolve_wells, split_source
+from dinocell.data.holdout import resolve_wells, split_source, subset_source
 from dinocell.data.masking import collate_multiview
 from dinocell.data.sources import FieldDataset, FieldSource
 from dinocell.data.views import MultiViewAugmentation, crop_scaled_batch_size
-from dinocell.errors import ConfigError, DataError
+from dinocell.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +308,43 @@ class EpochChainLoader:
 # --------------------------------------------------------------------------------------------------
 
 
+def held_wells_mask(index: Any, wells: list[str]) -> np.ndarray:
+    """Boolean mask of the rows of ``index`` whose ``PLATE/WELL`` is in ``wells``, on integer codes
+    (one dict look-up per listed well, none per row; a well name never holds a ``/``)."""
+    plate_code = {p: i for i, p in enumerate(index.cats["plate"])}
+    well_code = {w: i for i, w in enumerate(index.cats["well"])}
+    n_wells = max(1, len(index.cats["well"]))
+    want = []
+    for key in wells:
+        plate, _, well = str(key).rpartition("/")
+        if plate in plate_code and well in well_code:
+            want.append(plate_code[plate] * n_wells + well_code[well])
+    pair = index.cols["plate"].astype(np.int64) * n_wells + index.cols["well"].astype(np.int64)
+    return np.isin(pair, np.asarray(want, dtype=np.int64))
+
+
+def split_heldout(source: FieldSource, holdout: Any,
+                  wells: list[str] | None = None) -> tuple[list[str], FieldSource, FieldSource]:
+    """(held-out wells, training source, held-out source) with fields grouped by well once.
+
+    A columnar index is grouped into well rows (:meth:`~dinocell.data.index.FieldIndex.well_rows`,
+    O(n)); the held-out rule and the split then run on one row per well (~9x fewer than fields) and
+    are mapped back to the fields with one integer gather.  Other sources take the generic path."""
+    recs = source.records
+    if not hasattr(recs, "well_rows"):
+        chosen = resolve_wells(recs, holdout) if wells is None else list(wells)
+        return (chosen, *split_source(source, chosen))
+    first, well_of = recs.well_rows()  # type: ignore[attr-defined]
+    per_well = recs.take(first)  # type: ignore[attr-defined]
+    chosen = resolve_wells(per_well, holdout) if wells is None else list(wells)
+    held = held_wells_mask(per_well, chosen)[well_of]
+    train = np.flatnonzero(~held)
+    if not len(train):
+        raise UserError(f"every field of {source.name} is held out for evaluation; lower "
+                        "data.holdout.fraction or list fewer data.holdout.wells")
+    return chosen, subset_source(source, train), subset_source(source, np.flatnonzero(held))
+
+
 class DinoCellDataModule(L.LightningDataModule):
     """Sources, held-out split, run length and loaders of one run (see module doc).
 
@@ -320,8 +357,7 @@ class DinoCellDataModule(L.LightningDataModule):
                  wells: list[str] | None = None) -> None:
         super().__init__()
         self.cfg, self.full_source = cfg, source
-        self.heldout_wells = resolve_wells(source.records, cfg.data.holdout) if wells is None else list(wells)
-        self.train_source, self.heldout = split_source(source, self.heldout_wells)
+        self.heldout_wells, self.train_source, self.heldout = split_heldout(source, cfg.data.holdout, wells)
         self.world_size = max(1, int(world_size))
         if use_stream(cfg, self.train_source):
             self.steps_per_epoch = stream_steps_per_epoch(cfg, self.train_source, self.world_size)
