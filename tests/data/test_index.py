@@ -193,3 +193,88 @@ def test_index_is_built_once_under_a_lock_and_reused(tmp_path: Path) -> None:
     assert calls == [["P000"], ["P000", "P001"]]
     got, skipped = cached_index(path2, ident, None, lambda plates: (calls.append(plates), (idx, []))[1])
     assert calls[-1] is None and len(got) == len(idx)
+
+
+# -- issue 24: O(n) builders and a cheap verify ------------------------------------------------------
+
+
+def test_add_record_is_linear() -> None:
+    """A default argument re-allocated per call made ``add_record`` O(n^2): 8x the fields took 60x."""
+    import time
+
+    def build(n: int) -> float:
+        b = IndexBuilder()
+        t0 = time.perf_counter()
+        for i in range(n):
+            b.add_record(f"P{i // 3456}", f"W{i // 9 % 384}", i % 9 + 1,
+                         {c: f"/d/P{i // 3456}/x{i}_{c}.tif" for c in ("A", "B", "C")})
+        b.build(sort=False)
+        return time.perf_counter() - t0
+
+    build(2000)  # warm-up
+    small = min(build(5000) for _ in range(2))
+    big = build(40000)
+    assert big / small < 24, (small, big)  # linear: ~8; quadratic: ~64
+
+
+def test_verify_leaves_remote_fields_alone_and_copies_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    from dinocell.data.local import IndexSource
+
+    idx, _ = jump.group_files(_keys(4), "source_4")
+    src = IndexSource(idx, None, "s3://b/x")
+    before = src.records
+    with caplog.at_level("INFO"):
+        assert src.verify() == []
+    assert src.records is before  # no copy of the index
+    assert "remote storage are not checked" in caplog.text
+
+
+def test_verify_drops_fields_of_missing_folders_and_unreadable_files(tmp_path: Path) -> None:
+    from dinocell.data.local import IndexSource
+
+    b = IndexBuilder()
+    good = tmp_path / "good"
+    good.mkdir()
+    for s in (1, 2, 3):
+        for c in ("A", "B"):
+            tifffile.imwrite(good / f"s{s}_{c}.tif", np.ones((4, 4), np.uint16))
+        b.add_record("P1", "A01", s, {c: str(good / f"s{s}_{c}.tif") for c in ("A", "B")})
+    (good / "s2_B.tif").write_bytes(b"II*\x00broken")
+    b.add_record("P1", "A02", 1, {c: str(tmp_path / "gone" / f"x_{c}.tif") for c in ("A", "B")})
+    src = IndexSource(b.build(), None, "local")
+    bad = src.verify()
+    assert [line.split(":")[0] for line in bad] == ["P1/A01/2", "P1/A02/1"]
+    assert "folder not found" in bad[1] and "s2_B.tif" in bad[0]
+    assert [r.key for r in src.records] == ["P1/A01/1", "P1/A01/3"] and src.skipped == bad
+    src.records = src.records.take(np.array([0]))
+    (good / "s1_A.tif").write_bytes(b"junk")
+    with pytest.raises(DataError, match="no readable field in local"):
+        src.verify()
+
+
+def test_verify_reads_a_spread_sample_of_headers_at_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dinocell.data import field
+    from dinocell.data.local import IndexSource
+
+    b = IndexBuilder()
+    for s in range(1, 41):
+        path = tmp_path / f"s{s}.tif"
+        tifffile.imwrite(path, np.ones((4, 4), np.uint16))
+        b.add_record("P1", "A01", s, {"A": str(path)})
+    src = IndexSource(b.build(), None, "local")
+    seen: list[str] = []
+    monkeypatch.setattr(field, "check_image", lambda p: seen.append(p))
+    monkeypatch.setattr(field, "VERIFY_ALL_FILES", 10)
+    monkeypatch.setattr(field, "VERIFY_SAMPLE_FIELDS", 5)
+    assert src.verify() == [] and len(seen) == 5 and seen[0].endswith("s1.tif") and seen[-1].endswith("s40.tif")
+
+
+def test_labels_come_from_one_column_not_from_records() -> None:
+    from dinocell.data.field import field_labels
+
+    b = IndexBuilder()
+    for i, lab in enumerate(["2", "0", "x"]):
+        b.add_record("P", "A01", i + 1, {"A": f"/d/{i}.tif"}, {"label": lab})
+    idx = b.build()
+    assert field_labels(idx).tolist() == [2, 0, -1]
+    assert field_labels(jump.group_files(_keys(1), "source_4")[0]) is None

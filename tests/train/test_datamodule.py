@@ -132,3 +132,76 @@ def test_repeats_in_real_batches_are_distinct_fields() -> None:
         for i in b:
             counts[i] = counts.get(i, 0) + 1
     assert set(counts.values()) == {3}  # every field drawn `repeats` times, never twice in a batch
+
+
+def _reference_stream(n_fields: int, repeats: int, spe: int, total: int, seed: int, start: int, bs: int,
+                      rank: int, world: int) -> list[int]:
+    """The list-of-ints sampler this module had before issue 24 (the numpy one must match it)."""
+
+    def one_pass(epoch: int, k: int) -> list[int]:
+        g = torch.Generator().manual_seed(seed * 7919 + epoch + 1_000_003 * k)
+        order = torch.randperm(n_fields, generator=g).tolist()
+        if repeats == 1:
+            return order
+        group = bs * world
+        n_groups = max(1, len(order) // group)
+        bounds = [i * group for i in range(n_groups)] + [len(order)]
+        groups = [order[bounds[i]:bounds[i + 1]] for i in range(n_groups)]
+        return [f * repeats + r for grp in groups for r in range(repeats) for f in grp]
+
+    out, n, k = [], n_fields * repeats, start
+    while k < total:
+        epoch, pos = divmod(k, spe)
+        ids: list[int] = []
+        p = 0
+        while len(ids) < spe:
+            ids += one_pass(epoch, p)
+            p += 1
+        for i in ids[:spe][pos:]:
+            if k >= total:
+                break
+            if (k % (bs * world)) // bs == rank:
+                out.append(k * n + i)
+            k += 1
+    return out
+
+
+@pytest.mark.parametrize("n_fields, repeats, bs, world, start", [(10, 1, 2, 1, 0), (37, 3, 4, 2, 9),
+                                                                  (13, 2, 8, 1, 5), (5, 4, 2, 3, 0)])
+def test_numpy_sampler_matches_the_list_one(n_fields: int, repeats: int, bs: int, world: int,
+                                            start: int) -> None:
+    """Issue 24: one integer array per epoch, the exact stream of the former Python-list sampler."""
+    spe = max(bs * world, (n_fields * repeats * 3 // 2) // (bs * world) * bs * world)  # > one pass
+    total = 3 * spe + bs * world
+    for rank in range(world):
+        got = list(StreamSampler(n_fields, repeats, spe, total, seed=4, start=start, batch_size=bs, rank=rank,
+                                 world_size=world))
+        assert got == _reference_stream(n_fields, repeats, spe, total, 4, start, bs, rank, world)
+        assert all(type(i) is int for i in got[:3])
+
+
+def test_split_heldout_groups_wells_once_and_matches_the_holdout_module() -> None:
+    """Issue 24: the held-out split on one row per well gives the split of ``holdout.split_source``."""
+    import numpy as np
+
+    from dinocell.data import jump
+    from dinocell.data.field import format_name
+    from dinocell.data.holdout import resolve_wells, split_source
+    from dinocell.data.local import IndexSource
+    from dinocell.train.datamodule import split_heldout
+
+    keys = [f"/d/P{p}__x-Measurement1/Images/{format_name(1 + w // 24, 1 + w % 24, s, c)}"
+            for p in range(3) for w in range(20) for s in (1, 2, 3) for c in (1, 5)]
+    idx, _ = jump.group_files(keys, "source_4")
+    cfg = load_config(None, ["data.holdout.fraction=0.25"])
+    for records in (idx, idx.take(np.random.default_rng(1).permutation(len(idx)))):  # sorted, shuffled
+        src = IndexSource(records, None, "x")
+        wells, train, held = split_heldout(src, cfg.data.holdout)
+        assert wells == resolve_wells(records, cfg.data.holdout) and len(wells) == 15
+        ref_train, ref_held = split_source(src, wells)
+        assert [r.key for r in train.records] == [r.key for r in ref_train.records]
+        assert [r.key for r in held.records] == [r.key for r in ref_held.records]
+        again = split_heldout(src, cfg.data.holdout, wells)
+        assert [r.key for r in again[2].records] == [r.key for r in held.records]
+    with pytest.raises(Exception, match="every field"):
+        split_heldout(IndexSource(idx, None, "x"), cfg.data.holdout, sorted({f"{r.plate}/{r.well}" for r in idx}))

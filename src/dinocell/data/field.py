@@ -33,6 +33,10 @@ LOAD_DATA_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".pq")
 STANDARD_CHANNELS = ("DNA", "RNA", "ER", "AGP", "Mito")
 #: At most this many per-field problems are listed by ``describe()`` (the rest are counted).
 MAX_LISTED_SKIPS = 100
+#: ``verify()`` reads the header of every local file up to this many files; above it, of
+#: :data:`VERIFY_SAMPLE_FIELDS` evenly spread fields (3M fields are 15M files: minutes per rank).
+VERIFY_ALL_FILES = 20_000
+VERIFY_SAMPLE_FIELDS = 256
 
 
 def is_fluorescent(channel: str) -> bool:
@@ -231,25 +235,127 @@ class FieldSource:
         }
 
     def verify(self) -> list[str]:
-        """Check every local file's TIFF header (no decoding); unreadable fields are dropped from
-        ``records``, reported in ``skipped`` and returned.  All fields unreadable -> DataError."""
-        bad: list[str] = []
-        good: list[int] = []
-        for i, rec in enumerate(self.records):
-            problems = [f"{os.path.basename(p)}: {why}" for c in self.channels
-                        if (p := rec.channels.get(c)) and not p.startswith("s3://") and (why := check_image(p))]
-            if problems:
-                bad.append(f"{rec.key}: {'; '.join(problems)}")
-            else:
-                good.append(i)
-        if len(self.records) and not good:
+        """Check what can be checked cheaply before training; unreadable fields are dropped from
+        ``records``, reported in ``skipped`` and returned.  All fields unreadable -> DataError.
+
+        A columnar index is checked column-wise (:func:`verify_index`): channels present, one
+        ``isdir`` per local folder, TIFF headers of every local file when there are at most
+        :data:`VERIFY_ALL_FILES` (else of an evenly spread sample).  Remote (``s3://``) files are not
+        checked here -- a field that fails to load while training is skipped and counted.  Nothing
+        is copied unless a field is dropped: this runs on every rank of a 3M-field job.
+        """
+        recs = self.records
+        if hasattr(recs, "cols"):
+            bad_idx, bad = verify_index(recs, self.channels)
+        else:
+            bad_idx, bad = _verify_list(recs, self.channels)
+        if not len(bad_idx):
+            return []
+        if len(bad_idx) == len(recs):
             raise DataError(f"no readable field in {self.name}: {bad[0]}")
-        self.records = take_records(self.records, np.asarray(good, dtype=np.int64))
+        keep = np.ones(len(recs), dtype=bool)
+        keep[bad_idx] = False
+        self.records = take_records(recs, np.flatnonzero(keep))
         self.skipped.extend(bad)
         return bad
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+def _file_problems(rec: FieldRecord, channels: Sequence[str]) -> list[str]:
+    return [f"{os.path.basename(p)}: {why}" for c in channels
+            if (p := rec.channels.get(c)) and "://" not in p and (why := check_image(p))]
+
+
+def _verify_list(records: Sequence[FieldRecord], channels: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """``verify`` of a plain list of records (small sources: synthetic, tests): every local file."""
+    bad_idx, bad = [], []
+    for i, rec in enumerate(records):
+        problems = _file_problems(rec, channels)
+        if problems:
+            bad_idx.append(i)
+            bad.append(f"{rec.key}: {'; '.join(problems)}")
+    return np.asarray(bad_idx, dtype=np.int64), bad
+
+
+def verify_index(index: Any, channels: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """(indices of bad fields, one line per listed bad field) of a columnar
+    :class:`~dinocell.data.index.FieldIndex`, without a per-field Python object where it can be
+    helped: missing channels and missing local folders are found on the integer columns; file
+    headers are read for every local file up to :data:`VERIFY_ALL_FILES`, else for a spread sample."""
+    n = len(index)
+    bad = ~index.has_channels(channels)
+    gone_of: dict[str, tuple[np.ndarray, list[str], np.ndarray]] = {}
+    remote = np.zeros(n, dtype=bool)
+    done: set[int] = set()
+    for c in channels:
+        codes, folders = index.folder_codes(c)
+        if not len(folders) or id(codes) in done:  # a Phenix index: one folder column for all
+            continue
+        done.add(id(codes))
+        is_remote = np.array(["://" in f for f in folders], dtype=bool)
+        if is_remote.all():  # an S3 index: nothing to look at per field
+            remote[:] = True
+            continue
+        used = np.bincount(codes, minlength=len(folders)) > 0
+        gone = np.zeros(len(folders), dtype=bool)
+        for f in np.flatnonzero(used & ~is_remote):  # one stat per local folder, never per field
+            gone[f] = bool(folders[f]) and not os.path.isdir(folders[f])
+        if gone.any():
+            gone_of[c] = (codes, folders, gone)
+            bad |= gone[codes]
+        if is_remote.any():
+            remote |= is_remote[codes]
+    if remote.any():
+        log.info("verify: %d field(s) on remote storage are not checked before training (a field "
+                 "that fails to load is skipped and counted)", int(remote.sum()))
+    local = np.flatnonzero(~bad & ~remote)
+    if len(local) * max(1, len(channels)) > VERIFY_ALL_FILES:
+        picks = np.unique(np.linspace(0, len(local) - 1, VERIFY_SAMPLE_FIELDS).astype(np.int64))
+        log.info("verify: reading the file headers of %d of %d local fields (the rest are checked "
+                 "when loaded)", len(picks), len(local))
+        local = local[picks]
+    why: dict[int, str] = {}
+    for i in local:
+        problems = _file_problems(index[int(i)], channels)
+        if problems:
+            bad[i] = True
+            why[int(i)] = "; ".join(problems)
+    bad_idx = np.flatnonzero(bad)
+    lines = []
+    for i in bad_idx[:MAX_LISTED_SKIPS]:
+        rec = index[int(i)]
+        reason = why.get(int(i))
+        if reason is None:
+            missing = [c for c in channels if c not in rec.channels]
+            gone = [f"{c}: folder not found: {fs[cs[i]]}" for c, (cs, fs, g) in gone_of.items() if g[cs[i]]]
+            reason = "; ".join(gone) if gone else "missing channel(s) " + ", ".join(missing)
+        lines.append(f"{rec.key}: {reason}")
+    if len(bad_idx) > MAX_LISTED_SKIPS:
+        lines.append(f"... and {len(bad_idx) - MAX_LISTED_SKIPS} more unreadable field(s)")
+    return bad_idx, lines
+
+
+def field_labels(records: Sequence[FieldRecord]) -> np.ndarray | None:
+    """Per-field integer ``label`` metadata (-1 where absent), or None when no field has one.
+
+    Computed once per dataset so a sample never builds a :class:`FieldRecord` just to look for a
+    label: one column read on a columnar index, one pass over a (small) list of records otherwise."""
+    if hasattr(records, "cols"):
+        if "label" not in getattr(records, "meta", ()):
+            return None
+        codes, names = records.codes("label")  # type: ignore[attr-defined]
+        table = np.array([int(v) if str(v).lstrip("-").isdigit() else -1 for v in names], dtype=np.int64)
+        return table[codes] if len(table) else None
+    out = np.full(len(records), -1, dtype=np.int64)
+    found = False
+    for i, rec in enumerate(records):
+        v = rec.metadata.get("label")
+        if v is not None:
+            out[i] = int(v)
+            found = True
+    return out if found else None
 
 
 def stack_planes(rec: FieldRecord, planes: list[np.ndarray]) -> np.ndarray:

@@ -123,6 +123,46 @@ class FieldIndex(Sequence[FieldRecord]):
         key = column if column in _BASE else f"m:{column}"
         return self.cols[key], self.cats[column]
 
+    def folder_codes(self, channel: str) -> tuple[np.ndarray, list[str]]:
+        """(per-field folder codes, folder names) of one channel's files."""
+        if self.naming is None and f"d:{channel}" in self.cols:
+            return self.cols[f"d:{channel}"], self.cats["folder"]
+        return self.cols["folder"], self.cats["folder"]
+
+    def well_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(first row of each (plate, well), per-field well number), computed once per index.
+
+        The one grouping of fields by well: the held-out split and anything else per well work on
+        the ~9x fewer well rows (``take(first)``) and map back with the per-field numbers.  A built
+        index is sorted by (plate, well, site), so wells are runs: O(n), no sort of the fields."""
+        cached = self.__dict__.get("_wells")
+        if cached is not None:
+            return cached
+        n = len(self)
+        p, w = self.cols["plate"], self.cols["well"]
+        n_wells = max(1, len(self.cats["well"]))
+        change = np.ones(n, dtype=bool)
+        if n > 1:
+            change[1:] = (p[1:] != p[:-1]) | (w[1:] != w[:-1])
+        first = np.flatnonzero(change)
+        pair = p[first].astype(np.int64) * n_wells + w[first]
+        space = max(1, len(self.cats["plate"])) * n_wells
+        if space <= 8 * len(first) + 1024:  # every run a distinct well? a bitmap over the pair space
+            seen = np.zeros(space, dtype=bool)
+            seen[pair] = True
+            runs = int(np.count_nonzero(seen)) == len(first)
+        else:
+            runs = len(np.unique(pair)) == len(first)
+        dtype = np.int32 if n < 2**31 else np.int64
+        if runs:  # wells are contiguous runs (a built index is sorted by plate, well, site)
+            well_of = np.cumsum(change, dtype=dtype) - 1
+        else:  # an unsorted index: group by sorting
+            full = p.astype(np.int64) * n_wells + w
+            _, first, well_of = np.unique(full, return_index=True, return_inverse=True)
+        out = (first.astype(np.int64), well_of.reshape(-1).astype(dtype, copy=False))
+        self.__dict__["_wells"] = out
+        return out
+
     def values(self, column: str) -> np.ndarray:
         """Per-field strings of a coded column (an object array: for small selections and tests)."""
         codes, names = self.codes(column)
@@ -227,7 +267,11 @@ class IndexBuilder:
 
     def add_record(self, plate: str, well: str, site: int, channels: dict[str, str],
                    metadata: dict[str, str] | None = None) -> None:
-        """One field with arbitrary file names (``channels``: name -> path)."""
+        """One field with arbitrary file names (``channels``: name -> path).
+
+        Amortised O(1): every column is an ``array``/``list`` that is only appended to (a default
+        argument such as ``array("q", bytes(8 * n))`` evaluated per call made a whole build O(n^2));
+        :meth:`build` converts each column once."""
         if self.naming is not None:
             raise ValueError("add_record needs a builder without a naming pattern")
         cols = self.cols
@@ -243,9 +287,12 @@ class IndexBuilder:
         for name in self.channels:
             path = channels.get(name, "")
             folder, _, base = path.rpartition("/")
-            col = self.cols.setdefault(f"d:{name}", array("q", bytes(8 * self._n)))
+            col = cols.get(f"d:{name}")
+            if col is None:  # a new channel: back-fill once (at most 62 times per builder)
+                col = cols[f"d:{name}"] = array("q", bytes(8 * self._n))
+                self.files[name] = [""] * self._n
             col.append(self._code("folder", folder + "/" if folder else ""))
-            self.files.setdefault(name, [""] * self._n).append(base)
+            self.files[name].append(base)
         cols["present"].append(bits)
         for k, v in (metadata or {}).items():
             if k in ("Metadata_Plate", "Metadata_Well", "Metadata_Site"):

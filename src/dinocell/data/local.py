@@ -79,13 +79,21 @@ def group_by_pattern(paths: list[str], root: Path, rx: re.Pattern[str]) -> tuple
     """Group files whose path (relative to ``root``) matches ``rx`` into fields."""
     groups: dict[tuple[str, str, int], dict[str, str]] = {}
     unmatched = []
+    base = str(root).rstrip(os.sep) + os.sep
+    folder_plate: dict[str, str] = {}  # plate_from_path once per folder, not per file
+    search = rx.search
     for p in paths:
-        m = rx.search(os.path.relpath(p, root))
+        m = search(p[len(base):] if p.startswith(base) else os.path.relpath(p, root))
         if not m:
             unmatched.append(p)
             continue
         d = m.groupdict()
-        plate = d.get("plate") or jump.plate_from_path(p.rpartition("/")[0])
+        plate = d.get("plate")
+        if not plate:
+            folder = p.rpartition("/")[0]
+            plate = folder_plate.get(folder)
+            if plate is None:
+                plate = folder_plate[folder] = jump.plate_from_path(folder)
         site = int(d["site"]) if d.get("site") and d["site"].isdigit() else 1
         groups.setdefault((plate, d.get("well") or "A01", site), {})[d["channel"]] = p
     builder = IndexBuilder()

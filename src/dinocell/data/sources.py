@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from dinocell.data import local, s3, synth_source  # noqa: F401  (each registers its source kind)
-from dinocell.data.field import FieldRecord, FieldSource, select_channels
+from dinocell.data.field import FieldRecord, FieldSource, field_labels, select_channels
 from dinocell.data.local import IndexSource, folder_source, load_data_source
 from dinocell.data.registry import open_registered, register_source, source_kinds
 from dinocell.data.synth_source import SyntheticSource
@@ -60,6 +60,8 @@ class FieldDataset(Dataset):
         self.repeats = max(1, int(repeats))
         self.seed = seed
         self.skipped: dict[str, str] = {}
+        self._failed: set[int] = set()  # field indices (no per-field key dict over the whole source)
+        self._labels = field_labels(source.records)
         self._cache: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
@@ -81,29 +83,33 @@ class FieldDataset(Dataset):
         field_idx = (idx // self.repeats) % n
         for attempt in range(n):
             fi = (field_idx + attempt) % n
-            rec = self.source.records[fi]
-            if rec.key in self.skipped:
+            if fi in self._failed:
                 continue
             try:
                 x = self.load_field(fi)
             except DataError as e:
-                self.skipped[rec.key] = str(e)
-                log.warning("skipping field %s: %s", rec.key, e)
+                key = self.source.records[fi].key
+                self._failed.add(fi)
+                self.skipped[key] = str(e)
+                self.field_failed(fi)
+                log.warning("skipping field %s: %s", key, e)
                 continue
             return self._make_sample(x, fi, idx)
         raise DataError(f"every field of {self.source.name} failed to load; first error: "
                         f"{next(iter(self.skipped.values()), 'unknown')}")
 
+    def field_failed(self, field_idx: int) -> None:
+        """Hook: field ``field_idx`` failed to load (subclasses count it across workers)."""
+
     def _make_sample(self, x: torch.Tensor, field_idx: int, idx: int) -> dict[str, Any]:
-        rec = self.source.records[field_idx]
         if self.transform is None:
             sample: dict[str, Any] = {"image": x}
         else:
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + idx) % (2**63 - 1))
             sample = self.transform(x, generator=g)
         sample["index"] = field_idx
-        if "label" in rec.metadata:
-            sample["label"] = int(rec.metadata["label"])
+        if self._labels is not None and self._labels[field_idx] >= 0:
+            sample["label"] = int(self._labels[field_idx])
         return sample
 
 

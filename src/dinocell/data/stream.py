@@ -39,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dinocell.data.counters import SharedCounters
-from dinocell.data.field import FieldRecord, FieldSource
+from dinocell.data.field import FieldRecord, FieldSource, field_labels
 from dinocell.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ class StreamingFieldDataset(IterableDataset):
         self._resume_workers: int | None = None
         self._order: tuple[tuple[int, int, int, bool], np.ndarray] | None = None
         self.counters = SharedCounters(_STREAM_COUNTERS)
+        self._labels = field_labels(source.records)  # once: a sample never builds a record for it
 
     # -- layout ------------------------------------------------------------------------------------
     def _dist(self) -> tuple[int, int]:
@@ -438,9 +439,8 @@ class StreamingFieldDataset(IterableDataset):
             g = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, rank, worker, k))
             sample = self.transform(x, generator=g)
         sample["index"] = rec_index
-        rec = self.source.records[rec_index]
-        if "label" in rec.metadata:
-            sample["label"] = int(rec.metadata["label"])
+        if self._labels is not None and self._labels[rec_index] >= 0:
+            sample["label"] = int(self._labels[rec_index])
         self.counters.add(samples=1)
         return sample
 

@@ -28,11 +28,11 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from dinocell.config import Config
-from dinocell.data.holdout import resolve_wells, split_source
+from dinocell.data.holdout import resolve_wells, split_source, subset_source
 from dinocell.data.masking import collate_multiview
 from dinocell.data.sources import FieldDataset, FieldSource
 from dinocell.data.views import MultiViewAugmentation, crop_scaled_batch_size
-from dinocell.errors import ConfigError, DataError
+from dinocell.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -64,39 +64,52 @@ class StreamSampler(Sampler[int]):
         # slices, so ranks never read the same sample and resume needs no extra bookkeeping.
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
-    def _pass(self, epoch: int, k: int) -> list[int]:
-        """Pass ``k`` of an epoch: one shuffle of the fields, each field ``repeats`` times."""
+    def _pass(self, epoch: int, k: int) -> np.ndarray:
+        """Pass ``k`` of an epoch: one shuffle of the fields, each field ``repeats`` times (numpy: a
+        3M-field pass is one int64 array, not millions of Python ints)."""
         g = torch.Generator().manual_seed(self.seed * 7919 + epoch + 1_000_003 * k)
-        order = torch.randperm(self.n_fields, generator=g).tolist()
+        order = torch.randperm(self.n_fields, generator=g).numpy().astype(np.int64)
         if self.repeats == 1:
             return order
         group = self.batch_size * self.world_size
         n_groups = max(1, len(order) // group)  # the last group absorbs the remainder
-        bounds = [i * group for i in range(n_groups)] + [len(order)]
-        groups = [order[bounds[i]:bounds[i + 1]] for i in range(n_groups)]
-        return [f * self.repeats + r for grp in groups for r in range(self.repeats) for f in grp]
+        reps = np.arange(self.repeats, dtype=np.int64)
+        head = order[:(n_groups - 1) * group].reshape(n_groups - 1, 1, group)
+        tail = order[(n_groups - 1) * group:].reshape(1, -1)
+        return np.concatenate([(head * self.repeats + reps[None, :, None]).reshape(-1),
+                               (tail * self.repeats + reps[:, None]).reshape(-1)])
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        """Dataset indices (field * repeats + r) of one virtual epoch."""
-        ids: list[int] = []
-        k = 0
-        while len(ids) < self.samples_per_epoch:
-            ids += self._pass(epoch, k)
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Dataset indices (field * repeats + r) of one virtual epoch (the last one is kept)."""
+        cached = getattr(self, "_epoch", None)
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
+        parts: list[np.ndarray] = []
+        have, k = 0, 0
+        while have < self.samples_per_epoch:
+            parts.append(self._pass(epoch, k))
+            have += len(parts[-1])
             k += 1
-        return ids[: self.samples_per_epoch]
+        ids = np.concatenate(parts)[: self.samples_per_epoch]
+        self._epoch = (epoch, ids)
+        return ids
 
     def __iter__(self) -> Iterator[int]:
         n = self.n_fields * self.repeats
         global_batch = self.batch_size * self.world_size
+        spe = self.samples_per_epoch
         k = self.start
+        chunk = 1 << 16  # stream positions converted to Python ints at a time
         while k < self.total:
-            epoch, pos = divmod(k, self.samples_per_epoch)
-            for i in self.epoch_order(epoch)[pos:]:
-                if k >= self.total:
-                    return
-                if (k % global_batch) // self.batch_size == self.rank:
-                    yield k * n + i  # the stream position rides along; FieldDataset reduces it mod n
-                k += 1
+            epoch, pos = divmod(k, spe)
+            order = self.epoch_order(epoch)
+            end = min(self.total, (epoch + 1) * spe)
+            for a in range(k, end, chunk):
+                ks = np.arange(a, min(end, a + chunk), dtype=np.int64)
+                ks = ks[(ks % global_batch) // self.batch_size == self.rank]
+                # the stream position rides along; FieldDataset reduces it mod n
+                yield from (ks * n + order[ks - epoch * spe]).tolist()
+            k = end
 
     def __len__(self) -> int:
         # The full per-rank length, also when resuming: the training loop counts batches from the
@@ -122,7 +135,6 @@ class StreamDataset(FieldDataset):
         self.cache_bytes = cache_bytes
         self._lru: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.bad = torch.zeros(len(source), dtype=torch.uint8).share_memory_()
-        self._index = {r.key: i for i, r in enumerate(source.records)}
 
     def load_field(self, field_idx: int) -> torch.Tensor:
         x = self._lru.get(field_idx)
@@ -142,14 +154,12 @@ class StreamDataset(FieldDataset):
         for start, tf in self.transforms:
             if stream_pos >= start:
                 self.transform = tf
-        seen = len(self.skipped)
-        try:
-            sample = super().__getitem__(int(stream_id))
-        finally:
-            for key in list(self.skipped)[seen:]:
-                self.bad[self._index[key]] = 1
+        sample = super().__getitem__(int(stream_id))
         sample["stream_pos"] = stream_pos
         return sample
+
+    def field_failed(self, field_idx: int) -> None:
+        self.bad[field_idx] = 1
 
     def skipped_count(self) -> int:
         """Fields that failed to load so far, over all workers."""
@@ -298,6 +308,43 @@ class EpochChainLoader:
 # --------------------------------------------------------------------------------------------------
 
 
+def held_wells_mask(index: Any, wells: list[str]) -> np.ndarray:
+    """Boolean mask of the rows of ``index`` whose ``PLATE/WELL`` is in ``wells``, on integer codes
+    (one dict look-up per listed well, none per row; a well name never holds a ``/``)."""
+    plate_code = {p: i for i, p in enumerate(index.cats["plate"])}
+    well_code = {w: i for i, w in enumerate(index.cats["well"])}
+    n_wells = max(1, len(index.cats["well"]))
+    want = []
+    for key in wells:
+        plate, _, well = str(key).rpartition("/")
+        if plate in plate_code and well in well_code:
+            want.append(plate_code[plate] * n_wells + well_code[well])
+    pair = index.cols["plate"].astype(np.int64) * n_wells + index.cols["well"].astype(np.int64)
+    return np.isin(pair, np.asarray(want, dtype=np.int64))
+
+
+def split_heldout(source: FieldSource, holdout: Any,
+                  wells: list[str] | None = None) -> tuple[list[str], FieldSource, FieldSource]:
+    """(held-out wells, training source, held-out source) with fields grouped by well once.
+
+    A columnar index is grouped into well rows (:meth:`~dinocell.data.index.FieldIndex.well_rows`,
+    O(n)); the held-out rule and the split then run on one row per well (~9x fewer than fields) and
+    are mapped back to the fields with one integer gather.  Other sources take the generic path."""
+    recs = source.records
+    if not hasattr(recs, "well_rows"):
+        chosen = resolve_wells(recs, holdout) if wells is None else list(wells)
+        return (chosen, *split_source(source, chosen))
+    first, well_of = recs.well_rows()  # type: ignore[attr-defined]
+    per_well = recs.take(first)  # type: ignore[attr-defined]
+    chosen = resolve_wells(per_well, holdout) if wells is None else list(wells)
+    held = held_wells_mask(per_well, chosen)[well_of]
+    train = np.flatnonzero(~held)
+    if not len(train):
+        raise UserError(f"every field of {source.name} is held out for evaluation; lower "
+                        "data.holdout.fraction or list fewer data.holdout.wells")
+    return chosen, subset_source(source, train), subset_source(source, np.flatnonzero(held))
+
+
 class DinoCellDataModule(L.LightningDataModule):
     """Sources, held-out split, run length and loaders of one run (see module doc).
 
@@ -310,8 +357,7 @@ class DinoCellDataModule(L.LightningDataModule):
                  wells: list[str] | None = None) -> None:
         super().__init__()
         self.cfg, self.full_source = cfg, source
-        self.heldout_wells = resolve_wells(source.records, cfg.data.holdout) if wells is None else list(wells)
-        self.train_source, self.heldout = split_source(source, self.heldout_wells)
+        self.heldout_wells, self.train_source, self.heldout = split_heldout(source, cfg.data.holdout, wells)
         self.world_size = max(1, int(world_size))
         if use_stream(cfg, self.train_source):
             self.steps_per_epoch = stream_steps_per_epoch(cfg, self.train_source, self.world_size)

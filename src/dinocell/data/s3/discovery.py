@@ -21,12 +21,14 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import re
 import tempfile
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,8 @@ from filelock import FileLock, Timeout
 from dinocell.data import jump
 from dinocell.data.field import IMAGE_SUFFIXES, LOAD_DATA_SUFFIXES, MAX_LISTED_SKIPS
 from dinocell.data.index import INDEX_VERSION, FieldIndex, IndexBuilder, read_index, read_info, write_index
-from dinocell.data.s3.config import S3FetchError, describe, parse_s3_uri, permanent_error
+from dinocell.data.s3.config import parse_s3_uri
+from dinocell.data.s3.listing import BotoPager, HttpPager, endpoint_of
 from dinocell.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -96,53 +99,71 @@ def default_index_path(key: str) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-class Lister:
-    """Paginated, retried, concurrent listing of one bucket (``client`` is thread-safe)."""
+#: Split points inside a plate folder (Phenix rows 2..16): its ranges are listed concurrently, so a
+#: job of a few large plates is as parallel as one of thousands.  Every field of a range is whole
+#: (all channels of a site share the row prefix); rows past 16 stay in the last range.
+ROW_SPLITS = tuple(f"Images/r{r:02d}" for r in range(2, 17))
+#: Listed batches (one range or one folder level each) waiting to be grouped: bounds the memory of
+#: keys listed faster than they are grouped.
+QUEUE_BATCHES = 64
 
-    def __init__(self, client: Any, attempts: Any, bucket: str, workers: int = 32,
-                 on_retries: Callable[[int], None] | None = None, signed: bool = False) -> None:
-        self.signed = signed
-        self.client = client
-        self.attempts = attempts
+
+def make_lister(s3cfg: Any, bucket: str, on_retries: Callable[[int], None] | None = None) -> Lister:
+    """The listing client for ``data.s3``: the lean HTTP pager (unsigned), boto3 when signing."""
+    workers = int(s3cfg.list_workers)
+    if s3cfg.sign:
+        from dinocell.data.s3.config import make_client
+
+        client, attempts = make_client(s3cfg, pool=workers)
+        return Lister(BotoPager(client, attempts, bucket, True, on_retries), bucket, workers)
+    pager = HttpPager(endpoint_of(s3cfg), bucket, float(s3cfg.timeout_s), int(s3cfg.max_attempts), on_retries)
+    return Lister(pager, bucket, workers)
+
+
+class Lister:
+    """Concurrent listing of one bucket: folder levels, plate folders and row ranges inside them.
+
+    ``pager.page(prefix, token, delimiter, start_after)`` returns a :class:`~dinocell.data.s3.listing.Page`
+    and is thread-safe.  Listing threads hand whole batches (one range or one folder level) to the
+    caller's thread through a bounded queue, where they are grouped.
+    """
+
+    def __init__(self, pager: Any, bucket: str, workers: int = 32, splits: tuple[str, ...] = ROW_SPLITS) -> None:
+        self.pager = pager
         self.bucket = bucket
         self.workers = max(1, int(workers))
-        self.on_retries = on_retries
-
-    def page(self, prefix: str, token: str | None, delimiter: str | None) -> dict[str, Any]:
-        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
-        if token:
-            kw["ContinuationToken"] = token
-        if delimiter:
-            kw["Delimiter"] = delimiter
-        before = self.attempts.value
-        try:
-            return self.client.list_objects_v2(**kw)
-        except Exception as e:
-            what = f"cannot list s3://{self.bucket}/{prefix}"
-            err = permanent_error(e, what, f"bucket not found: s3://{self.bucket}", self.signed)
-            raise (err or S3FetchError(f"{what}: {describe(e)}")) from None
-        finally:
-            if self.on_retries is not None:
-                self.on_retries(max(0, self.attempts.value - before - 1))
-
-    def pages(self, prefix: str, delimiter: str | None = None) -> Iterator[dict[str, Any]]:
-        token: str | None = None
-        while True:
-            page = self.page(prefix, token, delimiter)
-            yield page
-            if not page.get("IsTruncated"):
-                return
-            token = page.get("NextContinuationToken")
+        self.splits = splits
 
     def _explore(self, prefix: str) -> tuple[list[str], list[str]]:
-        keys, subs = [], []
-        for page in self.pages(prefix, "/"):
-            keys += [o["Key"] for o in page.get("Contents", [])]
-            subs += [cp["Prefix"] for cp in page.get("CommonPrefixes", [])]
-        return keys, subs
+        keys: list[str] = []
+        subs: list[str] = []
+        token: str | None = None
+        while True:
+            page = self.pager.page(prefix, token, "/")
+            keys += page.keys
+            subs += page.prefixes
+            if page.token is None:
+                return keys, subs
+            token = page.token
 
-    def _full(self, prefix: str) -> tuple[list[str], list[str]]:
-        return [o["Key"] for page in self.pages(prefix) for o in page.get("Contents", [])], []
+    def _range(self, prefix: str, lo: str | None, hi: str | None) -> tuple[list[str], list[str]]:
+        """Keys ``k`` under ``prefix`` with ``lo < k <= hi`` (``None``: unbounded)."""
+        keys: list[str] = []
+        token: str | None = None
+        while True:
+            page = self.pager.page(prefix, token, None, lo if token is None else None)
+            if hi is not None and page.keys and page.keys[-1] > hi:
+                keys += [k for k in page.keys if k <= hi]
+                return keys, []
+            keys += page.keys
+            if page.token is None:
+                return keys, []
+            token = page.token
+
+    def ranges(self, folder: str) -> list[tuple[str | None, str | None]]:
+        """``(lo, hi]`` ranges that partition the keys of a plate folder."""
+        bounds: list[str | None] = [None, *(folder + s for s in self.splits), None]
+        return list(zip(bounds[:-1], bounds[1:], strict=True))
 
     def walk(self, prefix: str, plates: Iterable[str] | None,
              on_keys: Callable[[list[str]], None]) -> int:
@@ -154,28 +175,53 @@ class Lister:
         n_keys = 0
         bar = tqdm(desc=f"listing s3://{self.bucket}/{prefix}", unit="keys", unit_scale=True, disable=None,
                    leave=False)
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="s3-list") as pool:
-            pending: set[Future[tuple[list[str], list[str]]]] = {pool.submit(self._explore, prefix)}
+        done: queue.Queue[tuple[bool, Any, list[str]]] = queue.Queue(maxsize=QUEUE_BATCHES)
+        stop = threading.Event()
+        pending = 0
+
+        def run(fn: Callable[..., tuple[list[str], list[str]]], *args: Any) -> None:
             try:
-                while pending:
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in done:
-                        keys, subs = fut.result()
-                        for sub in subs:
-                            plate = is_plate_folder(sub.rstrip("/").rsplit("/", 1)[-1])
-                            if plate is None:
-                                pending.add(pool.submit(self._explore, sub))
-                            elif wanted is None or plate in wanted:
-                                pending.add(pool.submit(self._full, sub))
-                        if keys:
-                            n_keys += len(keys)
-                            bar.update(len(keys))
-                            on_keys(keys)
-            finally:
-                for fut in pending:
-                    fut.cancel()
-                bar.close()
+                keys, subs = fn(*args)
+                item: tuple[bool, Any, list[str]] = (True, keys, subs)
+            except BaseException as e:  # handed to the caller's thread
+                item = (False, e, [])
+            while not stop.is_set():
+                try:
+                    done.put(item, timeout=0.2)
+                    return
+                except queue.Full:
+                    continue
+
+        t0 = time.perf_counter()
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="s3-list")
+
+        def submit(fn: Callable[..., tuple[list[str], list[str]]], *args: Any) -> None:
+            nonlocal pending
+            pending += 1
+            pool.submit(run, fn, *args)
+
+        try:
+            submit(self._explore, prefix)
+            while pending:
+                ok, keys, subs = done.get()
+                pending -= 1
+                if not ok:
+                    raise keys
+                for sub in subs:
+                    plate = is_plate_folder(sub.rstrip("/").rsplit("/", 1)[-1])
+                    if plate is None:
+                        submit(self._explore, sub)
+                    elif wanted is None or plate in wanted:
+                        for lo, hi in self.ranges(sub):
+                            submit(self._range, sub, lo, hi)
+                if keys:
+                    n_keys += len(keys)
+                    bar.update(len(keys))
+                    on_keys(keys)
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
         dt = time.perf_counter() - t0
         log.info("listed %d keys under s3://%s/%s in %.1f s (%.0f keys/s)", n_keys, self.bucket, prefix, dt,
                  n_keys / max(dt, 1e-9))

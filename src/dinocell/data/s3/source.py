@@ -54,7 +54,6 @@ from dinocell.data.s3.config import (
     validate_s3_config,
 )
 from dinocell.data.s3.discovery import (
-    Lister,
     cached_index,
     default_index_path,
     filter_values,
@@ -62,6 +61,7 @@ from dinocell.data.s3.discovery import (
     index_from_listing,
     index_from_load_data,
     index_ident,
+    make_lister,
     read_load_data_anywhere,
 )
 from dinocell.data.tables import normalise_columns
@@ -214,9 +214,7 @@ class S3FieldSource(FieldSource):
         def build(listed_plates: list[str] | None) -> tuple[FieldIndex, list[str]]:
             if df is not None:
                 return index_from_load_data(df, f"s3://{self.bucket}/{self.prefix}", str(load_data)), []
-            client, attempts = make_client(self.s3cfg, pool=int(self.s3cfg.list_workers))
-            lister = Lister(client, attempts, self.bucket, int(self.s3cfg.list_workers),
-                            on_retries=lambda n: self.counters.add(retries=n), signed=bool(self.s3cfg.sign))
+            lister = make_lister(self.s3cfg, self.bucket, on_retries=lambda n: self.counters.add(retries=n))
             try:
                 idx, skipped = index_from_listing(lister, self.prefix, listed_plates, cmap)
             except S3MissingError as e:
