@@ -103,6 +103,8 @@ def default_index_path(key: str) -> Path:
 #: job of a few large plates is as parallel as one of thousands.  Every field of a range is whole
 #: (all channels of a site share the row prefix); rows past 16 stay in the last range.
 ROW_SPLITS = tuple(f"Images/r{r:02d}" for r in range(2, 17))
+#: Keys buffered before they are grouped (fewer, larger per-folder grouping calls).
+FLUSH_KEYS = 100_000
 #: Listed batches (one range or one folder level each) waiting to be grouped: bounds the memory of
 #: keys listed faster than they are grouped.
 QUEUE_BATCHES = 64
@@ -160,9 +162,13 @@ class Lister:
                 return keys, []
             token = page.token
 
-    def ranges(self, folder: str) -> list[tuple[str | None, str | None]]:
-        """``(lo, hi]`` ranges that partition the keys of a plate folder."""
-        bounds: list[str | None] = [None, *(folder + s for s in self.splits), None]
+    def ranges(self, folder: str, n: int | None = None) -> list[tuple[str | None, str | None]]:
+        """``n`` (default: as many as there are split points + 1) ``(lo, hi]`` ranges that partition
+        the keys of a plate folder, split at evenly spaced :attr:`splits`."""
+        m = len(self.splits) + 1
+        n = m if n is None else max(1, min(m, int(n)))
+        cuts = [self.splits[round(i * m / n) - 1] for i in range(1, n)]
+        bounds: list[str | None] = [None, *(folder + c for c in cuts), None]
         return list(zip(bounds[:-1], bounds[1:], strict=True))
 
     def walk(self, prefix: str, plates: Iterable[str] | None,
@@ -207,13 +213,19 @@ class Lister:
                 pending -= 1
                 if not ok:
                     raise keys
+                plate_subs = []
                 for sub in subs:
                     plate = is_plate_folder(sub.rstrip("/").rsplit("/", 1)[-1])
                     if plate is None:
                         submit(self._explore, sub)
                     elif wanted is None or plate in wanted:
-                        for lo, hi in self.ranges(sub):
-                            submit(self._range, sub, lo, hi)
+                        plate_subs.append(sub)
+                # Enough ranges per plate folder to keep every thread busy twice over: a few large
+                # plates are split into row ranges; thousands of plates are listed whole.
+                per_plate = -(-2 * self.workers // max(1, len(plate_subs)))
+                for sub in plate_subs:
+                    for lo, hi in self.ranges(sub, per_plate):
+                        submit(self._range, sub, lo, hi)
                 if keys:
                     n_keys += len(keys)
                     bar.update(len(keys))
@@ -235,24 +247,42 @@ def index_from_listing(lister: Lister, prefix: str, plates: Iterable[str] | None
     builder = IndexBuilder(naming={})
     skipped: list[str] = []
     n_unparsed = 0
+    buffered: dict[str, list[str]] = defaultdict(list)  # folder -> names, grouped in large batches
+    n_buffered = 0
 
-    def on_keys(keys: list[str]) -> None:
-        nonlocal n_unparsed
-        by_folder: dict[str, list[str]] = defaultdict(list)
-        for k in keys:
-            if k.lower().endswith(IMAGE_SUFFIXES):
-                folder, _, name = k.rpartition("/")
-                by_folder[folder].append(name)
-        for folder, names in by_folder.items():
+    def flush() -> None:
+        nonlocal n_unparsed, n_buffered
+        for folder, names in buffered.items():
             meta = path_metadata(folder + "/x")  # once per folder, not per key
             plate = meta.pop("Metadata_Plate", None) or jump.plate_from_path(folder)
             base = f"s3://{lister.bucket}/{folder}/"
-            bad = jump.add_phenix_folder(builder, base, plate, names, cmap, meta)
+            bad = [n for n in jump.add_phenix_folder(builder, base, plate, names, cmap, meta)
+                   if n.lower().endswith(IMAGE_SUFFIXES)]  # other files are not images: ignored
             n_unparsed += len(bad)
             room = MAX_LISTED_SKIPS - len(skipped)
             skipped.extend(f"{base}{n}: name not recognised" for n in bad[:max(0, room)])
+        buffered.clear()
+        n_buffered = 0
+
+    def on_keys(keys: list[str]) -> None:
+        # A batch is one listed range or folder level: whole fields, sorted keys.  When its first and
+        # last keys share a folder and no key is deeper, every key is in that folder (sorted order).
+        nonlocal n_buffered
+        folder = keys[0].rpartition("/")[0]
+        depth = folder.count("/") + 1 if folder else 0
+        if keys[-1].rpartition("/")[0] == folder and "\n".join(keys).count("/") == depth * len(keys):
+            cut = len(folder) + 1 if folder else 0
+            buffered[folder] += [k[cut:] for k in keys]
+        else:
+            for k in keys:
+                f, _, name = k.rpartition("/")
+                buffered[f].append(name)
+        n_buffered += len(keys)
+        if n_buffered >= FLUSH_KEYS:
+            flush()
 
     lister.walk(prefix, plates, on_keys)
+    flush()
     if n_unparsed > len(skipped):
         skipped.append(f"... and {n_unparsed - len(skipped)} more key(s) with names not recognised")
     return builder.build(), skipped

