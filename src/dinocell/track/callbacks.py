@@ -12,7 +12,13 @@ Every figure is written to ``<run_dir>/figures/<kind>_step<NNNNNN>.png`` plus ``
 :func:`dinocell.track.loggers.build_logger`.
 
 The model used is the teacher backbone (``pl_module.meta.teacher.backbone``): the EMA teacher is the
-network that gets exported and evaluated.
+network that gets exported and evaluated.  The ``eval/*`` scalars and the PCA come from
+:func:`dinocell.evaluate.heldout.measure` on ``train.eval_fields`` held-out fields, the code and fields
+of ``summary.json`` and ``dinocell evaluate RUN``.  :class:`ReferenceCallback` is the forgetting guard
+(``track.reference``): it scores a fixed reference set the same way and logs ``reference/*``.
+
+Failures: a diagnostic that fails on data, disk or device memory (:data:`EXPECTED_FAILURES`) is logged
+and training goes on; anything else is a bug and propagates.
 """
 
 from __future__ import annotations
