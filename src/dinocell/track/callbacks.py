@@ -39,7 +39,7 @@ from dinocell.config import Config
 from dinocell.errors import ConfigError, UserError
 from dinocell.evaluate import plots
 from dinocell.evaluate.heldout import FIGURES as EVAL_FIGURES
-from dinocell.evaluate.heldout import HeldoutFields, measure, primary, training_preprocess
+from dinocell.evaluate.heldout import HeldoutFields, HeldoutResult, measure, primary, training_preprocess
 from dinocell.paths import write_text_atomic
 from dinocell.track import diagnostics as dg
 
@@ -80,11 +80,13 @@ class DiagnosticsCallback(L.Callback):
         self._done: dict[str, int] = {}
         self._fields: HeldoutFields | None = None
         self.saved: list[Path] = []
-        self.last_figures: dict[str, Any] | None = None
+        self.last: tuple[int, HeldoutResult] | None = None  # (step, result) of the latest eval/* pass
 
-    def use_fields(self, fields: HeldoutFields | None) -> None:
-        """Score these (already selected) held-out fields, e.g. the run summary's, instead of loading them."""
+    def use_fields(self, fields: HeldoutFields | None, known: tuple[int, HeldoutResult] | None = None) -> None:
+        """Score these (already selected) held-out fields, e.g. the run summary's, instead of loading them;
+        ``known``: (step, result) already measured on them at that step (not measured twice)."""
         self._fields = fields
+        self.last = known
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -158,8 +160,11 @@ class DiagnosticsCallback(L.Callback):
         fields = self.heldout_fields(trainer, pl_module)
         if fields is None:
             return
-        res = measure(_teacher_backbone(pl_module), fields)
-        self.last_figures = res.figures
+        if self.last is not None and self.last[0] == step:
+            res = self.last[1]
+        else:
+            res = measure(_teacher_backbone(pl_module), fields)
+            self.last = (step, res)
         emb = res.emb.numpy()  # (F, C+1, D)
         names = list(fields.channels)
         n, v, d = emb.shape
