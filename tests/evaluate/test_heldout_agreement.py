@@ -55,6 +55,20 @@ def test_summary_callback_and_cli_agree(run: tuple[Path, dict], tmp_path: Path,
             assert len(vals) == 1, (col, step)
             assert float(vals.iloc[0]) == summary[f"{key}_{when}"], (key, when)
 
+    # the callback's own selection (not the fields the run handed it) on the saved checkpoint
+    from types import SimpleNamespace
+
+    from dinocell.data.holdout import heldout_source
+    from dinocell.evaluate.heldout import measure
+    from dinocell.models.loading import load_model
+    from dinocell.track.callbacks import DiagnosticsCallback
+
+    cb = DiagnosticsCallback(load_config(out / "config.yaml"), out)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(heldout=heldout_source(out)))
+    own = measure(load_model(out).backbone, cb.heldout_fields(trainer, None)).figures
+    for key in FIGURES:
+        assert _same(own[key], summary[f"{key}_after"]), key
+
     # `dinocell evaluate RUN`: the run's held-out wells, its eval_fields, its checkpoint
     assert main(["evaluate", str(out), "--out-dir", str(tmp_path / "ev"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

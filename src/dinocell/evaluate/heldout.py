@@ -34,8 +34,9 @@ Figures (:data:`FIGURES`), on the real channels (the mean image excluded):
   ``cross_channel_retrieval_top1`` already scores, and costs O(fields x patches^2), not
   O((fields x patches)^2).  Collapsed tokens score chance: ties go to the first patch.
 
-The dense figures use at most :data:`MAX_PATCH_FIELDS` fields (spread over the evaluated ones), so
-memory stays bounded when ``dinocell evaluate`` scores thousands of fields.
+The dense figures use at most :data:`MAX_PATCH_FIELDS` fields (spread over the evaluated ones): their
+patch tokens need a second forward pass, and memory stays bounded when ``dinocell evaluate`` scores
+thousands of fields.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 #: The scalar figures, in the order summaries print them (keys of :func:`heldout_figures`).
 FIGURES = ("channel_consistency", "channel_consistency_raw", "cross_channel_retrieval_top1",
            "transfer_knn_accuracy", "knn_accuracy", "patch_consistency", "patch_retrieval_top1")
-MAX_PATCH_FIELDS = 256
+MAX_PATCH_FIELDS = 64  # dense figures: 64 fields x all patches x all pairs is plenty, and a second pass
 KNN_K, KNN_T, SPLIT_SEED = 20, 0.07, 0
 CHUNK_FIELDS = 64  # fields loaded/encoded at a time when streaming
 

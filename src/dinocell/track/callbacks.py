@@ -12,7 +12,13 @@ Every figure is written to ``<run_dir>/figures/<kind>_step<NNNNNN>.png`` plus ``
 :func:`dinocell.track.loggers.build_logger`.
 
 The model used is the teacher backbone (``pl_module.meta.teacher.backbone``): the EMA teacher is the
-network that gets exported and evaluated.
+network that gets exported and evaluated.  The ``eval/*`` scalars and the PCA come from
+:func:`dinocell.evaluate.heldout.measure` on ``train.eval_fields`` held-out fields, the code and fields
+of ``summary.json`` and ``dinocell evaluate RUN``.  :class:`ReferenceCallback` is the forgetting guard
+(``track.reference``): it scores a fixed reference set the same way and logs ``reference/*``.
+
+Failures: a diagnostic that fails on data, disk or device memory (:data:`EXPECTED_FAILURES`) is logged
+and training goes on; anything else is a bug and propagates.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from dinocell.config import Config
 from dinocell.errors import ConfigError, UserError
 from dinocell.evaluate import plots
 from dinocell.evaluate.heldout import FIGURES as EVAL_FIGURES
-from dinocell.evaluate.heldout import HeldoutFields, measure, primary, training_preprocess
+from dinocell.evaluate.heldout import HeldoutFields, HeldoutResult, measure, primary, training_preprocess
 from dinocell.paths import write_text_atomic
 from dinocell.track import diagnostics as dg
 
@@ -74,11 +80,13 @@ class DiagnosticsCallback(L.Callback):
         self._done: dict[str, int] = {}
         self._fields: HeldoutFields | None = None
         self.saved: list[Path] = []
-        self.last_figures: dict[str, Any] | None = None
+        self.last: tuple[int, HeldoutResult] | None = None  # (step, result) of the latest eval/* pass
 
-    def use_fields(self, fields: HeldoutFields | None) -> None:
-        """Score these (already selected) held-out fields, e.g. the run summary's, instead of loading them."""
+    def use_fields(self, fields: HeldoutFields | None, known: tuple[int, HeldoutResult] | None = None) -> None:
+        """Score these (already selected) held-out fields, e.g. the run summary's, instead of loading them;
+        ``known``: (step, result) already measured on them at that step (not measured twice)."""
         self._fields = fields
+        self.last = known
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -152,8 +160,11 @@ class DiagnosticsCallback(L.Callback):
         fields = self.heldout_fields(trainer, pl_module)
         if fields is None:
             return
-        res = measure(_teacher_backbone(pl_module), fields)
-        self.last_figures = res.figures
+        if self.last is not None and self.last[0] == step:
+            res = self.last[1]
+        else:
+            res = measure(_teacher_backbone(pl_module), fields)
+            self.last = (step, res)
         emb = res.emb.numpy()  # (F, C+1, D)
         names = list(fields.channels)
         n, v, d = emb.shape

@@ -159,9 +159,9 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
 
     evaluator = _Evaluator(cfg, run_dir, data.heldout)
     before = evaluator.before(module) if trainer.is_global_zero else None
-    for cb in callbacks:  # the eval/* callback scores the summary's fields (loaded once)
-        if hasattr(cb, "use_fields") and evaluator.fields() is not None:
-            cb.use_fields(evaluator.fields())
+    diagnostics = next((cb for cb in callbacks if hasattr(cb, "use_fields")), None)
+    if diagnostics is not None and evaluator.fields() is not None:  # eval/* scores the summary's fields
+        diagnostics.use_fields(evaluator.fields(), evaluator.measured)  # step 0: not measured twice
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -181,6 +181,8 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     skipped = data.skipped_fields()
     if skipped:
         log.warning("%d field(s) were skipped (unreadable or failed to load); see `dinocell data ls`", skipped)
+    if diagnostics is not None and diagnostics.last is not None:  # the end-of-training eval/* pass
+        evaluator.measured = diagnostics.last
     summary = evaluator.after(module, before, trainer.global_step, skipped) if trainer.is_global_zero else {}
     if logger is not None:
         from dinocell.track.loggers import finalize
@@ -212,6 +214,7 @@ class _Evaluator:
     def __init__(self, cfg: Config, run_dir: Path, heldout: Any) -> None:
         self.cfg, self.run_dir, self.heldout = cfg, run_dir, heldout
         self._fields: Any = None
+        self.measured: tuple[int, Any] | None = None  # (step, HeldoutResult) of the latest pass, shared with eval/*
 
     def fields(self) -> Any:
         """The evaluated held-out fields (selected once; inputs cached after the first pass), or None."""
@@ -223,18 +226,22 @@ class _Evaluator:
             self._fields = HeldoutFields(self.heldout, pre, limit=n)
         return self._fields
 
-    def _measure(self, module: Any) -> dict[str, Any] | None:
+    def _measure(self, module: Any, step: int) -> dict[str, Any] | None:
         from dinocell.errors import DataError
         from dinocell.evaluate.heldout import measure
 
         fields = self.fields()
         if fields is None:
             return None
-        try:
-            res = measure(module.meta.teacher["backbone"], fields)
-        except DataError as e:  # fewer than two readable held-out fields: no figures, say why
-            log.warning("held-out evaluation skipped: %s", e)
-            return None
+        if self.measured is not None and self.measured[0] == step:  # the eval/* callback's pass at this step
+            res = self.measured[1]
+        else:
+            try:
+                res = measure(module.meta.teacher["backbone"], fields)
+            except DataError as e:  # fewer than two readable held-out fields: no figures, say why
+                log.warning("held-out evaluation skipped: %s", e)
+                return None
+            self.measured = (step, res)
         return {**res.figures, "eval_fields": len(res.records)}
 
     def before(self, module: Any) -> dict[str, Any] | None:
@@ -242,7 +249,7 @@ class _Evaluator:
         cache = self.run_dir / EVAL_BEFORE
         if cache.is_file():
             return json.loads(cache.read_text())
-        res = self._measure(module)
+        res = self._measure(module, 0)
         if res is not None:
             write_text_atomic(cache, json.dumps(res, indent=2))
         return res
@@ -260,7 +267,7 @@ class _Evaluator:
             summary["loss_mean"] = losses.mean
         summary["heldout_fields"] = len(self.heldout) if self.heldout is not None else 0
         summary["skipped_fields"] = int(skipped)
-        after = self._measure(module) if before is not None else None
+        after = self._measure(module, step) if before is not None else None
         if after is not None and before is not None:
             for key in FIGURES:
                 summary[f"{key}_before"] = before.get(key)
