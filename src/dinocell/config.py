@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import types
 import typing
@@ -19,6 +20,7 @@ from typing import Any, Union
 import yaml
 
 from dinocell.errors import ConfigError
+from dinocell.paths import write_text_atomic
 
 # --------------------------------------------------------------------------------------------------
 # The tree of defaults
@@ -557,14 +559,27 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, run_dir: str | os.PathLike[str]) -> Path:
-    """Write the resolved config atomically to ``run_dir/config.yaml``."""
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    out = run / "config.yaml"
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, out)
+def save_config(cfg: Config, run_dir: str | os.PathLike[str], record: dict[str, Any] | None = None) -> Path:
+    """Write the resolved config atomically to ``run_dir/config.yaml``.
+
+    ``record`` (the code that made the run, the channel map and its origin) is written as YAML comments
+    at the top: a person and ``yaml.safe_load`` both see it, yet the file stays a strict config that
+    ``config_from_dict`` reloads without an unknown key."""
+    head = "".join(f"# {k}: {json.dumps(v, sort_keys=True)}\n" for k, v in (record or {}).items())
+    return write_text_atomic(Path(run_dir) / "config.yaml", head + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``record`` comments :func:`save_config` wrote at the top of a run's config.yaml."""
+    out: dict[str, Any] = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("# ") or ": " not in line:
+            break
+        key, value = line[2:].split(": ", 1)
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            break
     return out
 
 

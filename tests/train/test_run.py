@@ -56,6 +56,14 @@ def test_run_folder_contents(tiny_run: tuple[Path, dict]) -> None:
     assert 0 <= data["patch_retrieval_top1_after"] <= 1 and data["patch_chance"] == 1 / 16
     assert data["reference"] == "heldout" and data["reference_steps"] == [0, 5]
     assert data["reference_min"] <= data["reference_start"] and data["reference_min"] <= data["reference_end"]
+    # every run says what code made it and which channel map it used (synthetic: named by the source)
+    from dinocell import __version__
+    from dinocell.config import config_record
+
+    record = config_record(run / "config.yaml")
+    assert record["dinocell_version"] == data["dinocell_version"] == __version__
+    assert record["git_commit"] == data["git_commit"] and data["git_commit"]
+    assert record["channel_map_origin"] == data["channel_map_origin"] == "named_by_source"
 
 
 def test_rerun_resumes_and_is_a_noop_when_done(tiny_run: tuple[Path, dict]) -> None:

@@ -152,12 +152,12 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     cfg.data.holdout.n_wells, cfg.data.holdout.n_fields = len(data.heldout_wells), len(data.heldout)
     if trainer.is_global_zero:
         write_holdout_file(run_dir, data.heldout_wells)
-        save_config(cfg, run_dir)
+        save_config(cfg, run_dir, record=run_record(source))
     module = DinoCellModule(cfg, data.train_source, data.steps_per_epoch, data.total_steps, data.global_batch)
     if cfg.train.compile:
         module.meta.compile_blocks()  # in place: parameter names (lr decay, checkpoints) unchanged
 
-    evaluator = _Evaluator(cfg, run_dir, data.heldout)
+    evaluator = _Evaluator(cfg, run_dir, data.heldout, run_record(source))
     before = evaluator.before(module) if trainer.is_global_zero else None
     diagnostics = next((cb for cb in callbacks if hasattr(cb, "use_fields")), None)
     if diagnostics is not None and evaluator.fields() is not None:  # eval/* scores the summary's fields
@@ -191,6 +191,14 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     return summary
 
 
+def run_record(source: Any) -> dict[str, Any]:
+    """What every run writes down besides its config: the code that made it and the channel map it used."""
+    from dinocell.data.channels import channel_map_record
+    from dinocell.provenance import provenance
+
+    return {**provenance(), **channel_map_record(source)}
+
+
 def _build_trainer(**kwargs: Any) -> Any:
     """The Trainer; a misconfigured device/strategy/precision becomes one clear line."""
     import lightning as L
@@ -211,7 +219,8 @@ class _Evaluator:
     come from :mod:`dinocell.evaluate.heldout`, as the ``eval/*`` callback's and ``dinocell evaluate``'s
     do, on ``train.eval_fields`` fields with the training's preprocessing."""
 
-    def __init__(self, cfg: Config, run_dir: Path, heldout: Any) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, heldout: Any, record: dict[str, Any] | None = None) -> None:
+        self.record = dict(record or {})
         self.cfg, self.run_dir, self.heldout = cfg, run_dir, heldout
         self._fields: Any = None
         self.measured: tuple[int, Any] | None = None  # (step, HeldoutResult) of the latest pass, shared with eval/*
@@ -284,6 +293,7 @@ class _Evaluator:
         summary["aligned_globals"] = bool(v.aligned_globals or v.policy == "all_channels")
         summary["mean_global"] = bool(v.mean_global)
         summary["ibot_cross_channel"] = bool(self.cfg.loss.ibot_cross_channel)
+        summary.update({k: v for k, v in self.record.items() if k not in summary})
         write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
         print(format_summary(summary))
         return summary
