@@ -72,7 +72,7 @@ class Budget:
 MODES = {
     "smoke": Budget(batch=4, fields=32, steps_a=6, steps_b=6, head_warmup=2, backbone_warmup=2, every=3,
                     probe_fields=24, small=True),
-    "quick": Budget(batch=32, fields=1024, steps_a=320, steps_b=160, head_warmup=60, backbone_warmup=40, every=20,
+    "quick": Budget(batch=32, fields=1024, steps_a=200, steps_b=120, head_warmup=40, backbone_warmup=30, every=20,
                     probe_fields=128),
     "full": Budget(batch=64, fields=2048, steps_a=672, steps_b=400, head_warmup=120, backbone_warmup=80, every=40,
                    probe_fields=256),
@@ -240,7 +240,6 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--smoke", action="store_true", help="seconds: a tiny model, a few steps (tests)")
     g.add_argument("--quick", action="store_true", help="< 10 min on 2 CPU cores")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run(args.out, "smoke" if args.smoke else "quick" if args.quick else "full")
     return 0
 
