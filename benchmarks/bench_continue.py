@@ -18,7 +18,8 @@ gives the curves figure (``OUT/curves.png``), and ends with
     C2 ratio=<new-domain probe after / before, two-stage> target>=1.05
     C3 ratio=<start-domain probe after two-stage / after one-stage> target>=1.0
 
-    python benchmarks/bench_continue.py --quick --out runs/bench_continue   # < 10 min on 2 cores
+    python benchmarks/bench_continue.py --quick --out runs/bench_continue   # < 10 min on 2 idle cores
+    (on a loaded machine set OMP_NUM_THREADS=1: thread oversubscription slows it by an order of magnitude)
     python benchmarks/bench_continue.py --smoke --out /tmp/bc                 # seconds (tests)
 """
 
@@ -72,7 +73,7 @@ class Budget:
 MODES = {
     "smoke": Budget(batch=4, fields=32, steps_a=6, steps_b=6, head_warmup=2, backbone_warmup=2, every=3,
                     probe_fields=24, small=True),
-    "quick": Budget(batch=32, fields=1024, steps_a=320, steps_b=160, head_warmup=60, backbone_warmup=40, every=20,
+    "quick": Budget(batch=32, fields=1024, steps_a=200, steps_b=120, head_warmup=40, backbone_warmup=30, every=20,
                     probe_fields=128),
     "full": Budget(batch=64, fields=2048, steps_a=672, steps_b=400, head_warmup=120, backbone_warmup=80, every=40,
                    probe_fields=256),
@@ -174,7 +175,7 @@ def _figure(curves: dict[str, dict[str, list[tuple[int, float]]]], before: dict[
     save_figure(fig, path)
 
 
-def run(out: Path, mode: str) -> dict[str, Any]:
+def run(out: Path, mode: str, lr: float = 2e-4, gram_weight: float = 1.0, reuse_release: bool = False) -> dict[str, Any]:
     from dinocell.models.backbone import load_backbone
     from dinocell.train.export import export_run
     from dinocell.train.run import pretrain
@@ -184,13 +185,15 @@ def run(out: Path, mode: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     # 1. the "release": pretrained on domain A, exported without heads
     cfg_a = _config(budget, DOMAIN_A, budget.steps_a, ["optim.lr=1e-3", "optim.min_lr=1e-5"])
-    pretrain(cfg_a, out / "release_run", resume=False)
-    release = export_run(out / "release_run", out / "release.safetensors")
+    release = out / "release.safetensors"
+    if not (reuse_release and release.is_file()):
+        pretrain(cfg_a, out / "release_run", resume=False)
+        release = export_run(out / "release_run", release)
     print(f"release: {budget.steps_a} steps on domain A, exported backbone only -> {release} "
           f"({time.time() - t0:.0f}s)", flush=True)
 
     # 2. continue on domain B: two-stage and one-stage, same budget and lr
-    cont = [f"model.pretrained={release}", "optim.lr=2e-4", "optim.min_lr=1e-5", "loss.gram_weight=1.0",
+    cont = [f"model.pretrained={release}", f"optim.lr={lr}", "optim.min_lr=1e-5", f"loss.gram_weight={gram_weight}",
             "loss.gram_teacher_start=0", "loss.gram_teacher_every=0"]
     variants = {
         "two_stage": [f"train.head_warmup_steps={budget.head_warmup}",
@@ -221,7 +224,7 @@ def run(out: Path, mode: str) -> dict[str, Any]:
     c1 = after["two_stage"]["A"]["probe"] / max(before["A"]["probe"], 1e-9)
     c2 = after["two_stage"]["B"]["probe"] / max(before["B"]["probe"], 1e-9)
     c3 = after["two_stage"]["A"]["probe"] / max(after["one_stage"]["A"]["probe"], 1e-9)
-    summary = {"mode": mode, "seconds": time.time() - t0, "before": before, "after": after, "curves": curves,
+    summary = {"mode": mode, "lr": lr, "gram_weight": gram_weight, "seconds": time.time() - t0, "before": before, "after": after, "curves": curves,
                "C1": c1, "C2": c2, "C3": c3, "figure": str(out / "curves.png")}
     from dinocell.paths import write_text_atomic
 
@@ -239,9 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--smoke", action="store_true", help="seconds: a tiny model, a few steps (tests)")
     g.add_argument("--quick", action="store_true", help="< 10 min on 2 CPU cores")
+    ap.add_argument("--lr", type=float, default=2e-4, help="peak lr of both continuations (the release used 1e-3)")
+    ap.add_argument("--gram-weight", type=float, default=1.0, help="Gram anchoring to the release (0: off)")
+    ap.add_argument("--reuse-release", action="store_true", help="keep OUT/release.safetensors of an earlier run")
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    run(args.out, "smoke" if args.smoke else "quick" if args.quick else "full")
+    run(args.out, "smoke" if args.smoke else "quick" if args.quick else "full", args.lr, args.gram_weight,
+        args.reuse_release)
     return 0
 
 

@@ -343,3 +343,22 @@ def test_layerscale_init_override() -> None:
     assert torch.allclose(default.model.blocks[0].gamma_1, torch.full((32,), 1e-5))
     bigger = build_backbone(load_config(None, base + ["model.layerscale_init=0.1"]).model, 32)
     assert torch.allclose(bigger.model.blocks[1].gamma_2, torch.full((32,), 0.1))
+
+
+def test_rope_rescale_is_train_mode_only_and_validated() -> None:
+    """model.rope_rescale_coords: a random coordinate scale per train-mode forward, none in eval mode."""
+    from dinocell.config import ModelConfig
+    from dinocell.errors import ConfigError
+    from dinocell.models.backbone import build_backbone
+
+    bb = build_backbone(ModelConfig(embed_dim=32, depth=1, num_heads=2, patch_size=8), img_size=32)
+    bb.set_rope_rescale(2.0)
+    bb.train()
+    a, b = bb.model.rope.get_embed(shape=(4, 4)), bb.model.rope.get_embed(shape=(4, 4))
+    assert not torch.equal(a, b)
+    bb.eval()
+    assert torch.equal(bb.model.rope.get_embed(shape=(4, 4)), bb.model.rope.get_embed(shape=(4, 4)))
+    x = torch.rand(2, 1, 32, 32)
+    assert torch.equal(bb(x), bb(x))
+    with pytest.raises(ConfigError, match="rope_rescale_coords"):
+        bb.set_rope_rescale(0.5)

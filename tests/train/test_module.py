@@ -96,13 +96,14 @@ def test_nonfinite_loss_is_caught_at_the_next_check_with_its_step(tmp_path, monk
 
 @pytest.mark.slow
 def test_gram_teacher_snapshot_is_checkpointed_and_refreshed_on_schedule(tmp_path) -> None:
-    """Snapshots at steps 1 and 4 (start 1, every 3): the final checkpoint's Gram teacher is the EMA
-    teacher as it was after step 3, i.e. the teacher stored in the step-4 checkpoint, and it loads back."""
+    """Snapshots before steps 1 and 4 (start 1, then absolute multiples of 4): the final checkpoint's Gram
+    teacher is the EMA teacher as it was after step 3, i.e. the teacher stored in the step-4 checkpoint, and
+    it loads back."""
     from dinocell.train.checkpoint import load_checkpoint_file
     from dinocell.train.run import pretrain
     from tests_tiny import TINY
 
-    cfg = load_config(None, TINY + ["loss.gram_weight=0.5", "loss.gram_teacher_start=1", "loss.gram_teacher_every=3",
+    cfg = load_config(None, TINY + ["loss.gram_weight=0.5", "loss.gram_teacher_start=1", "loss.gram_teacher_every=4",
                                     "train.checkpoint_every_steps=1", "train.keep_last_n=2", "train.eval_fields=0"])
     pretrain(cfg, tmp_path, max_steps=5)
     last = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
