@@ -24,6 +24,7 @@ about a minute; ``--quick`` is the < 15 min version; the default is the full bud
 per channel, DNA-trained head of the primary design).
 
     PYTHONPATH=src python benchmarks/bench_downstream.py --quick
+    PYTHONPATH=src python benchmarks/bench_downstream.py --backbone multiview=runs/demo   # an existing run
     PYTHONPATH=src python benchmarks/bench_downstream.py --quick --designs multiview,single_view,dense \\
         --design dense:loss.dense_cross_weight=1.0 --primary dense
 """
@@ -321,6 +322,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated pretraining designs (named in benchmarks/_pretrain_cache.py or --design)")
     p.add_argument("--design", action="append", default=[], metavar="NAME:KEY=VALUE",
                    help="add an override to a design (repeatable; defines a new design by name)")
+    p.add_argument("--backbone", action="append", default=[], metavar="DESIGN=RUN_DIR",
+                   help="use this existing pretraining run (or export) for a design instead of the cache")
     p.add_argument("--primary", default="multiview", help="the design R2/R3/S1/S2/PROF report")
     p.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated subset of {', '.join(GROUPS)}")
     p.add_argument("--budget-steps", type=int, default=None, help="pretraining steps (default: per mode)")
@@ -356,10 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     print(f"mode {mode_name}: pretraining budget {mode.budget_steps or 'full demo schedule'} steps, "
           f"designs {', '.join(designs)} (primary {args.primary}), head steps {mode.seg_steps}", flush=True)
+    given = dict(item.split("=", 1) for item in args.backbone if "=" in item)
+    if bad := [n for n in given if n not in designs]:
+        raise SystemExit(f"--backbone: {', '.join(bad)} not among --designs {', '.join(designs)}")
     backbones: dict[str, str | None] = {"random": None}
     for name, overrides in designs.items():
-        backbones[name] = str(pretrained_run(name, overrides, mode.budget_steps, mode.pretrain_sizes,
-                                             args.cache_dir))
+        backbones[name] = given.get(name) or str(pretrained_run(name, overrides, mode.budget_steps,
+                                                                mode.pretrain_sizes, args.cache_dir))
     heads = Heads(work, mode, backbones)
     results: dict[str, Any] = {"mode": mode_name, "budget_steps": mode.budget_steps, "designs": designs,
                                "primary": args.primary, "backbones": backbones}
