@@ -88,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in STRICT_CHANNEL_MAP_COMMANDS:
             from dinocell.data.channels import refuse_assumed_channel_map
 
-            with refuse_assumed_channel_map(f"dinocell {args.command}"):
+            with refuse_assumed_channel_map(args.command):
                 return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except DiskFullError as e:
