@@ -79,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     start = time.time()
     try:
+        _check_positive(args)
         if args.command in ACTION_DESTS and getattr(args, ACTION_DESTS[args.command], None) is None:
             # `dinocell segment` alone is a usage error: usage on stderr, exit 2 (not help on stdout)
             print(f"{_subparser(parser, args.command).format_usage().rstrip()}\n"
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in STRICT_CHANNEL_MAP_COMMANDS:
             from dinocell.data.channels import refuse_assumed_channel_map
 
-            with refuse_assumed_channel_map(f"dinocell {args.command}"):
+            with refuse_assumed_channel_map(args.command):
                 return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except DiskFullError as e:
@@ -110,6 +111,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dinocell: interrupted", file=sys.stderr)
         return 130
+
+
+#: Numeric options that only make sense above zero, whichever command has them (argparse destinations).
+POSITIVE_OPTIONS = ("batch_size", "chunk_size", "fields", "limit", "max_steps", "n", "null_size", "plates", "size",
+                    "tile", "steps_per_s")
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    """``--limit 0``, ``--fields -1``, ``--batch-size 0``... are one line, before anything runs (they used to
+    run on empty input, loop forever or fail deep inside with a traceback)."""
+    for dest in POSITIVE_OPTIONS:
+        v = getattr(args, dest, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not v > 0:
+            raise UserError(f"--{dest.replace('_', '-')} must be greater than 0, got {v}")
 
 
 #: Commands whose outputs carry channel names for good: an assumed channel map is refused there.

@@ -72,6 +72,31 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return write_atomic(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
 
 
+def refuse_segmentation_run(path: str | os.PathLike[str] | None, command: str) -> None:
+    """One line when ``path`` (a run folder, or a file inside one) is a ``dinocell segment fit`` run.
+
+    Why here: evaluate / embed / export load a *pretraining* model; given a segmentation run they used
+    to fail on its config ("unknown config key 'model.backbone'"), which does not say what was wrong."""
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    for folder in (p, p.parent, p.parent.parent) if p.exists() else ():
+        cfg = folder / "config.yaml"
+        if not cfg.is_file():
+            continue
+        import yaml
+
+        try:
+            top = yaml.safe_load(cfg.read_text())
+        except (OSError, yaml.YAMLError):
+            return
+        if isinstance(top, dict) and {"task", "infer", "post"} <= set(top):
+            raise UserError(f"{path} is a segmentation run ('dinocell segment fit'), not a pretrained model; "
+                            f"{command} needs a pretraining run folder, .ckpt, .safetensors export, timm folder "
+                            f"or DINOv3 .pth (to use the segmenter: dinocell segment predict {folder} INPUT --out DIR)")
+        return
+
+
 class DiskFullError(UserError):
     """A write failed because the disk (or quota) is full; the message names the file and the bytes."""
 

@@ -60,6 +60,7 @@ def _ls(args: argparse.Namespace) -> int:
     source = open_source(cfg.data, args.path)
     if not args.no_verify:
         source.verify()
+    screen_fields(source, headers=not args.no_verify)
     info = source.describe()
     if args.json:
         print(json.dumps(info))
@@ -87,6 +88,7 @@ def check_source(path: str, data_cfg: Any, steps_per_s: float = 1.0) -> list[str
 
     source = open_source(data_cfg, path)
     source.verify()
+    screen_fields(source)
     rec = source.records[0]
     arr = source.load(rec)
     info = source.describe()
@@ -94,6 +96,46 @@ def check_source(path: str, data_cfg: Any, steps_per_s: float = 1.0) -> list[str
             f"channels:    {format_channel_map(info)}",
             f"decoded:     {rec.key}: {arr.shape[0]} channels of {arr.shape[1]}x{arr.shape[2]}",
             "verdict:     ok"]
+
+
+def screen_fields(source: Any, headers: bool = True) -> list[str]:
+    """Drop (into ``skipped``) the local fields whose channel files disagree in size (from the TIFF
+    headers), or, with ``headers=False`` (``--no-verify``), whose files are empty: both used to be listed
+    as fine and fail only when a run read them.  One ``stat`` / header per file; S3 fields are left to
+    the fetch.  All fields bad -> DataError."""
+    import os
+
+    import numpy as np
+
+    from dinocell.data.decode import image_shape
+    from dinocell.data.field import take_records
+    from dinocell.errors import DataError
+
+    bad: list[str] = []
+    good: list[int] = []
+    for i, rec in enumerate(source.records):
+        local = [(c, p) for c in source.channels if (p := rec.channels.get(c)) and "://" not in p]
+        why = None
+        if headers:
+            shapes = {c: image_shape(p) for c, p in local}
+            sizes = {s for s in shapes.values() if s is not None}
+            if len(sizes) > 1:
+                why = "channels of different sizes: " + ", ".join(
+                    f"{c} {'x'.join(map(str, s))}" for c, s in shapes.items() if s is not None)
+        else:
+            empty = [os.path.basename(p) for _, p in local if os.path.isfile(p) and os.path.getsize(p) == 0]
+            if empty:
+                why = f"{empty[0]}: empty file (0 bytes)"
+        if why:
+            bad.append(f"{rec.key}: {why}")
+        else:
+            good.append(i)
+    if bad and not good:
+        raise DataError(f"no usable field in {getattr(source, 'name', 'the source')}: {bad[0]}")
+    if bad:
+        source.records = take_records(source.records, np.asarray(good, dtype=np.int64))
+        source.skipped.extend(bad)
+    return bad
 
 
 def format_channel_map(info: dict[str, Any]) -> str:

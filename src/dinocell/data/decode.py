@@ -24,6 +24,18 @@ from dinocell.scaling import (  # noqa: F401  (the data sources' scaling; re-exp
     scale_range,
 )
 
+#: Smallest field side accepted (px): below it no crop, tile or patch grid is meaningful (a 1x1 "image"
+#: is a broken export, not a field).
+MIN_SIDE = 8
+
+
+def _plane_problem(shape: Sequence[int]) -> str | None:
+    """Why a plane of ``shape`` cannot be a field, or None."""
+    dims = [int(d) for d in shape if int(d) != 1] if len(shape) > 2 else [int(d) for d in shape]
+    if len(dims) == 2 and min(dims) < MIN_SIDE:
+        return f"{dims[0]}x{dims[1]} px, smaller than {MIN_SIDE} px"
+    return None
+
 
 def read_image(src: str | os.PathLike[str] | bytes) -> np.ndarray:
     """Decode a TIFF (or PNG) into a 2-D uint8/uint16 array.  Corrupt data -> DataError."""
@@ -49,20 +61,41 @@ def read_image(src: str | os.PathLike[str] | bytes) -> np.ndarray:
         arr = arr[0]
     if arr.ndim != 2:
         raise DataError(f"image {name} has shape {arr.shape}; expected one 2-D plane per channel file")
+    if (why := _plane_problem(arr.shape)) is not None:
+        raise DataError(f"image {name} is {why}")
     if arr.dtype not in (np.uint8, np.uint16):
         if np.issubdtype(arr.dtype, np.floating):
+            if not np.isfinite(arr).all():
+                raise DataError(f"image {name} holds NaN or infinite pixels")
             return arr.astype(np.float32)
         arr = np.clip(arr, 0, 65535).astype(np.uint16)
     return arr
 
 
+def image_shape(path: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """A TIFF's first-plane shape from its header (no decode); None when it cannot be read or is no TIFF."""
+    import tifffile
+
+    name = os.fspath(path)
+    if not name.lower().endswith((".tif", ".tiff")):
+        return None
+    try:
+        with tifffile.TiffFile(name) as tf:
+            return tuple(int(d) for d in tf.pages[0].shape if int(d) != 1) if tf.pages else None
+    except Exception:
+        return None
+
+
 def check_image(path: str | os.PathLike[str]) -> str | None:
-    """Cheap readability check (header and first IFD only, no decode): None if fine, else the reason."""
+    """Cheap readability check (header and first IFD only; float TIFFs are decoded to look for NaN):
+    None if fine, else the reason (missing, empty, truncated, smaller than :data:`MIN_SIDE`, NaN)."""
     import tifffile
 
     name = os.fspath(path)
     if not os.path.exists(name):
         return "file not found"
+    if os.path.getsize(name) == 0:
+        return "empty file (0 bytes)"
     if not name.lower().endswith((".tif", ".tiff")):
         return None
     try:
@@ -73,6 +106,10 @@ def check_image(path: str | os.PathLike[str]) -> str | None:
             end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=False)), default=0)
             if end > os.path.getsize(name):
                 return "truncated file"
+            if (why := _plane_problem(page.shape)) is not None:
+                return why
+            if np.issubdtype(page.dtype, np.floating) and not np.isfinite(page.asarray()).all():
+                return "NaN or infinite pixels"  # float TIFFs are rare: decoding them here is affordable
     except Exception as e:
         return f"unreadable TIFF ({type(e).__name__})"
     return None

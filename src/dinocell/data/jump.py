@@ -213,17 +213,60 @@ def _folder(values: pd.Series) -> pd.Series:
     return v.where(v.eq("") | v.str.endswith("/"), v + "/")
 
 
+#: Columns ``dinocell embed`` writes into its profile tables: a load_data column of that name would clash.
+RESERVED_METADATA = ("Metadata_FieldIndex", "Metadata_PatchIndex")
+_MISSING = ("", "nan", "none", "<na>")
+
+
+def _text(values: pd.Series) -> pd.Series:
+    """A column as plain strings, missing cells (NaN, None, <NA>, "nan") as ``""``.
+
+    Why: pandas 3 reads text as a nullable string dtype, whose missing cells ``factorize`` codes as -1;
+    an all-empty ``Metadata_*`` column then indexed an empty category list (IndexError in every command)."""
+    v = values.astype(object).where(values.notna(), "").astype(str).str.strip()
+    return v.where(~v.str.lower().isin(_MISSING), "")
+
+
+def _row_list(mask: np.ndarray, limit: int = 3) -> str:
+    """``row 5`` / ``rows 2, 3, 9 and 4 more`` (table line numbers: 1-based, after the header line)."""
+    rows = np.flatnonzero(mask)[:limit] + 2
+    more = int(mask.sum()) - len(rows)
+    return ("row " if mask.sum() == 1 else "rows ") + ", ".join(str(r) for r in rows) + \
+        (f" and {more} more" if more > 0 else "")
+
+
 def fields_from_load_data(df: pd.DataFrame, root: str | None = None) -> FieldIndex:
-    """Fields of a load_data table (vectorised); ``root`` replaces the PathName folders."""
+    """Fields of a load_data table (vectorised); ``root`` replaces the PathName folders.
+
+    Refused with one line: a row without plate or well, a site that is not a whole number >= 0, two rows
+    with the same (plate, well, site) that name different images (they would collapse into one field
+    silently), and the columns ``dinocell embed`` writes.  Identical repeated rows (a CytoTable
+    single-cell table repeats its image row per cell) collapse into one field."""
     names = load_data_channels(df)
     n = len(df)
+    clash = [c for c in RESERVED_METADATA if c in df.columns]
+    if clash:
+        raise DataError(f"load_data column {clash[0]} is reserved (dinocell embed writes it into profiles); "
+                        "rename or drop it")
 
     def col(name: str, default: str) -> pd.Series:
-        return df[name].astype(str) if name in df.columns else pd.Series([default] * n, index=df.index)
+        return _text(df[name]) if name in df.columns else pd.Series([default] * n, index=df.index)
 
-    plate_codes, plates = pd.factorize(col("Metadata_Plate", "plate"))
-    well_codes, wells = pd.factorize(col("Metadata_Well", "A01"))
-    site = pd.to_numeric(col("Metadata_Site", "1"), errors="coerce").fillna(1).astype(np.int64).to_numpy()
+    plate_s, well_s, site_s = col("Metadata_Plate", "plate"), col("Metadata_Well", "A01"), col("Metadata_Site", "1")
+    for what, s in (("Metadata_Plate", plate_s), ("Metadata_Well", well_s), ("Metadata_Site", site_s)):
+        empty = (s == "").to_numpy()
+        if empty.any():
+            raise DataError(f"load_data {_row_list(empty)}: empty {what}; every field needs a "
+                            "plate, a well and a site (fill them in or drop those rows)")
+    site_f = pd.to_numeric(site_s, errors="coerce").to_numpy(dtype=float)
+    bad_site = ~np.isfinite(site_f) | (site_f < 0) | (site_f != np.round(site_f))
+    if bad_site.any():
+        first = site_s.to_numpy()[np.flatnonzero(bad_site)[0]]
+        raise DataError(f"load_data {_row_list(bad_site)}: Metadata_Site {first!r}; sites are whole "
+                        "numbers >= 0")
+    plate_codes, plates = pd.factorize(plate_s)
+    well_codes, wells = pd.factorize(well_s)
+    site = site_f.astype(np.int64)
     folders = pd.concat([_folder(pd.Series([root] * n, index=df.index)) if root is not None
                          else _folder(col(f"PathName_Orig{c}", "")) for c in names])
     folder_codes, folder_names = pd.factorize(folders)
@@ -232,23 +275,44 @@ def fields_from_load_data(df: pd.DataFrame, root: str | None = None) -> FieldInd
                                    "col": np.zeros(n, np.int64)}
     present = np.zeros(n, dtype=np.int64)
     files: dict[str, pa.Array] = {}
+    fnames: list[pd.Series] = []
     for b, c in enumerate(names):
         fname = col(f"FileName_Orig{c}", "")
-        ok = ~fname.str.lower().isin(["", "nan", "none"]).to_numpy()
+        ok = (fname != "").to_numpy()
         present |= ok.astype(np.int64) << b
-        files[c] = pa.array(fname.where(ok, "").tolist(), type=pa.string())
+        files[c] = pa.array(fname.tolist(), type=pa.string())
         cols[f"d:{c}"] = folder_codes[b * n:(b + 1) * n]
+        fnames.append(fname)
+    _refuse_collapsing_rows(plate_s, well_s, site, fnames)
     cols["present"] = present
     cats = {"plate": list(plates), "well": list(wells), "folder": list(folder_names)}
     meta = [c for c in df.columns if c.startswith("Metadata_") and
             c not in ("Metadata_Plate", "Metadata_Well", "Metadata_Site")]
     for m in meta:
-        codes, values = pd.factorize(df[m].astype(str))
+        codes, values = pd.factorize(_text(df[m]))
         cols[f"m:{m}"] = codes
-        cats[m] = list(values)
+        cats[m] = [str(v) for v in values]
     from_index = FieldIndex({k: np.asarray(v, dtype=np.int64) for k, v in cols.items()}, cats, names,
                             None, files, meta)
     return sort_unique(from_index)
+
+
+def _refuse_collapsing_rows(plate: pd.Series, well: pd.Series, site: np.ndarray, fnames: list[pd.Series]) -> None:
+    """Two rows with one (plate, well, site) must name the same images, else one would vanish."""
+    keys = pd.DataFrame({"p": plate.to_numpy(), "w": well.to_numpy(), "s": site})
+    dup = keys.duplicated(keep=False).to_numpy()
+    if not dup.any():
+        return
+    files = pd.concat([keys] + [f.reset_index(drop=True).rename(f"f{i}") for i, f in enumerate(fnames)], axis=1)
+    sub = files[dup]
+    differ = sub.groupby(["p", "w", "s"], sort=False).nunique().max(axis=1) > 1
+    if differ.any():
+        p, w, s = differ[differ].index[0]
+        rows = np.flatnonzero(dup & (keys["p"] == p).to_numpy() & (keys["w"] == w).to_numpy()
+                              & (keys["s"] == s).to_numpy())
+        raise DataError(f"load_data rows {', '.join(str(r + 2) for r in rows[:3])} are all plate {p} well {w} "
+                        f"site {s} but name different images; they would collapse into one field (is "
+                        "Metadata_Site right?)")
 
 
 def attach_load_data(idx: FieldIndex, table: FieldIndex) -> FieldIndex:

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from dinocell.config import add_config_arguments, allow_intermixed
-from dinocell.paths import check_output_dir
+from dinocell.paths import check_output_dir, refuse_segmentation_run
 
 DATA_HELP = "synthetic (held-out fields; default) | folder | load_data .csv/.parquet | s3://bucket/prefix"
 
@@ -90,6 +90,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     if args.out_dir is not None:
         check_output_dir(args.out_dir)
+    refuse_segmentation_run(args.model, "dinocell evaluate")
     res = evaluate(model=args.model, out_dir=args.out_dir, data=args.data, overrides=args.overrides,
                    labelled=args.labelled, labels_csv=args.labels_csv, limit=args.limit, size=args.size,
                    batch_size=args.batch_size, profiles=args.profiles, null_size=args.null_size, seed=args.seed)
@@ -115,6 +116,7 @@ def _embed(args: argparse.Namespace) -> int:
     model = args.model or args.backbone
     if model is None:
         raise UserError("give a model: a run folder, .ckpt, .safetensors, timm folder or DINOv3 .pth")
+    refuse_segmentation_run(model, "dinocell embed")
     base = None
     if args.config:
         from dinocell.config import load_config

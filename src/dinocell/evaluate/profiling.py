@@ -289,6 +289,22 @@ def _score(meta: pd.DataFrame, feats: np.ndarray, pert: str, neg_diffby: list[st
     }
 
 
+def _numeric_features(profiles: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
+    """``profiles`` with every feature column numeric; a text cell is one line naming column and value."""
+    bad = [c for c in cols if not pd.api.types.is_numeric_dtype(profiles[c])]
+    if not bad:
+        return profiles
+    out = profiles.copy()
+    for c in bad:
+        num = pd.to_numeric(out[c], errors="coerce")
+        wrong = num.isna() & out[c].notna()
+        if wrong.any():
+            raise DataError(f"profile feature column {c} holds text ({out[c][wrong].iloc[0]!r} in row "
+                            f"{int(np.flatnonzero(wrong.to_numpy())[0])}); features must be numbers")
+        out[c] = num
+    return out
+
+
 def replicate_map(
     profiles: pd.DataFrame,
     label_col: str | None = None,
@@ -312,6 +328,11 @@ def replicate_map(
     pert = label_col or perturbation_column(profiles)
     if pert not in profiles.columns:
         raise DataError(f"profiles have no '{pert}' column (needed to define replicates)")
+    if "Metadata_Well" not in profiles.columns:
+        # without wells every row would be its own "well": fields of one well would count as replicates
+        raise DataError("profiles have no Metadata_Well column: replicates are other wells of the same "
+                        "perturbation, so the wells must be known (use the table 'dinocell embed' wrote)")
+    profiles = _numeric_features(profiles, feats_cols)
     if not np.isfinite(profiles[feats_cols].to_numpy(dtype=np.float64)).all():
         raise DataError("profiles contain NaN or infinite feature values")
     df = normalize_profiles(profiles, normalize, spherize)

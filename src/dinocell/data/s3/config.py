@@ -64,9 +64,26 @@ def validate_s3_config(c: Any) -> None:
     if c.endpoint_url and not re.match(r"^https?://", str(c.endpoint_url)):
         raise ConfigError(f"config key 'data.s3.endpoint_url' must start with http:// or https://; "
                           f"got {c.endpoint_url!r}")
+    if c.endpoint_url:
+        _check_endpoint(str(c.endpoint_url))
     unknown = sorted(set(c.filters or {}) - set(FILTER_KEYS))
     if unknown:
         raise ConfigError(f"unknown key '{unknown[0]}' in 'data.s3.filters' (known: {', '.join(FILTER_KEYS)})")
+
+
+def _check_endpoint(url: str) -> None:
+    """A URL botocore can connect to: a host, a valid port, brackets closed (``http://[::1`` used to end
+    in a ValueError traceback from urllib deep inside the client)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+        ok = bool(parts.hostname)
+    except ValueError as e:
+        raise ConfigError(f"config key 'data.s3.endpoint_url' is not a valid URL ({e}): {url!r}") from None
+    if not ok:
+        raise ConfigError(f"config key 'data.s3.endpoint_url' names no host: {url!r}")
 
 
 class AttemptCounter:
@@ -97,6 +114,7 @@ def make_client(s3cfg: Any, pool: int | None = None) -> tuple[Any, AttemptCounte
         "retries": {"mode": "adaptive", "total_max_attempts": int(s3cfg.max_attempts)},  # incl. the first
         "max_pool_connections": int(pool or s3cfg.max_in_flight) + 4,
     }
+    validate_s3_config(s3cfg)  # every client, whichever command built the config (data check did not)
     if s3cfg.endpoint_url:
         kwargs["s3"] = {"addressing_style": "path"}  # MinIO / local servers have no bucket DNS names
     if not s3cfg.sign:
