@@ -317,6 +317,8 @@ def run_embed(
     if source is None:
         source, data_desc, heldout = eval_source(m, data, overrides, base_config)
     tile = int(opts.tile or m.crop_size)
+    if tile < m.preprocess.patch_size:  # field_tiles would quietly raise it and the report would lie
+        raise ConfigError(f"--tile {tile} is below the model's patch size ({m.preprocess.patch_size} px)")
     idx = spread_indices(len(source.records), opts.limit)
     if not len(idx):
         raise DataError("the data source has no fields")
