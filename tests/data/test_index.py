@@ -237,7 +237,7 @@ def test_verify_drops_fields_of_missing_folders_and_unreadable_files(tmp_path: P
     good.mkdir()
     for s in (1, 2, 3):
         for c in ("A", "B"):
-            tifffile.imwrite(good / f"s{s}_{c}.tif", np.ones((4, 4), np.uint16))
+            tifffile.imwrite(good / f"s{s}_{c}.tif", np.ones((8, 8), np.uint16))
         b.add_record("P1", "A01", s, {c: str(good / f"s{s}_{c}.tif") for c in ("A", "B")})
     (good / "s2_B.tif").write_bytes(b"II*\x00broken")
     b.add_record("P1", "A02", 1, {c: str(tmp_path / "gone" / f"x_{c}.tif") for c in ("A", "B")})
@@ -259,7 +259,7 @@ def test_verify_reads_a_spread_sample_of_headers_at_scale(tmp_path: Path, monkey
     b = IndexBuilder()
     for s in range(1, 41):
         path = tmp_path / f"s{s}.tif"
-        tifffile.imwrite(path, np.ones((4, 4), np.uint16))
+        tifffile.imwrite(path, np.ones((8, 8), np.uint16))
         b.add_record("P1", "A01", s, {"A": str(path)})
     src = IndexSource(b.build(), None, "local")
     seen: list[str] = []

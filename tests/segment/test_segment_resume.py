@@ -52,7 +52,7 @@ def test_stop_and_resume_is_bit_exact(straight: Path, tmp_path: Path) -> None:
 
 def test_max_steps_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["segment", "fit", "--output-dir", str(tmp_path / "r"), "--max-steps", "0", *TINY]) == 2
-    assert "--max-steps must be >= 1" in capsys.readouterr().err
+    assert "--max-steps must be greater than 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
