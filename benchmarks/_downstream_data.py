@@ -14,56 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
+from dinocell.segment.fixtures import load_dsb2018, load_pediatric_site  # noqa: F401 (re-exported)
+from dinocell.segment.scale import median_diameter as _median_diameter
+
 FIELD = "r01c01f01p01"
 # Phenix channel numbers of the pediatric site (shared/data/README.md)
 PEDIATRIC_CHANNELS = {1: "Brightfield", 2: "ER", 3: "AGP", 4: "Mito", 5: "DNA", 6: "RNA"}
 
-try:  # the seg helper's loaders (issue 19 part 1)
-    from dinocell.segment.fixtures import load_dsb2018, load_pediatric_site
-except ImportError:  # TEMPORARY: remove once dinocell.segment.fixtures is merged
-    def fill_outlines(rgb: np.ndarray) -> np.ndarray:
-        """Instance labels from CellProfiler outline drawings: the closed regions between outlines,
-        the largest (the background) dropped, outline pixels given to the adjacent object."""
-        from skimage.measure import label
-        from skimage.segmentation import expand_labels
-
-        line = np.asarray(rgb).reshape(rgb.shape[0], rgb.shape[1], -1).max(-1) > 0
-        lab = label(~line, connectivity=1)
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        lab[lab == int(sizes.argmax())] = 0
-        grown = expand_labels(lab, distance=2)
-        grown[(lab == 0) & ~line] = 0
-        from skimage.segmentation import relabel_sequential
-
-        return relabel_sequential(grown)[0].astype(np.uint32)
-
-    def load_pediatric_site(root: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
-        """(channel name -> raw image, nuclei labels, cell labels) of the 6-channel pediatric site."""
-        import tifffile
-
-        root = Path(root)
-        images = {}
-        for k, name in PEDIATRIC_CHANNELS.items():
-            hits = sorted((root / "images").glob(f"*-ch{k}sk*.tif*"))
-            images[name] = tifffile.imread(hits[0])
-        nuclei = fill_outlines(tifffile.imread(next((root / "outlines").glob("Nuclei*.tif*"))))
-        cells = fill_outlines(tifffile.imread(next((root / "outlines").glob("Cells*.tif*"))))
-        return images, nuclei, cells
-
-    def load_dsb2018(root: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(image, human instance labels) of the DSB2018 nuclei fixture."""
-        import tifffile
-
-        root = Path(root)
-        return tifffile.imread(root / "img2d.tif"), tifffile.imread(root / "mask2d.tif").astype(np.uint32)
 
 
 def median_diameter(*labels: np.ndarray) -> float:
-    """Median equivalent-circle diameter (px) of the objects of one or more label images."""
-    areas = np.concatenate([np.bincount(np.asarray(lab).ravel().astype(np.int64))[1:] for lab in labels])
-    areas = areas[areas > 0]
-    return float(np.sqrt(4.0 * np.median(areas) / np.pi)) if areas.size else 0.0
+    """Median equivalent-circle diameter (px) of the objects of one or more label images (0 without any)."""
+    return _median_diameter(labels) or 0.0
 
 
 def write_field(folder: Path, planes: dict[int, np.ndarray], labels: np.ndarray, objects: str) -> Path:

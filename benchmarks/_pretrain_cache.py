@@ -27,7 +27,11 @@ MARKER = "bench_cache.json"
 # iBOT needs two channel views, so it is switched off with them).
 DESIGNS: dict[str, list[str]] = {
     "multiview": [],
-    "single_view": ["data.views.policy=single_view", "loss.ibot_cross_channel=false"],
+    "single_view": ["data.views.policy=single_view", "loss.ibot_cross_channel=false", "loss.dense_cross_weight=0"],
+    # the issue-20 screen: the shipped multiview design minus / with one lever each
+    "no_dense": ["loss.dense_cross_weight=0"],
+    "dense_ibot": ["loss.dense_cross_mode=ibot"],
+    "no_rope_rescale": ["model.rope_rescale_coords=null"],
 }
 
 # Pretraining plumbing that does not change the weights' meaning: no logger, no progress bar, no

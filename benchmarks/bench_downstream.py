@@ -55,6 +55,8 @@ from _downstream_data import (  # noqa: E402
 )
 from _pretrain_cache import DEFAULT_CACHE, parse_design_args, pretrained_run  # noqa: E402
 
+from dinocell.segment.scale import auto_scale  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 SEG_CONFIG = ROOT / "configs" / "segment_synthetic.yaml"
 SHARED = ROOT.parent / "shared" / "data"
@@ -206,8 +208,11 @@ def real_task(heads: Heads, name: str, planes: dict[str, np.ndarray], labels: np
     diameter = median_diameter(labels[:, :w])
     if diameter <= 0:
         raise SystemExit(f"{name}: no labelled object in the training half")
-    scale = heads.synthetic_diameter / max(diameter, 1.0)
-    crop = max(16, min(int(round(64 / scale)), labels.shape[0], w))
+    # the product's rule (segment.scale, `model.input_scale: auto`): objects become `object_patches`
+    # tokens wide; crop, tile and post-processing sizes stay in network pixels, so only the scale is set
+    base = heads.config("DNA", [])
+    scale = auto_scale(diameter, int(base.model.arch.patch_size), float(base.model.object_patches))
+    crop = max(16, min(int(round(base.task.crop_size / scale)), labels.shape[0], w))  # the tile, in field px
     h0, w0 = (labels.shape[0] - crop) // 2, (w - crop) // 2
     numbered = {k: planes[c] for k, c in numbers.items()}
     root = heads.work / "real" / name
@@ -215,12 +220,9 @@ def real_task(heads: Heads, name: str, planes: dict[str, np.ndarray], labels: np
     test = write_field(root / "test", {k: p[:, w:] for k, p in numbered.items()}, labels[:, w:], "nuclei")
     tile = write_field(root / "tile", {k: p[h0:h0 + crop, w0:w0 + crop] for k, p in numbered.items()},
                        labels[h0:h0 + crop, w0:w0 + crop], "nuclei")
-    # post-processing sizes are in input pixels: keep them what they are on the synthetic fields
-    overrides = [f"model.input_scale={scale:.4f}", f"task.crop_size={crop}", f"infer.tile={crop}",
-                 f"post.min_distance={max(1, round(2 / scale))}", f"post.smooth_sigma={1 / scale:.3f}",
-                 f"post.min_size={max(1, round(4 / scale ** 2))}"]
+    overrides = [f"model.input_scale={scale:.4f}"]
     print(f"{name}: {labels.shape[0]}x{labels.shape[1]} px, median nucleus diameter {diameter:.1f} px "
-          f"-> input_scale {scale:.3f}, crop/tile {crop} px", flush=True)
+          f"-> input_scale {scale:.3f} (auto rule), labelled tile {crop} px", flush=True)
     return RealTask(name, train, test, tile, numbers, overrides, diameter, labels[:, w:],
                     {c: p[:, w:] for c, p in planes.items()})
 
