@@ -113,6 +113,7 @@ def test_run_embed_from_export(export_path: Path, tmp_path: Path) -> None:
     wells = pd.read_parquet(tmp_path / "prof" / "wells.parquet")
     assert info["fields"] == 8 and len(fields) == 8 and info["tile"] == 32 and info["geometry"] == "tiles"
     assert info["features"] == 5 * 32 and fields.filter(like="Cells_dinocell_").shape[1] == 160
+    assert info["git_commit"] and info["dinocell_version"]  # profiles say which code made them
     for col in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label", "Metadata_Control",
                 "Metadata_FieldIndex"):
         assert col in fields.columns

@@ -40,6 +40,8 @@ def test_timm_local_dir_gives_the_load_backbone_embedding(run, tmp_path, monkeyp
     assert "[1.0, 99.0] percentiles" in cfg["description"]
     conf = json.loads((out / "config.json").read_text())
     assert conf["model_args"]["patch_size"] == 8 and conf["model_args"]["in_chans"] == 1
+    notes = [n for n in conf["pretrained_cfg"]["notes"] if n.startswith("dinocell_provenance=")]
+    assert len(notes) == 1 and json.loads(notes[0].split("=", 1)[1])["dinocell_version"] == dinocell.__version__
     pre = dinocell.load_model(out).preprocess
     assert (pre.in_chans, pre.patch_size, pre.crop_size) == (1, 8, 32)
     assert pre.scaling.low_percentile == 1.0 and pre.channel_names == CHANNELS

@@ -92,6 +92,7 @@ def test_export_and_load_backbone(tiny_run: tuple[Path, dict], tmp_path: Path,
     side = json.loads(Path(str(out) + ".json").read_text())
     assert side["channel_names"] == ["DNA", "ER", "RNA", "AGP", "Mito"]
     assert side["model"]["patch_size"] == 8 and side["model"]["in_chans"] == 1
+    assert side["dinocell_version"] == dinocell.__version__ and side["git_commit"]  # the code that made it
     model = dinocell.load_backbone(str(out))
     state = load_checkpoint_file(run / "checkpoints" / "last.ckpt")["state_dict"]
     teacher = {k[len("meta.teacher.backbone."):]: v for k, v in state.items()

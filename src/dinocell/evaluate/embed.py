@@ -49,6 +49,7 @@ from dinocell.evaluate.tiling import GEOMETRIES, field_tiles
 from dinocell.models.encode import encode_features
 from dinocell.models.loading import LoadedModel, load_model
 from dinocell.paths import write_text_atomic
+from dinocell.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +370,7 @@ def run_embed(
     info = {"fields": len(fields), "wells": len(wells), "features": len(feat), "skipped": skipped_all,
             "paths": {k: str(v) for k, v in paths.items()}, "tile": tile, "geometry": opts.geometry,
             "view": opts.view, "pool": opts.pool, "model": m.description, "data": str(data_desc),
-            "heldout_fields": heldout}
+            "heldout_fields": heldout, **provenance()}
     write_text_atomic(out / RUN_FILE, json.dumps({"signature": signature, "finished": time.time(), **info}, indent=2))
     return info
 

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from dinocell.models.backbone import DinoBackbone
+from dinocell.provenance import provenance
 
 NOTE_PREFIX = "dinocell_preprocess="
+PROVENANCE_PREFIX = "dinocell_provenance="  # the code that made the export (version, git commit)
 
 
 def describe_scaling(pre: Any) -> str:
@@ -55,7 +57,8 @@ def save_timm(backbone: DinoBackbone, out_dir: str | os.PathLike[str], preproces
         "interpolation": "bilinear",
         "crop_pct": 1.0,
         "description": describe_scaling(preprocess),
-        "notes": (NOTE_PREFIX + json.dumps(pre, sort_keys=True),),
+        "notes": (NOTE_PREFIX + json.dumps(pre, sort_keys=True),
+                  PROVENANCE_PREFIX + json.dumps(provenance(), sort_keys=True)),
     }
     data_config = {"input_size": (c, crop, crop), "mean": (0.0,) * c, "std": (1.0,) * c,
                    "interpolation": "bilinear", "crop_pct": 1.0}

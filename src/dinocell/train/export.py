@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dinocell.errors import UserError
 from dinocell.paths import ensure_free_space, payload_bytes
+from dinocell.provenance import provenance
 
 FORMATS = ("safetensors", "timm")
 
@@ -38,5 +39,6 @@ def export_run(run_or_ckpt: str | os.PathLike[str], out: str | os.PathLike[str],
     if fmt == "timm":
         return save_timm(m.backbone, out, m.preprocess)
     pre = m.preprocess
-    sidecar = {"preprocess": pre.to_dict(), "channel_names": pre.channel_names, "source_run": str(run_or_ckpt)}
+    sidecar = {"preprocess": pre.to_dict(), "channel_names": pre.channel_names, "source_run": str(run_or_ckpt),
+               **provenance()}
     return Path(save_backbone(m.backbone, out, sidecar))
