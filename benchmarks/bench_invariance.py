@@ -26,7 +26,8 @@ import torch
 
 #: every variant starts from the seed's view settings, whatever the config file ships
 SEED_VIEWS = ["data.views.aligned_globals=false", "data.views.mean_global=false",
-              "data.views.scale_batch_to_crops=false", "loss.ibot_cross_channel=false"]
+              "data.views.scale_batch_to_crops=false", "loss.ibot_cross_channel=false",
+              "loss.dense_cross_weight=0"]
 
 VARIANTS: dict[str, list[str]] = {
     "multiview": ["data.views.policy=multiview"],
@@ -34,6 +35,10 @@ VARIANTS: dict[str, list[str]] = {
     "multiview_aligned": ["data.views.policy=multiview", "data.views.aligned_globals=true"],
     "multiview_aligned_cross": ["data.views.policy=multiview", "data.views.aligned_globals=true",
                                 "loss.ibot_cross_channel=true"],
+    # the shipped demo design (issue 20): aligned + cross-channel iBOT + dense cross-channel cosine
+    "multiview_aligned_cross_dense": ["data.views.policy=multiview", "data.views.aligned_globals=true",
+                                      "loss.ibot_cross_channel=true", "loss.dense_cross_weight=1.0",
+                                      "loss.dense_cross_mode=cosine"],
     "pairs": ["data.views.policy=channel_pairs"],
     "pairs_mean_aligned": ["data.views.policy=channel_pairs", "data.views.mean_global=true",
                            "data.views.aligned_globals=true"],
