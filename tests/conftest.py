@@ -25,24 +25,24 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def _fixture(shared_data: Path, relpath: str) -> Path:
+    """One fixture below ../shared/data, or skip naming it when this copy lacks it."""
+    p = shared_data / relpath
+    if not p.exists():
+        pytest.skip(f"{p} missing")
+    return p
+
+
 @pytest.fixture(scope="session")
 def cpg0000_site(shared_data: Path) -> Path:
     """One JUMP cpg0000 site: AGP, RNA, DNA 16-bit LZW TIFFs."""
-    p = shared_data / "jump_cpg0000_BR00117006"
-    if not p.is_dir():
-        pytest.skip(f"{p} missing")
-    return p
+    return _fixture(shared_data, "jump_cpg0000_BR00117006")
 
 
 @pytest.fixture(scope="session")
 def cpg0016_load_data(shared_data: Path) -> Path:
     """A real cpg0016 load_data_with_illum Parquet."""
-    p = shared_data / "jump_cpg0016_load_data" / "BR00126114_load_data_with_illum.parquet"
-    if not p.is_file():
-        pytest.skip(f"{p} missing")
-    return p
-
-
+    return _fixture(shared_data, "jump_cpg0016_load_data/BR00126114_load_data_with_illum.parquet")
 
 
 @pytest.fixture
@@ -54,16 +54,10 @@ def tiny_overrides() -> list[str]:
 @pytest.fixture(scope="session")
 def pediatric_site(shared_data: Path) -> Path:
     """One 6-channel pediatric atlas site with CellProfiler nuclei/cell outlines."""
-    p = shared_data / "pediatric_BR00143976_C03_3"
-    if not p.is_dir():
-        pytest.skip(f"{p} missing")
-    return p
+    return _fixture(shared_data, "pediatric_BR00143976_C03_3")
 
 
 @pytest.fixture(scope="session")
 def dsb2018_nuclei(shared_data: Path) -> Path:
     """One DSB 2018 fluorescence image and its 125 annotated nuclei."""
-    p = shared_data / "dsb2018_nuclei"
-    if not p.is_dir():
-        pytest.skip(f"{p} missing")
-    return p
+    return _fixture(shared_data, "dsb2018_nuclei")
