@@ -236,10 +236,15 @@ class DiagnosticsCallback(L.Callback):
                 log.warning("could not log figure %s to %s: %s: %s", kind, type(lg).__name__, type(e).__name__, e)
 
 
+def _sharded(trainer: Any) -> bool:
+    """FSDP (Lightning's FSDPStrategy, or ModelParallelStrategy carrying dinocell's FSDP2 fully_shard)."""
+    name = type(getattr(trainer, "strategy", None)).__name__.lower()
+    return "fsdp" in name or "modelparallel" in name
+
+
 def _runs_here(trainer: Any) -> bool:
     """Rank 0 does the work; under FSDP every rank must take part in the forward passes."""
-    sharded = "fsdp" in type(getattr(trainer, "strategy", None)).__name__.lower()
-    return bool(trainer.is_global_zero or sharded)
+    return bool(trainer.is_global_zero or _sharded(trainer))
 
 
 def reference_enabled(cfg: Config) -> bool:
@@ -278,6 +283,13 @@ class ReferenceCallback(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if _sharded(trainer):
+            # every rank would have to take the same forward passes in lock-step (one rank skipping a
+            # score deadlocks the all-gather); score the exported teacher with `dinocell evaluate` instead
+            if trainer.is_global_zero:
+                log.warning("the forgetting guard (track.reference) is off under FSDP")
+            self._off = True
+            return
         if trainer.global_step == 0:
             self.score(trainer, pl_module)
 
