@@ -17,8 +17,8 @@ Segmentation heads are trained and scored with ``dinocell.segment`` (``fit``, ``
     S2  synthetic AP50 on ER, RNA, AGP, Mito of the DNA head: primary design / single_view   (>= 1.2)
     PROF copairs mAP vs negcon of held-out synthetic plates, primary design / untrained       (>= 1.05)
 
-Real images are resized (``model.input_scale``) so their median nucleus diameter matches the
-synthetic fields' the backbones were trained on.  ``--smoke`` runs every code path on tiny sizes in
+Real images are resized by the product's own rule (``model.input_scale: auto``: the median nucleus
+diameter of the training half becomes ``model.object_patches`` tokens).  ``--smoke`` runs every code path on tiny sizes in
 about a minute; ``--quick`` is the < 15 min version; the default is the full budget.  Writes
 ``WORK/results.json`` and ``WORK/side_by_side.png`` (pediatric right half: image | truth | prediction
 per channel, DNA-trained head of the primary design).
@@ -108,16 +108,6 @@ class Heads:
 
     def __init__(self, work: Path, mode: Mode, backbones: dict[str, str | None]) -> None:
         self.work, self.mode, self.backbones = work, mode, backbones
-        self.synthetic_diameter = self._synthetic_diameter()
-
-    def _synthetic_diameter(self) -> float:
-        """Median nucleus diameter of the synthetic fields (the scale the backbones were trained at)."""
-        from dinocell.data.synthetic import SyntheticCellPainting
-        from dinocell.segment.config import load_segment_config
-
-        syn = load_segment_config(SEG_CONFIG).data.synthetic
-        gen = SyntheticCellPainting(n_fields=16, size=syn.size, seed=syn.seed)
-        return median_diameter(*(gen.field_and_masks(i)[1]["nuclei"] for i in range(16)))
 
     def config(self, channel: str, overrides: list[str], channel_map: dict[int, str] | None = None) -> Any:
         from dinocell.segment.config import load_segment_config
