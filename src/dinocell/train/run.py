@@ -150,14 +150,15 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     # The held-out wells are decided once per run folder and kept (holdout.txt) for resumes.
     data = DinoCellDataModule(cfg, source, trainer.world_size, read_holdout_file(run_dir) if ckpt_path else None)
     cfg.data.holdout.n_wells, cfg.data.holdout.n_fields = len(data.heldout_wells), len(data.heldout)
+    record = run_record(source)
     if trainer.is_global_zero:
         write_holdout_file(run_dir, data.heldout_wells)
-        save_config(cfg, run_dir, record=run_record(source))
+        save_config(cfg, run_dir, record=record)
     module = DinoCellModule(cfg, data.train_source, data.steps_per_epoch, data.total_steps, data.global_batch)
     if cfg.train.compile:
         module.meta.compile_blocks()  # in place: parameter names (lr decay, checkpoints) unchanged
 
-    evaluator = _Evaluator(cfg, run_dir, data.heldout, run_record(source))
+    evaluator = _Evaluator(cfg, run_dir, data.heldout, record)
     before = evaluator.before(module) if trainer.is_global_zero else None
     diagnostics = next((cb for cb in callbacks if hasattr(cb, "use_fields")), None)
     if diagnostics is not None and evaluator.fields() is not None:  # eval/* scores the summary's fields
