@@ -55,16 +55,31 @@ def test_max_steps_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "--max-steps must be greater than 0" in capsys.readouterr().err
 
 
+_PAUSE_AFTER_STEP_2 = """
+import sys, time
+from dinocell.cli import main
+from dinocell.train.checkpoint import AtomicCheckpointIO
+save = AtomicCheckpointIO.save_checkpoint
+def paused(self, checkpoint, path, storage_options=None):
+    save(self, checkpoint, path, storage_options)
+    if str(path).endswith("step00000002.ckpt"):
+        time.sleep(300)
+AtomicCheckpointIO.save_checkpoint = paused
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.slow
 def test_sigkill_and_resume_is_bit_exact(straight: Path, tmp_path: Path) -> None:
     """A real ``kill -9`` after a step-2 checkpoint, then a rerun, equals the uninterrupted run."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).parents[2] / "src"),
                                                                       os.environ.get("PYTHONPATH", "")) if p)}
-    # a long schedule with the same first steps would differ (cosine horizon), so the killed run has
-    # the same train.steps and is slowed only by being killed as soon as its step-2 checkpoint exists
-    proc = subprocess.Popen([sys.executable, "-m", "dinocell.cli", "segment", "fit", "--output-dir", str(out), *TINY],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # a long schedule with the same first steps would differ (cosine horizon), so the killed run has the
+    # same train.steps; it pauses after writing its step-2 checkpoint (a fast machine would otherwise finish
+    # before the poll sees the file) and is killed during that pause
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSE_AFTER_STEP_2, "segment", "fit", "--output-dir", str(out),
+                             *TINY], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "checkpoints" / "step00000002.ckpt"
     deadline = time.monotonic() + 300
     while proc.poll() is None and not ckpt.is_file() and time.monotonic() < deadline:
