@@ -144,6 +144,62 @@ def test_write_atomic_other_errors_pass_through_without_temp(tmp_path: Path) -> 
     assert write_text_atomic(tmp_path / "b.txt", "ok").read_text() == "ok"
 
 
+def test_write_atomic_unique_temp_names_and_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``unique``: concurrent writers of one file (ranks, threads) each get their own temp name;
+    ``fsync``: the temp file's bytes are synced before the rename."""
+    import threading
+
+    from dinocell import paths
+
+    seen: list[str] = []
+    synced: list[int] = []
+    monkeypatch.setattr(paths.os, "fsync", lambda fd: synced.append(fd))
+    target = tmp_path / "meta.json"
+
+    def write(tmp: Path) -> None:
+        seen.append(tmp.name)
+        tmp.write_text(str(len(seen)))
+
+    paths.write_atomic(target, write, unique=True, fsync=True)
+    worker = threading.Thread(target=paths.write_atomic, args=(target, write), kwargs={"unique": True})
+    worker.start()
+    worker.join()
+    assert seen[0] != seen[1] and all(n.startswith(f".meta.json.{os.getpid()}.") and n.endswith(".tmp") for n in seen)
+    assert len(synced) == 1 and target.read_text() == "2" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
+def test_write_files_atomic_moves_the_named_files_in_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dinocell.paths import DiskFullError, write_files_atomic
+
+    out = tmp_path / "export"
+    order: list[str] = []
+
+    def fill(tmp: Path) -> None:
+        tmp.mkdir()
+        for name in ("weights.bin", "config.json", "scratch.txt"):
+            (tmp / name).write_text(name)
+
+    real_replace = os.replace
+
+    def recording(src: object, dst: object) -> None:
+        order.append(Path(str(dst)).name)
+        real_replace(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", recording)
+        write_files_atomic(out, fill, ("weights.bin", "config.json"))
+    assert order == ["weights.bin", "config.json"]  # the marker of completion last
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "weights.bin"]  # temp folder and extras gone
+
+    def full(tmp: Path) -> None:
+        tmp.mkdir()
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(DiskFullError, match="no space left"):
+        write_files_atomic(out, full, ("weights.bin",))
+    assert (out / "weights.bin").read_text() == "weights.bin" and len(list(out.iterdir())) == 2
+
+
 def test_ensure_free_space_refuses_up_front(tmp_path: Path) -> None:
     from dinocell.paths import DiskFullError, ensure_free_space, free_bytes
 

@@ -77,6 +77,9 @@ class ViewsConfig:
     # steps per epoch stay those of the configured batch (same step count, same compute per run)
     scale_batch_to_crops: bool = False
     global_crop_size: int = 224
+    # the frozen Gram teacher's own undistorted crop of each global crop (loss.gram_weight > 0,
+    # gram_target=gram_teacher); null: 2 x global_crop_size (dinov3 512 for 256); 0: it reads the student's
+    gram_teacher_crop_size: int | None = None
     local_crop_size: int = 96
     n_local_crops: int = 8
     global_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])

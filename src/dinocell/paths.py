@@ -4,8 +4,8 @@ A shared leaf (like :mod:`dinocell.config` and :mod:`dinocell.errors`): every la
 Without these checks a user finds out after minutes of work, from a traceback, that the output folder
 is an existing file, that the disk location is read-only, or that ``--out`` names a folder.
 
-It also holds the one atomic writer (:func:`write_atomic`, :func:`write_text_atomic`): temp file +
-rename, and a full disk (``ENOSPC``, or torch's / safetensors' wrapped versions of it) becomes one
+It also holds the one atomic writer (:func:`write_atomic`, :func:`write_text_atomic`, and
+:func:`write_files_atomic` for a writer that fills a folder): temp file + rename, and a full disk (``ENOSPC``, or torch's / safetensors' wrapped versions of it) becomes one
 :class:`DiskFullError` line naming the file and the bytes it needs, with the temp file removed and the
 last complete file untouched.
 """
@@ -16,6 +16,7 @@ import errno
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -64,12 +65,12 @@ def check_output_file(path: str | os.PathLike[str], what: str = "output file") -
     return p
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+def write_text_atomic(path: str | os.PathLike[str], text: str, *, unique: bool = False, fsync: bool = False) -> Path:
     """Write ``text`` to ``path`` through ``<name>.tmp`` + ``os.replace``: a killed process never leaves
     a half-written summary, config or manifest behind (the parent folder is created if needed); a full
-    disk is one :class:`DiskFullError` line (see :func:`write_atomic`)."""
+    disk is one :class:`DiskFullError` line (see :func:`write_atomic`, also for ``unique`` and ``fsync``)."""
     data = text.encode()
-    return write_atomic(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data), needed=len(data), unique=unique, fsync=fsync)
 
 
 def refuse_segmentation_run(path: str | os.PathLike[str] | None, command: str) -> None:
@@ -177,18 +178,25 @@ def ensure_free_space(path: str | os.PathLike[str], needed: int, margin: float =
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], object],
-                 needed: int | None = None) -> Path:
+                 needed: int | None = None, *, unique: bool = False, fsync: bool = False) -> Path:
     """Call ``write(tmp)`` for ``<path>.tmp`` and rename it to ``path``.
 
     Any failure removes the temp file and leaves an earlier ``path`` untouched; a full disk becomes one
     :class:`DiskFullError` naming ``path`` and ``needed`` bytes (or what was written before it failed),
-    so the CLI prints one line and exits 2 instead of a torch / safetensors traceback.
+    so the CLI prints one line and exits 2 instead of a torch / safetensors traceback.  ``unique``: the temp
+    name is ``.<name>.<pid>.<thread>.tmp``, for files that several processes or threads may write at once
+    (the last rename wins, none reads another's half).  ``fsync``: the bytes reach the disk before the
+    rename (files a cluster job's later reader trusts after a node crash).
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
+    tmp = (p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp") if unique
+           else p.with_name(p.name + ".tmp"))
     try:
         write(tmp)
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, p)
     except BaseException as e:
         written = None
@@ -201,6 +209,30 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], object],
             raise disk_full_error(p, needed, e, written) from None
         raise
     return p
+
+
+def write_files_atomic(folder: str | os.PathLike[str], write: Callable[[Path], object],
+                       names: Iterable[str]) -> Path:
+    """Call ``write(tmp_dir)`` for a writer that fills a folder (e.g. Hugging Face's ``save_for_hf``), then
+    move each of ``names`` into ``folder`` by rename, in order: the last name marks the set complete, and
+    an earlier set stays whole until its files are replaced one by one.  The temp folder (``.tmp-<pid>``
+    inside ``folder``, so the renames stay on one disk) is removed whatever happens; a full disk is one
+    :class:`DiskFullError` line."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        for name in names:
+            os.replace(tmp / name, out / name)
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full_error(out, None, e) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def remove_temp_files(outputs: Iterable[str | os.PathLike[str]], since: float,

@@ -9,34 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from dinocell.config import ModelConfig, load_config
+from dinocell.config import load_config
 from dinocell.errors import DataError, UserError
 from dinocell.evaluate import embed as E
 from dinocell.evaluate import profile_table as T
-from dinocell.evaluate.tiling import field_tiles, tile_starts
+from dinocell.evaluate.tiling import field_tiles
 from dinocell.models.loading import LoadedModel, Preprocess
 
 SYNTH = ["data.synthetic.n_fields=8", "data.synthetic.size=32", "data.synthetic.sites_per_well=2",
          "data.synthetic.wells_per_plate=4"]
-
-
-@pytest.fixture(scope="module")
-def export_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dinocell.models.backbone import build_backbone, save_backbone
-
-    torch.manual_seed(0)
-    bb = build_backbone(ModelConfig(embed_dim=32, depth=2, num_heads=2, patch_size=8, layerscale_init=0.5),
-                        img_size=32)  # LayerScale 0.5: the embedding depends on the input
-    out = tmp_path_factory.mktemp("model") / "export" / "backbone.safetensors"
-    save_backbone(bb, out, {"preprocess": Preprocess(patch_size=8, crop_size=32,
-                                                     channel_names=["DNA", "ER", "RNA", "AGP", "Mito"]).to_dict()})
-    return out
-
-
-def test_tile_starts_cover_exactly_or_with_even_overlap() -> None:
-    assert tile_starts(96, 32) == [0, 32, 64]  # exact tiling
-    assert tile_starts(100, 32) == [0, 23, 45, 68]  # 4 tiles, last one flush with the edge
-    assert tile_starts(20, 32) == [0]
 
 
 def test_field_tiles_never_resize_and_keep_non_square() -> None:

@@ -7,24 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from dinocell.cli import main
-from dinocell.config import ModelConfig
 
 SYNTH = ["data.synthetic.n_fields=8", "data.synthetic.size=32", "data.synthetic.sites_per_well=1",
          "data.synthetic.wells_per_plate=8", "data.synthetic.n_plates=1", "data.synthetic.n_classes=2"]
-
-
-@pytest.fixture(scope="module")
-def export_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dinocell.models.backbone import build_backbone, save_backbone
-
-    torch.manual_seed(0)
-    bb = build_backbone(ModelConfig(embed_dim=32, depth=2, num_heads=2, patch_size=8), img_size=32)
-    out = tmp_path_factory.mktemp("model") / "backbone.safetensors"
-    save_backbone(bb, out, {"views": {"global_crop_size": 32}})
-    return out
 
 
 def test_embed_then_evaluate_profiles(export_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

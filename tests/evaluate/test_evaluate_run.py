@@ -8,26 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-from dinocell.config import ModelConfig
 from dinocell.errors import DataError, UserError
 from dinocell.evaluate import run as R
 from dinocell.evaluate.consistency import channel_consistency
 
 SYNTH = ["data.synthetic.n_fields=16", "data.synthetic.size=32", "data.synthetic.sites_per_well=2",
          "data.synthetic.wells_per_plate=4", "data.synthetic.n_classes=2"]
-
-
-@pytest.fixture(scope="module")
-def export_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dinocell.models.backbone import build_backbone, save_backbone
-
-    torch.manual_seed(0)
-    bb = build_backbone(ModelConfig(embed_dim=32, depth=2, num_heads=2, patch_size=8), img_size=32)
-    out = tmp_path_factory.mktemp("model") / "export" / "backbone.safetensors"
-    save_backbone(bb, out, {"views": {"global_crop_size": 32}})
-    return out
 
 
 def _png(path: Path) -> np.ndarray:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dinocell.segment.config import PostprocessConfig
-from dinocell.segment.infer import blend_window, sliding_window, tile_starts
+from dinocell.segment.infer import blend_window, sliding_window
 from dinocell.segment.metrics import evaluate_pair
 from dinocell.segment.postprocess import instances
 from dinocell.segment.targets import distance_map, flow_field, make_targets
@@ -56,14 +56,6 @@ def test_instances_empty_and_min_size() -> None:
     lab = _discs((32, 32), [(8, 8)], 2) + _discs((32, 32), [(20, 20)], 6) * 2
     pred = instances(distance_map(lab), (lab > 0).astype(np.float32), cfg)
     assert int(pred.max()) == 1 and pred[20, 20] == 1 and pred[8, 8] == 0
-
-
-def test_tile_starts_cover_exactly() -> None:
-    for n, tile, stride in ((1224, 256, 192), (904, 256, 192), (64, 64, 48), (100, 30, 7)):
-        starts = tile_starts(n, tile, stride)
-        assert starts[0] == 0 and starts[-1] == n - tile
-        assert all(b - a <= tile for a, b in zip(starts, starts[1:], strict=False))
-    assert tile_starts(20, 64, 48) == [0]
 
 
 class _Identity(nn.Module):

@@ -26,8 +26,17 @@ def _squares(shape: tuple[int, int], boxes: list[tuple[int, int, int, int]]) -> 
 TRUTH = _squares((40, 40), [(2, 2, 12, 12), (2, 20, 12, 30), (20, 5, 30, 15)])
 
 
-def test_thresholds() -> None:
-    assert THRESHOLDS[0] == 0.5 and THRESHOLDS[-1] == 0.95 and len(THRESHOLDS) == 10
+@pytest.mark.parametrize("rows,hits", [(19, 10), (14, 5), (10, 1), (9, 0)])
+def test_ap_is_the_mean_over_iou_0_5_to_0_95_inclusive(rows: int, hits: int) -> None:
+    """A 20x10 truth against a rows x 10 prediction inside it: IoU rows/20 is a hit at every threshold up to
+    it, edges included (0.95 and 0.5 exactly), so mean AP counts the hits among the ten COCO thresholds."""
+    truth = _squares((24, 12), [(2, 1, 22, 11)])
+    pred = _squares((24, 12), [(2, 1, 2 + rows, 11)])
+    counts = match_counts(truth, pred)
+    assert sorted(counts) == list(THRESHOLDS)
+    assert sum(tp for tp, _, _ in counts.values()) == hits
+    s = scores(counts)
+    assert s["ap"] == pytest.approx(hits / 10) and s["ap50"] == (1.0 if hits else 0.0)
 
 
 def test_perfect() -> None:

@@ -161,6 +161,7 @@ def _teacher(path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd["state_dict"].items() if k.startswith("meta.teacher.")}, sd["global_step"]
 
 
+@pytest.mark.slow  # three trainings in subprocesses
 def test_sigkill_resume_matches_uninterrupted(tmp_path: Path) -> None:
     steps = 30
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))

@@ -37,26 +37,73 @@ def _plane_problem(shape: Sequence[int]) -> str | None:
     return None
 
 
-def read_image(src: str | os.PathLike[str] | bytes) -> np.ndarray:
-    """Decode a TIFF (or PNG) into a 2-D uint8/uint16 array.  Corrupt data -> DataError."""
-    import tifffile
+_TIFF_SUFFIXES = (".tif", ".tiff")
+_OPENCV_SUFFIXES = (".png", ".jpg", ".jpeg")
+_OPENCV_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
-    name = "<bytes>" if isinstance(src, bytes) else os.fspath(src)
-    if not isinstance(src, bytes) and not os.path.exists(name):
-        raise DataError(f"image not found: {name}")
+
+def _is_tiff(src: str | bytes) -> bool:
+    """TIFF by its suffix (a path; no extra read on the training hot path) or by its magic bytes."""
+    if isinstance(src, bytes):
+        return not src.startswith(_OPENCV_MAGIC)
+    low = src.lower()
+    if low.endswith(_TIFF_SUFFIXES) or low.endswith(_OPENCV_SUFFIXES):
+        return low.endswith(_TIFF_SUFFIXES)
+    with open(src, "rb") as f:
+        return f.read(4).startswith(_TIFF_MAGIC)
+
+
+def decode_image(src: str | os.PathLike[str] | bytes, what: str = "image", name: str | None = None) -> np.ndarray:
+    """The one image reader: a file path or its bytes -> the array as stored.
+
+    TIFF through tifffile (any plane count and dtype; LZW needs ``imagecodecs``), PNG / JPEG (or any other
+    format OpenCV reads) through OpenCV, colour as RGB(A) channels-last.  The callers give the array its
+    meaning: :func:`read_image` (one scaled-to-be plane per channel file), ``evaluate.run.read_multichannel``
+    (C, H, W), ``segment.data.read_mask`` (labels, never clipped), the TIFF volume reader.  A missing path ->
+    ``DataError("<what> not found: ...")``; undecodable or empty data -> ``DataError("cannot decode <what> ...")``.
+    """
+    if name is None:
+        name = "<bytes>" if isinstance(src, bytes) else os.fspath(src)
+    data: str | bytes = src if isinstance(src, bytes) else os.fspath(src)
+    if isinstance(data, str) and not os.path.isfile(data):
+        raise DataError(f"{what} not found: {name}")
     try:
-        handle: Any = io.BytesIO(src) if isinstance(src, bytes) else name
-        arr = tifffile.imread(handle)
-    except Exception as e:  # tifffile raises many types on truncated/corrupt files
-        if isinstance(src, bytes) and (src[:8] == b"\x89PNG\r\n\x1a\n" or src[:3] == b"\xff\xd8\xff"):
-            arr = _read_with_cv2(src)
-        elif not isinstance(src, bytes) and name.lower().endswith((".png", ".jpg", ".jpeg")):
-            arr = _read_with_cv2(name)
+        if _is_tiff(data):
+            import tifffile
+
+            arr = np.asarray(tifffile.imread(io.BytesIO(data) if isinstance(data, bytes) else data))
         else:
-            raise DataError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
-    arr = np.asarray(arr)
+            arr = _decode_opencv(data)
+    except Exception as e:  # tifffile and OpenCV raise many types on truncated/corrupt files
+        raise DataError(f"cannot decode {what} {name}: {type(e).__name__}: {e}") from None
     if arr.size == 0:
-        raise DataError(f"cannot decode image {name}: no image data (truncated or corrupt file)")
+        raise DataError(f"cannot decode {what} {name}: no image data (truncated or corrupt file)")
+    return arr
+
+
+def _decode_opencv(src: str | bytes) -> np.ndarray:
+    """PNG / JPEG (8- or 16-bit) from a path or bytes; OpenCV's BGR(A) turned into RGB(A)."""
+    import cv2
+
+    if isinstance(src, bytes):
+        arr = cv2.imdecode(np.frombuffer(src, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    else:
+        arr = cv2.imread(src, cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError("OpenCV cannot read it")
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        arr = np.ascontiguousarray(arr[..., [2, 1, 0, 3][: arr.shape[-1]]])
+    return arr
+
+
+def read_image(src: str | os.PathLike[str] | bytes) -> np.ndarray:
+    """One channel file (TIFF, PNG, JPEG) -> a 2-D uint8/uint16 (or float32) plane; colour becomes its grey
+    mean.  Missing, corrupt, multi-plane, tiny or non-finite images -> DataError."""
+    arr = decode_image(src)
+    name = "<bytes>" if isinstance(src, bytes) else os.fspath(src)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour (H, W, 3|4), whatever the container
+        arr = arr.mean(axis=2).astype(arr.dtype)
     if arr.ndim == 3 and arr.shape[0] == 1:
         arr = arr[0]
     if arr.ndim != 2:
@@ -113,21 +160,6 @@ def check_image(path: str | os.PathLike[str]) -> str | None:
     except Exception as e:
         return f"unreadable TIFF ({type(e).__name__})"
     return None
-
-
-def _read_with_cv2(src: str | bytes) -> np.ndarray:
-    """PNG / JPEG (8- or 16-bit) from a path or bytes; colour images become their grey mean."""
-    import cv2
-
-    if isinstance(src, bytes):
-        arr = cv2.imdecode(np.frombuffer(src, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
-    else:
-        arr = cv2.imread(src, cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise DataError(f"cannot decode image {'<bytes>' if isinstance(src, bytes) else src}")
-    if arr.ndim == 3:
-        arr = arr.mean(axis=2).astype(arr.dtype)
-    return arr
 
 
 def to_unit(raw: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dinocell.data.field import FieldRecord, format_name, well_name
+from dinocell.paths import write_atomic
 
 #: Bump when the file layout changes (older files are then rebuilt).
 INDEX_VERSION = 2
@@ -358,18 +359,16 @@ def write_index(path: str | os.PathLike[str], idx: FieldIndex, info: dict[str, A
     fields = [pa.field(k, pa.from_numpy_dtype(v.dtype)) for k, v in idx.cols.items()]
     fields += [pa.field(f"f:{k}", pa.string()) for k in sorted(idx.files or {})]
     schema = pa.schema(fields, metadata={b"dinocell": json.dumps(header).encode()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with pq.ParquetWriter(tmp, schema) as w:
             for a in range(0, max(1, len(idx)), ROW_GROUP):
                 b = min(len(idx), a + ROW_GROUP)
                 arrays = [pa.array(v[a:b]) for v in idx.cols.values()]
                 arrays += [idx.files[k].slice(a, b - a) for k in sorted(idx.files or {})]  # type: ignore[index]
                 w.write_table(pa.Table.from_arrays(arrays, schema=schema))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomic(path, write, unique=True)  # ranks building one index race: each its own temp file
 
 
 def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:

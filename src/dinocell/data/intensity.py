@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,6 +27,7 @@ import numpy as np
 
 from dinocell.data.decode import scale_field, scale_range
 from dinocell.errors import DataError
+from dinocell.paths import write_text_atomic
 
 #: Pixels kept per channel per sampled field when pooling a plate's statistics (every k-th pixel):
 #: 16 fields x 65k pixels estimate the 0.1/99.9 percentiles of a plate to well under a grey level.
@@ -167,12 +167,7 @@ def write_stats_file(path: str | os.PathLike[str], stats: Mapping[str, PlateStat
     """Merge ``stats`` into the JSON file at ``path`` (atomically: temp file + ``os.replace``)."""
     merged = {k: v.to_dict() for k, v in read_stats_file(path).items()}
     merged.update({k: v.to_dict() for k, v in stats.items()})
-    folder = os.path.dirname(os.fspath(path)) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plate-stats-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(merged, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(merged, indent=1, sort_keys=True), unique=True)
 
 
 __all__ = ["PlateStats", "field_ranges", "fixed_ranges", "plate_statistics", "read_stats_file", "sample_indices",

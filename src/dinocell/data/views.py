@@ -30,6 +30,13 @@ the needed channel(s) inside that box are read (the mean is computed inside the 
 small crop is resized with antialiased bilinear interpolation; intensity augmentations then run on
 the S×S crop.  Nothing touches the full-resolution field as a whole per crop.
 
+Gram anchoring with a frozen Gram teacher (``loss.gram_weight > 0``, ``loss.gram_target=gram_teacher``) adds
+``gram_teacher_crops``: for each global crop, the same box of the same channel with the same flips, resized to
+``data.views.gram_teacher_crop_size`` (default twice the global crop, dinov3's 512 for 256) and *undistorted*
+(no jitter, blur or solarisation; dinov3 ``crops.gram_teacher_no_distortions``).  The Gram teacher reads them
+and its patch grid is resized back to the student's (``MultiViewDINO.forward``).  They take no random draws,
+so a seeded sample's other crops are the same with and without them.
+
 Randomness comes only from the optional ``torch.Generator`` (or torch's default generator), so a
 seeded generator reproduces a sample exactly.
 """
@@ -44,7 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinocell.config import ViewsConfig
+from dinocell.config import LossConfig, ViewsConfig
 from dinocell.errors import ConfigError, DataError
 
 #: Channel id of a crop made from the mean of the fluorescent channels.
@@ -131,6 +138,18 @@ def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[0, 0]
 
 
+def gram_crop_size(views: ViewsConfig, loss: LossConfig) -> int | None:
+    """Side of the Gram teacher's own global crops, or None when there is no frozen Gram teacher to read
+    them (Gram off, ``loss.gram_target=ema``) or ``data.views.gram_teacher_crop_size`` is 0 (the Gram
+    teacher then reads the student's crops).  Unset: twice the global crop, dinov3's 512 for 256."""
+    if loss.gram_weight <= 0 or loss.gram_target != "gram_teacher":
+        return None
+    size = views.gram_teacher_crop_size
+    if size is None:
+        return 2 * views.global_crop_size
+    return size or None
+
+
 def crop_scaled_batch_size(batch_size: int, n_global_crops: int) -> int:
     """Per-device batch that keeps a step's global-crop count that of two globals per sample
     (``data.views.scale_batch_to_crops``): ``batch × 2 / G``, at least 1."""
@@ -147,11 +166,13 @@ class MultiViewAugmentation:
         single_channel_from: ``"fluorescent"`` (default) draws single-channel views uniformly among
             the fluorescent channels; ``"all"`` draws among every channel, brightfield included.
         ratio: aspect-ratio range of the random resized crops.
+        gram_crop_size: side of the undistorted ``gram_teacher_crops`` (:func:`gram_crop_size`); None: none.
 
     Returns from ``__call__`` a dict with ``global_crops`` (``n_global_crops`` tensors ``1×G×G``: 2, or
     3 for ``channel_pairs`` with ``mean_global``, or fluorescent channels + 1 for ``all_channels``),
     ``local_crops`` (``n_local_crops`` tensors ``1×L×L``), ``global_channels`` and ``local_channels``
-    (channel index of each crop, ``-1`` for the mean view) and ``aligned`` (the globals share a box).
+    (channel index of each crop, ``-1`` for the mean view), ``aligned`` (the globals share a box) and, with
+    ``gram_crop_size``, ``gram_teacher_crops`` (one ``1×S×S`` undistorted crop per global crop).
     """
 
     def __init__(
@@ -161,6 +182,7 @@ class MultiViewAugmentation:
         *,
         single_channel_from: str = "fluorescent",
         ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+        gram_crop_size: int | None = None,
     ) -> None:
         if cfg.policy not in _POLICIES:
             raise ConfigError(f"config key 'data.views.policy' must be one of {', '.join(_POLICIES)}; "
@@ -173,6 +195,8 @@ class MultiViewAugmentation:
                 raise ConfigError(f"config key 'data.views.{key}' must be [min, max] with 0<min<=max<=1")
         if cfg.global_crop_size < 1 or cfg.local_crop_size < 1 or cfg.n_local_crops < 0:
             raise ConfigError("config keys 'data.views.*_crop_size' must be >= 1 and n_local_crops >= 0")
+        if gram_crop_size is not None and gram_crop_size < 1:
+            raise ConfigError("config key 'data.views.gram_teacher_crop_size' must be >= 1, 0 (off) or null")
         flags = [bool(f) for f in fluorescent]
         if not any(flags):
             raise DataError(f"multi-view augmentation needs at least one fluorescent channel; "
@@ -191,6 +215,7 @@ class MultiViewAugmentation:
             raise ConfigError(f"data.views.policy={cfg.policy} needs at least two fluorescent channels; "
                               f"this source has {len(self._fluo_idx)}")
         self.aligned = cfg.aligned_globals or cfg.policy == "all_channels"
+        self.gram_crop_size = gram_crop_size
 
     @property
     def n_global_crops(self) -> int:
@@ -205,9 +230,10 @@ class MultiViewAugmentation:
     # ----------------------------------------------------------------------------------------------
     def __repr__(self) -> str:
         c = self.cfg
+        gram = f", gram={self.gram_crop_size}" if self.gram_crop_size else ""
         return (f"MultiViewAugmentation(policy={c.policy}, channels={self.n_channels}, "
                 f"fluorescent={len(self._fluo_idx)}, global={c.global_crop_size}, "
-                f"local={c.n_local_crops}x{c.local_crop_size})")
+                f"local={c.n_local_crops}x{c.local_crop_size}{gram})")
 
     def _pick_channel(self, g: torch.Generator | None) -> int:
         return self._pool[_randint(g, 0, len(self._pool))]
@@ -238,45 +264,56 @@ class MultiViewAugmentation:
             return box[self._fluo_slice].mean(0)
         return box.index_select(0, self._fluo_tensor).mean(0)
 
-    def _aligned_globals(self, field: torch.Tensor, channels: list[int],
-                         g: torch.Generator | None) -> list[torch.Tensor]:
-        """Global crops that share one box and one flip: they differ only in channel and photometry,
-        so patch ``p`` of every crop shows the same cells."""
-        c = self.cfg
+    def _box(self, field: torch.Tensor, scale: Sequence[float], g: torch.Generator | None) -> torch.Tensor:
+        """A random box of every channel (a view of ``field``: only the needed channels are read later)."""
         _, height, width = field.shape
-        top, left, h, w = random_resized_crop_box(height, width, c.global_scale, self.ratio, g)
+        top, left, h, w = random_resized_crop_box(height, width, scale, self.ratio, g)
+        return field[:, top:top + h, left:left + w]
+
+    def _draw_flips(self, g: torch.Generator | None) -> tuple[bool, bool]:
+        c = self.cfg
         hflip = c.hflip_prob > 0 and _uniform(g, 0, 1) < c.hflip_prob
         vflip = c.vflip_prob > 0 and _uniform(g, 0, 1) < c.vflip_prob
-        box = field[:, top:top + h, left:left + w]
+        return hflip, vflip
+
+    @staticmethod
+    def _flip(img: torch.Tensor, flips: tuple[bool, bool]) -> torch.Tensor:
+        if flips[0]:
+            img = img.flip(-1)
+        if flips[1]:
+            img = img.flip(-2)
+        return img
+
+    def _gram_crop(self, image: torch.Tensor, flips: tuple[bool, bool]) -> torch.Tensor:
+        """The Gram teacher's crop: the student's box and flips at ``gram_crop_size``, no photometry."""
+        assert self.gram_crop_size is not None
+        return self._flip(_resize(image, self.gram_crop_size), flips).to(torch.float32).contiguous().unsqueeze(0)
+
+    def _aligned_globals(self, field: torch.Tensor, channels: list[int], g: torch.Generator | None,
+                         gram: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Global crops that share one box and one flip: they differ only in channel and photometry,
+        so patch ``p`` of every crop shows the same cells.  ``gram`` collects their Gram-teacher crops."""
+        c = self.cfg
+        box = self._box(field, c.global_scale, g)
+        flips = self._draw_flips(g)
         crops = []
         for k, ch in enumerate(channels):
-            img = _resize(self._channel_image(box, ch), c.global_crop_size)
-            if hflip:
-                img = img.flip(-1)
-            if vflip:
-                img = img.flip(-2)
+            image = self._channel_image(box, ch)
+            img = self._flip(_resize(image, c.global_crop_size), flips)
             blur_p, solarize_p = self._photometric(k)
             img = self._augment(img, blur_p, solarize_p, g, flips=False)
             crops.append(img.to(torch.float32).contiguous().unsqueeze(0))
+            if gram is not None:
+                gram.append(self._gram_crop(image, flips))
         return crops
-
-    def _crop(self, field: torch.Tensor, channel: int, scale: Sequence[float], size: int,
-              g: torch.Generator | None) -> torch.Tensor:
-        """Cut a random box from the needed channel(s) only, then resize the small crop."""
-        _, height, width = field.shape
-        top, left, h, w = random_resized_crop_box(height, width, scale, self.ratio, g)
-        box = field[:, top:top + h, left:left + w]
-        return _resize(self._channel_image(box, channel), size)
 
     def _augment(self, img: torch.Tensor, blur_p: float, solarize_p: float,
                  g: torch.Generator | None, flips: bool = True) -> torch.Tensor:
         """Flips (unless the caller applied shared ones), brightness/contrast jitter, blur and
         solarisation on one S×S crop (values in [0,1])."""
         c = self.cfg
-        if flips and c.hflip_prob > 0 and _uniform(g, 0, 1) < c.hflip_prob:
-            img = img.flip(-1)
-        if flips and c.vflip_prob > 0 and _uniform(g, 0, 1) < c.vflip_prob:
-            img = img.flip(-2)
+        if flips:
+            img = self._flip(img, self._draw_flips(g))
         if c.jitter_prob > 0 and (c.brightness > 0 or c.contrast > 0) and _uniform(g, 0, 1) < c.jitter_prob:
             b = _uniform(g, max(0.0, 1 - c.brightness), 1 + c.brightness)
             k = _uniform(g, max(0.0, 1 - c.contrast), 1 + c.contrast)
@@ -294,9 +331,15 @@ class MultiViewAugmentation:
         return img
 
     def _view(self, field: torch.Tensor, channel: int, scale: Sequence[float], size: int, blur_p: float,
-              solarize_p: float, g: torch.Generator | None) -> torch.Tensor:
-        img = self._crop(field, channel, scale, size, g)
-        img = self._augment(img, blur_p, solarize_p, g)
+              solarize_p: float, g: torch.Generator | None, gram: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """One crop: a random box of the needed channel(s) only, resized small, then flips and photometry.
+        ``gram`` (global crops with a Gram teacher) collects the same box and flips, undistorted."""
+        image = self._channel_image(self._box(field, scale, g), channel)
+        flips = self._draw_flips(g)
+        img = self._flip(_resize(image, size), flips)
+        img = self._augment(img, blur_p, solarize_p, g, flips=False)
+        if gram is not None:
+            gram.append(self._gram_crop(image, flips))
         return img.to(torch.float32).contiguous().unsqueeze(0)
 
     # ----------------------------------------------------------------------------------------------
@@ -315,20 +358,22 @@ class MultiViewAugmentation:
             field = field.to(torch.float32)
         c, g = self.cfg, generator
         mixed_locals = c.policy != "single_view"
+        gram: list[torch.Tensor] | None = [] if self.gram_crop_size else None
         if c.policy in ("multiview", "single_view") and not self.aligned:
             # The seed's draw order, kept exactly so seeded runs reproduce earlier results.
             ch1 = MEAN_VIEW
-            global1 = self._view(field, ch1, c.global_scale, c.global_crop_size, c.blur_prob_global1, 0.0, g)
+            global1 = self._view(field, ch1, c.global_scale, c.global_crop_size, c.blur_prob_global1, 0.0, g, gram)
             ch2 = self._pick_channel(g) if c.policy == "multiview" else MEAN_VIEW
             global2 = self._view(field, ch2, c.global_scale, c.global_crop_size, c.blur_prob_global2,
-                                 c.solarize_prob_global2, g)
+                                 c.solarize_prob_global2, g, gram)
             global_crops, global_channels = [global1, global2], [ch1, ch2]
         else:
             global_channels = self._global_channels(g)
             if self.aligned:
-                global_crops = self._aligned_globals(field, global_channels, g)
+                global_crops = self._aligned_globals(field, global_channels, g, gram)
             else:
-                global_crops = [self._view(field, ch, c.global_scale, c.global_crop_size, *self._photometric(k), g)
+                global_crops = [self._view(field, ch, c.global_scale, c.global_crop_size, *self._photometric(k), g,
+                                           gram)
                                 for k, ch in enumerate(global_channels)]
         local_crops: list[torch.Tensor] = []
         local_channels: list[int] = []
@@ -340,10 +385,13 @@ class MultiViewAugmentation:
             local_crops.append(self._view(field, ch, c.local_scale, c.local_crop_size, c.blur_prob_local,
                                           0.0, g))
             local_channels.append(ch)
-        return {
+        out: dict[str, Any] = {
             "global_crops": global_crops,
             "local_crops": local_crops,
             "global_channels": global_channels,
             "local_channels": local_channels,
             "aligned": self.aligned,
         }
+        if gram is not None:
+            out["gram_teacher_crops"] = gram
+        return out

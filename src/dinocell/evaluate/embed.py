@@ -48,7 +48,7 @@ from dinocell.evaluate.profiling import aggregate_wells, feature_columns
 from dinocell.evaluate.tiling import GEOMETRIES, field_tiles
 from dinocell.models.encode import encode_features
 from dinocell.models.loading import LoadedModel, load_model
-from dinocell.paths import write_text_atomic
+from dinocell.paths import write_atomic, write_text_atomic
 from dinocell.provenance import provenance
 
 log = logging.getLogger(__name__)
@@ -349,9 +349,7 @@ def run_embed(
         frame, skipped = _embed_chunk(m, source, chunk, opts, tile, writer)
         table = frame if frame is not None else pd.DataFrame({"Metadata_FieldIndex": pd.Series([], dtype="int64")})
         write_text_atomic(parts / f"part_{k:06d}.skipped.json", json.dumps({"skipped": skipped}, indent=2))  # before the part: it marks done
-        tmp = part.with_name(part.name + ".tmp")
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, part)
+        write_atomic(part, lambda tmp, table=table: table.to_parquet(tmp, index=False))
 
     frames, skipped_all = [], []
     for k in range(n_chunks):

@@ -176,17 +176,9 @@ def matrix_figure(matrix: np.ndarray, labels: Sequence[str], title: str, vmin: f
 
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> None:
     """Write ``fig`` as PNG atomically (temp name, then rename)."""
-    from pathlib import Path
+    from dinocell.paths import write_atomic
 
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from dinocell.errors import UserError
 from dinocell.evaluate.profiling import feature_columns, feature_name, metadata_columns
+from dinocell.paths import write_atomic
 
 DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16}
 
@@ -43,18 +44,10 @@ def write_profiles(df: pd.DataFrame, path: str | os.PathLike[str], dtype: str = 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}'; choose fp32 or fp16")
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     feat_cols = feature_columns(df)
     table = df.copy()
     table[feat_cols] = table[feat_cols].astype(DTYPES[dtype])
-    tmp = out.with_name(out.name + ".tmp")
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return write_atomic(out, lambda tmp: table.to_parquet(tmp, index=False))
 
 
 __all__ = ["DTYPES", "INDEX_COLUMNS", "profiles_frame", "write_profiles"]

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dinocell.data.decode import decode_image
 from dinocell.data.field import IMAGE_SUFFIXES
 from dinocell.errors import DataError, UserError
 from dinocell.evaluate.embed import data_config, eval_source
@@ -53,29 +54,8 @@ from dinocell.paths import write_text_atomic
 
 def read_multichannel(path: str | os.PathLike[str]) -> np.ndarray:
     """Any image file -> (C, H, W): 2-D -> 1 channel; (H, W, 3|4) colour -> (3, H, W); (C, H, W) as is."""
-    import tifffile
-
     p = str(path)
-    if not os.path.isfile(p):
-        raise DataError(f"image not found: {p}")
-    arr: Any
-    try:
-        if p.lower().endswith((".tif", ".tiff")):
-            arr = tifffile.imread(p)
-        else:
-            import cv2
-
-            arr = cv2.imread(p, cv2.IMREAD_UNCHANGED)
-            if arr is None:
-                raise ValueError("unreadable")
-            if arr.ndim == 3:
-                arr = cv2.cvtColor(arr[..., :3], cv2.COLOR_BGR2RGB)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"cannot decode image {p}: {type(e).__name__}: {e}") from None
-    arr = np.asarray(arr)
-    arr = np.squeeze(arr)
+    arr = np.squeeze(decode_image(p))
     if arr.ndim == 2:
         arr = arr[None]
     elif arr.ndim == 3 and arr.shape[-1] in (3, 4) and arr.shape[0] not in (3, 4):

@@ -15,33 +15,20 @@ saw, and squashing a non-square field also distorts them.  So nothing is resized
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from dinocell.errors import ConfigError
 from dinocell.models.loading import crop_to_patches
+from dinocell.tiling import tile_starts
 
 GEOMETRIES = ("tiles", "full")
-
-
-def tile_starts(length: int, tile: int) -> list[int]:
-    """Start offsets of ``ceil(length / tile)`` tiles of size ``tile`` covering ``[0, length)``.
-
-    Exact tiling when ``tile`` divides ``length``; otherwise the overlap is spread evenly and the last
-    tile ends at ``length``.  ``tile >= length`` gives one tile at 0.
-    """
-    if tile >= length:
-        return [0]
-    n = math.ceil(length / tile)
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
 def field_tiles(views: torch.Tensor, geometry: str, tile: int, patch: int) -> torch.Tensor:
     """(V, c, H, W) views of one field -> (V, T, c, h, w) model inputs (T tiles per view).
 
     ``full``: T = 1, the field cropped to patch multiples.  ``tiles``: tiles of ``tile`` px (rounded
-    down to the patch size; a side shorter than the tile is used whole) per :func:`tile_starts`.
+    down to the patch size; a side shorter than the tile is used whole) per :func:`dinocell.tiling.tile_starts`.
     """
     if geometry not in GEOMETRIES:
         raise ConfigError(f"unknown geometry '{geometry}'; choose one of {', '.join(GEOMETRIES)}")
@@ -55,4 +42,4 @@ def field_tiles(views: torch.Tensor, geometry: str, tile: int, patch: int) -> to
     return torch.stack(tiles, dim=1)
 
 
-__all__ = ["GEOMETRIES", "field_tiles", "tile_starts"]
+__all__ = ["GEOMETRIES", "field_tiles"]

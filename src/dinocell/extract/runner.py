@@ -30,6 +30,7 @@ from dinocell.errors import ConfigError, DataError
 from dinocell.extract.volumes.config import ExtractionConfig, RandomInitWarning, require_volumes
 from dinocell.extract.volumes.pipeline import extract_volume
 from dinocell.extract.volumes.store import quick_verify, volume_paths, write_json_atomic
+from dinocell.paths import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,10 @@ def _write_error(output_dir: str, index: int, exc: BaseException | None, message
     """Write ``logs/volume_NNNNNN.err`` (traceback, then the one-line summary last) and return it."""
     line = message.strip().splitlines()[0] if message.strip() else "unknown error"
     err = volume_paths(output_dir, index)["error"]
-    err.parent.mkdir(parents=True, exist_ok=True)
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if exc is not None else ""
     text = (f"volume {index} failed on {socket.gethostname()} at "
             f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}\n{tb}{line}\n")
-    tmp = err.with_name(err.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, err)
+    write_text_atomic(err, text)
     return line
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from dinocell.paths import write_text_atomic
+
 #: Organelle classes of the synthetic volumes, in painting order.
 SYNTH_CLASSES = ("nucleus", "mito", "vesicle")
 
@@ -291,12 +293,9 @@ def write_synthetic_dataset(out_dir: str | os.PathLike[str], n_volumes: int = 4,
     import yaml
 
     manifest = out / manifest_name
-    tmp = manifest.with_name(manifest.name + ".tmp")
-    tmp.write_text(yaml.safe_dump({"volumes": entries, "synthetic": {
+    return write_text_atomic(manifest, yaml.safe_dump({"volumes": entries, "synthetic": {
         "n_volumes": n_volumes, "shape": list(shape), "seed": seed, "format": fmt,
         "resolution": res.tolist()}}, sort_keys=False))
-    os.replace(tmp, manifest)
-    return manifest
 
 
 def synthetic_edge_for(output_image_dim: int) -> int:

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dinocell.errors import ConfigError, DataError, UserError
+from dinocell.paths import payload_bytes, write_atomic, write_text_atomic
 
 EXPORT_FORMAT = "dinocell-backbone"
 EXPORT_VERSION = 1
@@ -429,16 +430,6 @@ def load_official_weights(backbone: DinoBackbone, path: str | os.PathLike[str]) 
 # ---------------------------------------------------------------------------------------- export
 
 
-def _atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_backbone(
     backbone: DinoBackbone, path: str | os.PathLike[str], sidecar: Mapping[str, Any] | None = None
 ) -> Path:
@@ -462,8 +453,9 @@ def save_backbone(
     meta = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "model": dict(backbone.arch), **extra}
     text = json.dumps(meta, indent=2, default=str)  # fail before writing anything if not serialisable
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": EXPORT_FORMAT}))
-    _atomic(Path(f"{out}.json"), lambda tmp: tmp.write_text(text))
+    write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": EXPORT_FORMAT}),
+                 needed=payload_bytes(tensors))
+    write_text_atomic(Path(f"{out}.json"), text)
     return out
 
 

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from dinocell.models.backbone import DinoBackbone
+from dinocell.paths import write_files_atomic
 from dinocell.provenance import provenance
 
 NOTE_PREFIX = "dinocell_preprocess="
@@ -62,16 +62,9 @@ def save_timm(backbone: DinoBackbone, out_dir: str | os.PathLike[str], preproces
     }
     data_config = {"input_size": (c, crop, crop), "mean": (0.0,) * c, "std": (1.0,) * c,
                    "interpolation": "bilinear", "crop_pct": 1.0}
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_for_hf(backbone.model, str(tmp), model_config={"pretrained_cfg": pretrained_cfg},
-                    safe_serialization=True, data_config=data_config)
-        for name in ("model.safetensors", "config.json"):  # weights first: config.json marks completion
-            os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_files_atomic(out, lambda tmp: save_for_hf(backbone.model, str(tmp), model_config={"pretrained_cfg": pretrained_cfg},
+                                                    safe_serialization=True, data_config=data_config),
+                       ("model.safetensors", "config.json"))  # weights first: config.json marks completion
     return out
 
 

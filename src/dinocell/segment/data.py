@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dinocell.data.decode import decode_image
 from dinocell.data.field import FieldRecord
 from dinocell.data.sources import FieldSource, SyntheticSource
 from dinocell.data.synthetic import mask_file_name
@@ -81,26 +82,7 @@ def _warn_binary(name: str) -> None:
 
 def read_mask(path: str, on_binary: Callable[[str], None] | None = None) -> np.ndarray:
     """Read a label image (uint16/uint32 TIFF or PNG) without clipping the label range."""
-    import tifffile
-
-    if not os.path.exists(path):
-        raise DataError(f"mask not found: {path}")
-    try:
-        arr = tifffile.imread(path) if path.lower().endswith((".tif", ".tiff")) else _read_png(path)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"cannot decode mask {path}: {type(e).__name__}: {e}") from None
-    return as_instances(arr, path, on_binary)
-
-
-def _read_png(path: str) -> np.ndarray:
-    import cv2
-
-    arr = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if arr is None:
-        raise DataError(f"cannot decode mask {path}")
-    return arr
+    return as_instances(decode_image(path, "mask"), path, on_binary)
 
 
 def _stems(rec: FieldRecord) -> list[str]:

@@ -16,14 +16,7 @@ import torch
 
 from dinocell.segment.model import SegmentationNet, activate
 from dinocell.segment.scale import field_px, scaled_post
-
-
-def tile_starts(n: int, tile: int, stride: int) -> list[int]:
-    """Start offsets covering ``[0, n)`` with tiles of ``tile`` (<= n) every ``stride`` px."""
-    if tile >= n:
-        return [0]
-    starts = list(range(0, n - tile, max(1, stride)))
-    return starts + [n - tile]
+from dinocell.tiling import tile_starts
 
 
 def blend_window(h: int, w: int, floor: float = 0.05) -> np.ndarray:

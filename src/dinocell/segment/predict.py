@@ -24,6 +24,7 @@ from dinocell.data.field import IMAGE_SUFFIXES
 from dinocell.data.sources import FieldSource, open_source
 from dinocell.errors import DataError
 from dinocell.evaluate.embed import HELD_OUT_SEED_OFFSET  # unseen synthetic fields, as `evaluate` uses
+from dinocell.paths import write_atomic
 from dinocell.segment.config import SegmentConfig
 from dinocell.segment.data import MEAN, MaskFinder, input_plane, iter_annotated
 from dinocell.segment.infer import segment_image
@@ -67,10 +68,8 @@ def _safe(text: str) -> str:
 def _write_tiff(path: Path, labels: np.ndarray) -> None:
     import tifffile
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tifffile.imwrite(tmp, labels.astype(label_dtype(int(labels.max()) if labels.size else 0)), compression="zlib")
-    os.replace(tmp, path)
+    data = labels.astype(label_dtype(int(labels.max()) if labels.size else 0))
+    write_atomic(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib"), unique=True)
 
 
 def predict(net: SegmentationNet, cfg: SegmentConfig, inputs: list[str], out: str | os.PathLike[str],

@@ -40,7 +40,7 @@ from dinocell.errors import ConfigError, UserError
 from dinocell.evaluate import plots
 from dinocell.evaluate.heldout import FIGURES as EVAL_FIGURES
 from dinocell.evaluate.heldout import HeldoutFields, HeldoutResult, measure, primary, training_preprocess
-from dinocell.paths import write_text_atomic
+from dinocell.paths import write_atomic, write_text_atomic
 from dinocell.track import diagnostics as dg
 
 log = logging.getLogger(__name__)
@@ -225,9 +225,7 @@ class DiagnosticsCallback(L.Callback):
         path = self.fig_dir / f"{kind}_step{step:06d}.png"
         plots.save_figure(fig, path)
         latest = self.fig_dir / f"{kind}_latest.png"
-        tmp = latest.with_name(latest.name + ".tmp")
-        shutil.copyfile(path, tmp)
-        tmp.replace(latest)
+        write_atomic(latest, lambda tmp: shutil.copyfile(path, tmp))
         self.saved.append(path)
         for lg in trainer.loggers:
             try:

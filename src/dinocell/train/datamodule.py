@@ -31,7 +31,7 @@ from dinocell.config import Config
 from dinocell.data.holdout import resolve_wells, split_source, subset_source
 from dinocell.data.masking import collate_multiview
 from dinocell.data.sources import FieldDataset, FieldSource
-from dinocell.data.views import MultiViewAugmentation, crop_scaled_batch_size
+from dinocell.data.views import MultiViewAugmentation, crop_scaled_batch_size, gram_crop_size
 from dinocell.errors import ConfigError, DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -184,11 +184,13 @@ def build_views(cfg: Config, fluorescent: list[bool], high_res: bool = False) ->
     if high_res:
         views = replace(views, global_crop_size=cfg.train.high_global_crop_size,
                         local_crop_size=cfg.train.high_local_crop_size)
-    for key, size in (("global_crop_size", views.global_crop_size), ("local_crop_size", views.local_crop_size)):
+    gram = gram_crop_size(views, cfg.loss)
+    for key, size in (("global_crop_size", views.global_crop_size), ("local_crop_size", views.local_crop_size),
+                      ("gram_teacher_crop_size", gram or 0)):
         if size % cfg.model.patch_size:
             raise ConfigError(f"config key 'data.views.{key}' ({size}) must be a multiple of "
                               f"model.patch_size ({cfg.model.patch_size})")
-    return MultiViewAugmentation(views, fluorescent)
+    return MultiViewAugmentation(views, fluorescent, gram_crop_size=gram)
 
 
 def steps_per_epoch(cfg: Config, n_fields: int, world_size: int = 1) -> int:

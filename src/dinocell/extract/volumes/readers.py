@@ -8,7 +8,6 @@ raw and label arrays that live on different grids.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from dinocell.data.decode import decode_image
 from dinocell.errors import DataError
 from dinocell.extract.volumes.config import TIFF_SUFFIXES, S3Options
 
@@ -228,24 +228,14 @@ def open_volume_array(uri: str, target: np.ndarray | None = None, s3: S3Options 
         target if target is not None else np.ones(3))
     default_trans = np.asarray(offset, float) if offset is not None else np.zeros(3)
     if uri.lower().endswith(TIFF_SUFFIXES):
-        import tifffile
-
-        try:
-            if uri.startswith("s3://"):
-                parent, _, key = uri.rpartition("/")
-                raw = _read_key(parent, key, s3)
-                if raw is None:
-                    raise DataError(f"TIFF stack not found: {uri}")
-                arr = tifffile.imread(io.BytesIO(raw))
-            else:
-                if not Path(uri).is_file():
-                    raise DataError(f"TIFF stack not found: {uri}")
-                arr = tifffile.imread(uri)
-        except DataError:
-            raise
-        except Exception as e:
-            raise DataError(f"cannot read TIFF stack {uri}: {e}") from None
-        arr = np.asarray(arr)
+        if uri.startswith("s3://"):
+            parent, _, key = uri.rpartition("/")
+            raw = _read_key(parent, key, s3)
+            if raw is None:
+                raise DataError(f"TIFF stack not found: {uri}")
+            arr = decode_image(raw, "TIFF stack", name=uri)
+        else:
+            arr = decode_image(uri, "TIFF stack")
         while arr.ndim > 3 and arr.shape[0] == 1:
             arr = arr[0]
         if arr.ndim != 3:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from dinocell.extract.volumes.config import (
     STORES,
     ExtractionConfig,
 )
+from dinocell.paths import write_text_atomic
 
 #: Feature channels per chunk of the patch store: 64 x 64 x 8 x 8 float16 = 512 KiB for ViT-S/16 at 128^3.
 PATCH_CHANNEL_CHUNK = 64
@@ -144,15 +144,9 @@ def dir_size_bytes(path: str | os.PathLike[str]) -> int:
 
 
 def write_json_atomic(path: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    """Write JSON to a temp name, fsync, then ``os.replace``: readers never see a partial file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)
+    """Write JSON to a per-process temp name, fsync, then rename: readers never see a partial file, and
+    concurrent writers of one volume's metadata never share a temp file."""
+    write_text_atomic(path, json.dumps(data, indent=2), unique=True, fsync=True)
 
 
 def read_metadata(output_dir: str | os.PathLike[str], index: int) -> dict[str, Any] | None:
