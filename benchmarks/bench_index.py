@@ -183,12 +183,14 @@ def warm_s3_index(n_fields: int, path: Path) -> str:
     """Write a warm S3 index of ``n_fields`` fields the way a first listing would; returns its URI."""
     from dinocell.data import jump
     from dinocell.data.index import write_index
-    from dinocell.data.s3.discovery import index_ident
+    from dinocell.data.s3.discovery import index_ident, table_list_file
 
     idx, _, _ = build(max(1, round(n_fields / FIELDS_PER_PLATE)))
     uri = f"s3://cellpainting-gallery/{PREFIX}"
     ident = index_ident(ENDPOINT, uri, dict(jump.channel_map("source_4")), None)
     write_index(path, idx, {"ident": ident, "plates": None, "skipped": [], "created": time.time()})
+    tables, tables_ident = table_list_file(str(path), ENDPOINT, uri)  # the first start found no load_data
+    tables.write_text(json.dumps({"ident": tables_ident, "tables": []}))
     return uri
 
 

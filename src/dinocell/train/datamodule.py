@@ -24,7 +24,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from dinocell.config import Config
+from dinocell.config import Config, S3Config
 from dinocell.data.field import FieldSource
 from dinocell.data.holdout import resolve_wells, split_source
 from dinocell.data.masking import collate_multiview
@@ -114,6 +114,9 @@ class DinoCellDataModule(L.LightningDataModule):
         self.train_source, self.heldout = split_source(source, self.heldout_wells)
         self.world_size = max(1, int(world_size))
         self.steps_per_epoch = steps_per_epoch(cfg, len(self.train_source), self.world_size)
+        if cfg.data.s3.shuffle_buffer != S3Config().shuffle_buffer:
+            log.warning("data.s3.shuffle_buffer is no longer used: every source trains on one sample stream "
+                        "whose sampler shuffles (docs/streaming.md)")
         if cfg.data.views.scale_batch_to_crops:  # epochs keep the configured batch's step count
             n_global = build_views(cfg, list(source.fluorescent)).n_global_crops
             bs = crop_scaled_batch_size(cfg.data.batch_size, n_global)

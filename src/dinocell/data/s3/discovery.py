@@ -388,6 +388,14 @@ def find_load_data_tables(lister: Lister, prefix: str, plates: Iterable[str] | N
     return out
 
 
+def table_list_file(index_cache: str | None, endpoint: str | None, uri: str) -> tuple[Path, dict[str, Any]]:
+    """(file that remembers which load_data tables ``uri`` has, what it was found for): next to the
+    ``data.s3.index_cache`` file when one is set, else in the default cache folder."""
+    ident = {"endpoint": endpoint or "aws", "uri": uri}
+    path = Path(index_cache).expanduser() if index_cache else default_index_path(ident_key(ident))
+    return path.with_name(path.stem + "-load-data-tables.json"), ident
+
+
 def cached_table_keys(path: Path, ident: dict[str, Any], find: Callable[[], list[str]]) -> list[str]:
     """The load_data table keys found for ``ident`` (none is an answer too), kept in ``path`` so a
     warm start sends no request to learn them again (delete the file to look again)."""

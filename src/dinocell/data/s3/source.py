@@ -67,6 +67,7 @@ from dinocell.data.s3.discovery import (
     make_lister,
     read_load_data_anywhere,
     read_load_data_tables,
+    table_list_file,
 )
 from dinocell.data.stream import SupportsPrefetch
 from dinocell.data.tables import normalise_columns
@@ -240,10 +241,7 @@ class S3FieldSource(FieldSource, SupportsPrefetch):
         """(rows of the prefix's published load_data tables, a name for them), or (None, None) when
         the prefix has none.  Which tables exist is remembered next to the index (a warm start asks
         nothing); the tables themselves are read, like a ``data.load_data`` on S3."""
-        ident = {"endpoint": self.s3cfg.endpoint_url or "aws", "uri": self.uri}
-        path = (Path(self.s3cfg.index_cache).expanduser() if self.s3cfg.index_cache
-                else default_index_path(ident_key(ident)))
-        path = path.with_name(path.stem + "-load-data-tables.json")
+        path, ident = table_list_file(self.s3cfg.index_cache, self.s3cfg.endpoint_url, self.uri)
 
         def find() -> list[str]:
             lister = make_lister(self.s3cfg, self.bucket, on_retries=lambda n: self.counters.add(retries=n))
