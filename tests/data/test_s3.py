@@ -14,6 +14,7 @@ from s3_fixtures import FaultProxy, JumpBucket, admin_client
 
 from dinocell.config import load_config
 from dinocell.data.s3 import ByteLRU, DiskCache, S3FieldSource, parse_s3_uri, path_metadata
+from dinocell.data.s3.discovery import pick_tables
 from dinocell.data.sources import FieldDataset, open_source
 from dinocell.errors import ConfigError, DataError
 
@@ -567,6 +568,10 @@ def test_published_load_data_tables_replace_listing(jump_bucket: JumpBucket, pro
                         data_cfg(proxy.url, tmp_path / "c", "data.s3.filters={plate: SYNTH-P01}"))
     assert {r.plate for r in one.records} == {"SYNTH-P01"} and one.channel_map_origin == "load_data"
     assert {r.key for r in one.records} == {k for k in want if k.startswith("SYNTH-P01/")}
+    listed_tables = [f"{tables}SYNTH-P01/load_data.csv.gz", f"{tables}SYNTH-P02/load_data.parquet",
+                     f"{tables}SYNTH-P02/load_data_with_illum.csv"]
+    assert pick_tables(listed_tables, None) == listed_tables[:2]
+    assert pick_tables(listed_tables, ["SYNTH-P02"], illum=True) == listed_tables[2:]
 
 
 def _gzip_csv(df: object) -> bytes:

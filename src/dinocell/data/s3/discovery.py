@@ -345,7 +345,8 @@ def index_from_load_data(df: pd.DataFrame, base: str, load_data: str) -> FieldIn
 
 
 #: Table names JUMP publishes per plate, in order of preference (the plain table names the same
-#: images as the one with illumination columns; Parquet reads fastest).
+#: images as the one with illumination columns, which ``data.illum=required`` prefers; Parquet
+#: reads fastest).
 LOAD_DATA_NAMES = tuple(f"{stem}{suffix}" for stem in ("load_data", "load_data_with_illum")
                         for suffix in (".parquet", ".csv.gz", ".csv"))
 
@@ -364,28 +365,31 @@ def load_data_folder(prefix: str) -> str | None:
     return folder
 
 
-def find_load_data_tables(lister: Lister, prefix: str, plates: Iterable[str] | None) -> list[str]:
-    """Keys of the per-plate load_data tables for the images under ``prefix`` (one per plate folder,
-    by :data:`LOAD_DATA_NAMES` preference; only ``plates`` when given, only the prefix's own plate
-    when it names one).  Listing that folder is a few keys per plate, not ~17k."""
+def find_load_data_tables(lister: Lister, prefix: str) -> list[str]:
+    """Keys of the per-plate load_data tables for the images under ``prefix`` (every name of
+    :data:`LOAD_DATA_NAMES`; only the prefix's own plate when it names one).  Listing that folder is
+    a few keys per plate, not ~17k."""
     folder = load_data_folder(prefix)
     if folder is None:
         return []
     keys: list[str] = []
     lister.walk(folder, None, keys.extend)
+    own = next((p for p in map(is_plate_folder, prefix.split("/")) if p), None)
+    return sorted(k for k in keys if k.rpartition("/")[2].lower() in LOAD_DATA_NAMES
+                  and (own is None or k.split("/")[-2] == own))
+
+
+def pick_tables(keys: Iterable[str], plates: Iterable[str] | None, illum: bool = False) -> list[str]:
+    """One table per plate folder (only ``plates`` when given), by :data:`LOAD_DATA_NAMES` preference;
+    ``illum``: the table with illumination columns first."""
+    order = LOAD_DATA_NAMES[3:] + LOAD_DATA_NAMES[:3] if illum else LOAD_DATA_NAMES
     by_dir: dict[str, dict[str, str]] = defaultdict(dict)
     for k in keys:
         d, _, name = k.rpartition("/")
-        if name.lower() in LOAD_DATA_NAMES:
-            by_dir[d][name.lower()] = k
+        by_dir[d][name.lower()] = k
     wanted = set(plates) if plates else None
-    own = next((p for p in map(is_plate_folder, prefix.split("/")) if p), None)
-    out = []
-    for d, names in sorted(by_dir.items()):
-        plate = d.rsplit("/", 1)[-1]
-        if (wanted is None or plate in wanted) and (own is None or plate == own):
-            out.append(names[next(n for n in LOAD_DATA_NAMES if n in names)])
-    return out
+    return [names[next(n for n in order if n in names)] for d, names in sorted(by_dir.items())
+            if wanted is None or d.rsplit("/", 1)[-1] in wanted]
 
 
 def table_list_file(index_cache: str | None, endpoint: str | None, uri: str) -> tuple[Path, dict[str, Any]]:

@@ -65,6 +65,7 @@ from dinocell.data.s3.discovery import (
     index_from_load_data,
     index_ident,
     make_lister,
+    pick_tables,
     read_load_data_anywhere,
     read_load_data_tables,
     table_list_file,
@@ -206,7 +207,7 @@ class S3FieldSource(FieldSource, SupportsPrefetch):
         if load_data:
             df = normalise_columns(read_load_data_anywhere(str(load_data), self._get_bytes))
         else:  # the gallery's per-plate tables, when the prefix has them: no listing of the images
-            df, load_data = self._published_load_data(plates)
+            df, load_data = self._published_load_data(plates, getattr(data_cfg, "illum", "auto") == "required")
         if df is not None:
             self.channel_map, self.channel_map_origin = channel_map_from_load_data(df), "load_data"
         else:
@@ -237,7 +238,7 @@ class S3FieldSource(FieldSource, SupportsPrefetch):
 
         return cached_index(path, ident, None if load_data else plates, build)
 
-    def _published_load_data(self, plates: list[str] | None) -> tuple[Any, str | None]:
+    def _published_load_data(self, plates: list[str] | None, illum: bool) -> tuple[Any, str | None]:
         """(rows of the prefix's published load_data tables, a name for them), or (None, None) when
         the prefix has none.  Which tables exist is remembered next to the index (a warm start asks
         nothing); the tables themselves are read, like a ``data.load_data`` on S3."""
@@ -246,11 +247,11 @@ class S3FieldSource(FieldSource, SupportsPrefetch):
         def find() -> list[str]:
             lister = make_lister(self.s3cfg, self.bucket, on_retries=lambda n: self.counters.add(retries=n))
             try:
-                return find_load_data_tables(lister, self.prefix, None)  # filters select afterwards
+                return find_load_data_tables(lister, self.prefix)  # filters select afterwards
             except (S3MissingError, S3FetchError) as e:
                 raise DataError(str(e)) from None
 
-        keys = [k for k in cached_table_keys(path, ident, find) if plates is None or k.split("/")[-2] in plates]
+        keys = pick_tables(cached_table_keys(path, ident, find), plates, illum)
         if not keys:
             return None, None
         df = read_load_data_tables(self.bucket, keys, self._get_bytes, f"s3://{self.bucket}/{self.prefix}")
