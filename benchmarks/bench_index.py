@@ -115,28 +115,27 @@ def warm_start(path: Path) -> dict[str, float]:
 
 
 def epoch_and_resume(idx: Any, workers: int = 8) -> tuple[float, float]:
-    """(seconds for the epoch order and the 64 shards of 8 ranks x 8 workers, seconds from a resume in
-    the middle of the epoch to the first batch of 8 forked DataLoader workers of rank 3)."""
+    """(seconds for one epoch order of the training stream, 8 ranks x 8 workers, seconds from a resume
+    in the middle of the epoch to the first batch of 8 forked DataLoader workers of rank 3)."""
     from dinocell.data.local import IndexSource
-    from dinocell.data.stream import StreamingFieldDataset
+    from dinocell.data.stream import FieldDataset, StreamLoader, StreamSampler
 
     class Source(IndexSource):
         def load_raw(self, rec: Any) -> np.ndarray:
             return np.zeros((len(self.channels), 8, 8), np.uint16)
 
     src = Source(idx, None, "bench")
-    ds = StreamingFieldDataset(src, None, repeats=1, shuffle_buffer=64, seed=0, rank=3, world_size=8)
+    batch, world = 8, 8
+    spe = len(src) // (batch * world) * batch * world
+    sampler = StreamSampler(len(src), 1, spe, 2 * spe, seed=0, start=spe // 2 // (batch * world) * batch * world,
+                            batch_size=batch, rank=3, world_size=world, workers=workers)
     t0 = time.perf_counter()
-    shards = [ds.shard(0, r, 8, w, 8) for r in range(8) for w in range(8)]
+    order = sampler.epoch_order(0)
     t_epoch = time.perf_counter() - t0
-    assert sum(len(s) for s in shards) == len(idx)
-    batch = 8
-    loader = ds.make_loader(batch_size=batch, num_workers=workers, multiprocessing_context="fork")
-    quota = ds.fields_per_worker(workers, 8)
-    half = (quota // 2 // batch) * batch * workers  # a batch boundary in the middle of the epoch
+    assert len(order) == spe
+    loader = StreamLoader(FieldDataset(src, None, cache_fields=batch), batch_size=batch, sampler=sampler,
+                          drop_last=True, num_workers=workers, multiprocessing_context="fork")
     t0 = time.perf_counter()
-    loader.load_state_dict({"epoch": 0, "samples_yielded": half, "num_workers": workers, "batch_size": batch,
-                            "seed": 0, "repeats": 1, "n_fields": len(src)})
     it = iter(loader)
     next(it)
     t_resume = time.perf_counter() - t0
@@ -161,8 +160,7 @@ rng = np.random.default_rng(rank)
 S3FieldSource._fetch_channel = lambda self, u: rng.integers(100, 4000, (64, 64), dtype=np.uint16)
 cfg = load_config(None, ["model.patch_size=8", "data.views.global_crop_size=32", "data.views.local_crop_size=16",
     "data.views.n_local_crops=2", "data.batch_size=4", "track.logger=none", f"data.source={uri}",
-    f"data.s3.index_cache={path}", f"data.s3.endpoint_url={endpoint}", "data.num_workers=0",
-    "data.s3.shuffle_buffer=8"])
+    f"data.s3.index_cache={path}", f"data.s3.endpoint_url={endpoint}", "data.num_workers=0"])
 print("imported", time.time() - t_spawn, flush=True)
 sys.stdin.readline()  # the barrier: every rank has imported
 t = [time.time()]; c = [time.process_time()]
@@ -185,12 +183,14 @@ def warm_s3_index(n_fields: int, path: Path) -> str:
     """Write a warm S3 index of ``n_fields`` fields the way a first listing would; returns its URI."""
     from dinocell.data import jump
     from dinocell.data.index import write_index
-    from dinocell.data.s3.discovery import index_ident
+    from dinocell.data.s3.discovery import index_ident, table_list_file
 
     idx, _, _ = build(max(1, round(n_fields / FIELDS_PER_PLATE)))
     uri = f"s3://cellpainting-gallery/{PREFIX}"
     ident = index_ident(ENDPOINT, uri, dict(jump.channel_map("source_4")), None)
     write_index(path, idx, {"ident": ident, "plates": None, "skipped": [], "created": time.time()})
+    tables, tables_ident = table_list_file(str(path), ENDPOINT, uri)  # the first start found no load_data
+    tables.write_text(json.dumps({"ident": tables_ident, "tables": []}))
     return uri
 
 

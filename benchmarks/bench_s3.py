@@ -6,9 +6,9 @@ Measures (all traffic on 127.0.0.1; moto and the latency proxy run in their own 
 
 * fields/s of ``S3FieldSource.iter_loaded`` (``max_in_flight`` concurrent GETs) against one-at-a-time
   boto3 GETs doing the same decode + scaling work;
-* samples/s of the streaming dataset with ``repeats`` 1 and 4 (multi-view augmentation included);
+* samples/s of the training stream with ``repeats`` 1 and 4 (multi-view augmentation included);
 * peak RSS growth of a fresh process streaming every field with a decoded-field cache smaller than
-  the data, against the configured memory budget (cache + shuffle buffer + fields in flight): it must
+  the data, against the configured memory budget (cache + one batch of fields + fields in flight): it must
   stay within +10%.
 
 The last line is ``P3 ratio=<concurrent / sequential fields/s> target>=4``.
@@ -110,19 +110,27 @@ def concurrent_fields_per_s(endpoint: str, index: Path, max_in_flight: int) -> t
     return n / dt, metrics
 
 
+def _epoch_loader(src: Any, views: Any, repeats: int, batch: int) -> Any:
+    """One epoch of the training stream (in process) whose LRU holds one batch's fields."""
+    from dinocell.data.stream import FieldDataset, StreamLoader, StreamSampler
+
+    spe = max(batch, len(src) * repeats // batch * batch)
+    ds = FieldDataset(src, views, repeats=repeats, seed=0, cache_bytes=0, cache_fields=batch)
+    sampler = StreamSampler(len(src), repeats, spe, spe, seed=0, batch_size=batch)
+    return StreamLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, collate_fn=lambda s: s)
+
+
 def stream_samples_per_s(endpoint: str, index: Path, repeats: int, max_in_flight: int) -> tuple[float, float]:
     from dinocell.config import ViewsConfig
     from dinocell.data.s3 import S3FieldSource
-    from dinocell.data.stream import StreamingFieldDataset
     from dinocell.data.views import MultiViewAugmentation
 
     src = S3FieldSource(f"s3://{BUCKET}/{PREFIX}",
                         _cfg(endpoint, index, "data.s3.cache_bytes=0", f"data.s3.max_in_flight={max_in_flight}"))
     views = MultiViewAugmentation(ViewsConfig(global_crop_size=64, local_crop_size=32, n_local_crops=2),
                                   src.fluorescent)
-    ds = StreamingFieldDataset(src, views, repeats=repeats, shuffle_buffer=16, seed=0)
     t0 = time.perf_counter()
-    n = sum(1 for _ in ds)
+    n = sum(len(b) for b in _epoch_loader(src, views, repeats, batch=16))
     dt = time.perf_counter() - t0
     src.close()
     return n / dt, len(src) / dt
@@ -133,7 +141,6 @@ def _rss_child(endpoint: str, index: str, cache_bytes: int, buffer: int, max_in_
     import psutil
 
     from dinocell.data.s3 import S3FieldSource
-    from dinocell.data.stream import StreamingFieldDataset
 
     proc = psutil.Process()
     src = S3FieldSource(f"s3://{BUCKET}/{PREFIX}",
@@ -153,10 +160,9 @@ def _rss_child(endpoint: str, index: str, cache_bytes: int, buffer: int, max_in_
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
-    ds = StreamingFieldDataset(src, None, repeats=1, shuffle_buffer=buffer, seed=0)
     field_bytes = 0
-    for s in ds:
-        field_bytes = s["image"].numel() * 4
+    for b in _epoch_loader(src, None, 1, batch=buffer):
+        field_bytes = b[-1]["image"].numel() * 4
     done.set()
     t.join()
     n_ch = len(src.channels)
@@ -172,7 +178,7 @@ def rss_check(ctx: Any, endpoint: str, index: Path, cache_bytes: int, buffer: in
     p.start()
     out = q.get(timeout=1800)
     p.join()
-    # The pipeline's declared memory: the decoded cache, the buffered fields and the fields being
+    # The pipeline's declared memory: the decoded cache, one batch of fields and the fields being
     # fetched/decoded (their uint16 planes plus the float32 result).
     fb = out["field_bytes"]
     out["budget"] = cache_bytes + buffer * fb + out["window"] * int(fb * 1.5)
@@ -247,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
          f"({m['s3/bandwidth_mbps']:.0f} Mbit/s, {m['s3/requests']:.0f} GETs, {m['s3/retries']:.0f} retries)"),
         ("stream repeats=1", f"{s1:8.2f} samples/s  ({f1:.2f} fields/s)"),
         ("stream repeats=4", f"{s4:8.2f} samples/s  ({f4:.2f} fields/s)"),
-        ("peak RSS growth", f"{rss['growth'] / mb:8.1f} MiB  (cache {cache / mb:.1f} MiB + buffer 8 + "
+        ("peak RSS growth", f"{rss['growth'] / mb:8.1f} MiB  (cache {cache / mb:.1f} MiB + batch 8 + "
                             f"{rss['window']} in flight x {field_mb:.2f} MB = budget {rss['budget'] / mb:.1f} MiB; "
                             f"cache held {rss['cache_used'] / mb:.1f} MiB)"),
         ("RSS / budget", f"{rss_ratio:8.2f}  ({'PASS' if rss_ratio <= 1.10 else 'FAIL'}: must be <= 1.10)"),

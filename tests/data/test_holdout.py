@@ -120,3 +120,31 @@ def test_columnar_index_split_matches_the_record_list_and_stays_columnar() -> No
     assert isinstance(tr.records, FieldIndex) and isinstance(te.records, FieldIndex)
     assert {well_key(r) for r in te.records} == set(wells)
     assert len(tr.records) + len(te.records) == len(idx)
+
+
+def test_one_well_grouping_for_index_and_list() -> None:
+    """Issue 22/24: ``well_groups`` is ``FieldIndex.well_rows`` on an index (sorted or not) and groups
+    exactly like the generic path over plain records, so the split is the same either way."""
+    import numpy as np
+
+    from dinocell.data import jump
+    from dinocell.data.field import format_name
+    from dinocell.data.holdout import resolve_wells, split_source, well_groups
+    from dinocell.data.local import IndexSource
+
+    keys = [f"/d/P{p}__x-Measurement1/Images/{format_name(1 + w // 24, 1 + w % 24, s, c)}"
+            for p in range(3) for w in range(20) for s in (1, 2, 3) for c in (1, 5)]
+    idx, _ = jump.group_files(keys, "source_4")
+    cfg = load_config(None, ["data.holdout.fraction=0.25"])
+    for records in (idx, idx.take(np.random.default_rng(1).permutation(len(idx)))):  # sorted, shuffled
+        ids, plates, names = well_groups(records)
+        as_list = list(records)
+        lids, lplates, lnames = well_groups(as_list)
+        assert sorted(names) == lnames and len(names) == 60 and sorted(plates) == sorted(lplates)
+        assert [names[i] for i in ids] == [lnames[i] for i in lids] == [f"{r.plate}/{r.well}" for r in as_list]
+        wells = resolve_wells(records, cfg.data.holdout)
+        assert wells == resolve_wells(as_list, cfg.data.holdout) and len(wells) == 15
+        train, held = split_source(IndexSource(records, None, "x"), wells)
+        assert {f"{r.plate}/{r.well}" for r in held.records} == set(wells)
+        assert len(train) + len(held) == len(records)
+        assert not {f"{r.plate}/{r.well}" for r in train.records} & set(wells)

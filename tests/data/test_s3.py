@@ -14,6 +14,7 @@ from s3_fixtures import FaultProxy, JumpBucket, admin_client
 
 from dinocell.config import load_config
 from dinocell.data.s3 import ByteLRU, DiskCache, S3FieldSource, parse_s3_uri, path_metadata
+from dinocell.data.s3.discovery import pick_tables
 from dinocell.data.sources import FieldDataset, open_source
 from dinocell.errors import ConfigError, DataError
 
@@ -517,3 +518,63 @@ def test_field_index_with_junk_header_is_rebuilt(jump_bucket: JumpBucket, proxy:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated: rebuilt the same way
     proxy.reset_counts()
     assert len(S3FieldSource(jump_bucket.uri, cfg).records) == len(first.records) and proxy.requests > 0
+
+
+def test_published_load_data_tables_replace_listing(jump_bucket: JumpBucket, proxy: FaultProxy,
+                                                    tmp_path: Path) -> None:
+    """Issue 24: a prefix whose per-plate load_data tables the gallery publishes is not listed."""
+    import urllib.parse
+
+    import pandas as pd
+
+    root = f"tables-{uuid.uuid4().hex[:8]}/cpg0016-jump/source_4/"
+    images = root + "images/2021_04_26_Batch1/images/"
+    copy_prefix(jump_bucket, images)
+    df = pd.read_parquet(jump_bucket.load_data_local)
+    old, new = f"s3://{jump_bucket.bucket}/{jump_bucket.prefix}", f"s3://{jump_bucket.bucket}/{images}"
+    for col in [c for c in df.columns if c.startswith("PathName_")]:
+        df[col] = df[col].str.replace(old, new, regex=False)
+    tables = root + "workspace/load_data_csv/2021_04_26_Batch1/"
+    put = jump_bucket.admin.put_object
+    for plate, rows in df.groupby("Metadata_Plate"):
+        if plate == "SYNTH-P01":  # csv.gz, plus a decoy row of another prefix that must be left out
+            decoy = rows.head(1).copy()
+            for col in [c for c in df.columns if c.startswith("PathName_")]:
+                decoy[col] = f"s3://{jump_bucket.bucket}/elsewhere/"
+            put(Bucket=jump_bucket.bucket, Key=f"{tables}{plate}/load_data.csv.gz",
+                Body=_gzip_csv(pd.concat([rows, decoy])))
+        else:  # Parquet is preferred over the table with illumination columns next to it
+            path = tmp_path / "p2.parquet"
+            rows.to_parquet(path, index=False)
+            put(Bucket=jump_bucket.bucket, Key=f"{tables}{plate}/load_data.parquet", Body=path.read_bytes())
+            put(Bucket=jump_bucket.bucket, Key=f"{tables}{plate}/load_data_with_illum.csv", Body=b"junk,\n1,")
+
+    listed = S3FieldSource(jump_bucket.uri, data_cfg(proxy.url, tmp_path / "a"))
+    assert listed.channel_map_origin != "load_data"  # no tables for that prefix: it is listed
+    want = {r.key: {c: u.replace(old, new) for c, u in r.channels.items()} for r in listed.records}
+
+    def lists() -> list[str]:
+        return [urllib.parse.unquote(p) for m, p in proxy.log if m == "GET" and "list-type" in p]
+
+    proxy.reset_counts()
+    src = S3FieldSource(f"s3://{jump_bucket.bucket}/{images}", data_cfg(proxy.url, tmp_path / "b"))
+    assert src.channel_map_origin == "load_data" and {r.key: r.channels for r in src.records} == want
+    assert lists() and all("workspace/load_data_csv/2021_04_26_Batch1/" in p for p in lists())
+    assert src.load(src.records[0]).shape == (5, 64, 64)
+    proxy.reset_counts()  # a warm start lists nothing (it reads the two tables again)
+    again = S3FieldSource(f"s3://{jump_bucket.bucket}/{images}", data_cfg(proxy.url, tmp_path / "b"))
+    assert not lists() and [r.key for r in again.records] == [r.key for r in src.records]
+    one = S3FieldSource(f"s3://{jump_bucket.bucket}/{root}",
+                        data_cfg(proxy.url, tmp_path / "c", "data.s3.filters={plate: SYNTH-P01}"))
+    assert {r.plate for r in one.records} == {"SYNTH-P01"} and one.channel_map_origin == "load_data"
+    assert {r.key for r in one.records} == {k for k in want if k.startswith("SYNTH-P01/")}
+    listed_tables = [f"{tables}SYNTH-P01/load_data.csv.gz", f"{tables}SYNTH-P02/load_data.parquet",
+                     f"{tables}SYNTH-P02/load_data_with_illum.csv"]
+    assert pick_tables(listed_tables, None) == listed_tables[:2]
+    assert pick_tables(listed_tables, ["SYNTH-P02"], illum=True) == listed_tables[2:]
+
+
+def _gzip_csv(df: object) -> bytes:
+    import gzip
+
+    return gzip.compress(df.to_csv(index=False).encode(), mtime=0)  # type: ignore[attr-defined]

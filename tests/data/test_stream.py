@@ -1,10 +1,11 @@
-"""Streaming dataset: sharding, shuffle buffer, repeats, determinism, resume -- local and over S3."""
+"""The one training sample stream: order, seeding, cache, bad fields, workers -- local and over S3."""
 
 from __future__ import annotations
 
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,8 @@ from dinocell.config import load_config
 from dinocell.data.field import FieldRecord
 from dinocell.data.s3 import S3FieldSource, parse_s3_uri
 from dinocell.data.sources import FieldSource
-from dinocell.data.stream import (
-    _EMIT,
-    _ENTER,
-    StreamingFieldDataset,
-    buffer_plan,
-    field_stream,
-    worker_offsets,
-)
-from dinocell.errors import ConfigError, DataError
+from dinocell.data.stream import FieldDataset, StreamLoader, StreamSampler, SupportsPrefetch, load_fields
+from dinocell.errors import DataError
 
 
 class ListSource(FieldSource):
@@ -42,12 +36,33 @@ class ListSource(FieldSource):
         self._lock = threading.Lock()
 
     def load_raw(self, rec: FieldRecord) -> np.ndarray:
-        i = self.records.index(rec)
+        i = int(rec.well[1:])
         with self._lock:
             self.loads[i] += 1
         if i in self.bad:
             raise DataError(f"field {i} is corrupt")
         return np.full((2, 4, 4), i, dtype=np.uint16)
+
+
+class PrefetchListSource(ListSource, SupportsPrefetch):
+    """A ListSource that declares the remote capability: it records each ``iter_loaded`` call."""
+
+    def __init__(self, n: int, bad: tuple[int, ...] = ()) -> None:
+        super().__init__(n, bad)
+        self.calls: list[list[int]] = []
+
+    def iter_loaded(self, records: Iterable[FieldRecord], ordered: bool = True, window: int | None = None,
+                    cache: bool = True) -> Iterator[tuple[FieldRecord, np.ndarray | None]]:
+        recs = list(records)
+        self.calls.append([int(r.well[1:]) for r in recs])
+        for rec in recs:
+            try:
+                yield rec, self.load(rec)
+            except DataError:
+                yield rec, None
+
+    def metrics(self) -> dict[str, float]:
+        return {"s3/calls": float(len(self.calls))}
 
 
 def noisy(x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, Any]:
@@ -59,203 +74,96 @@ def value(sample: dict[str, Any]) -> int:
     return int(round(float(sample["image"][0, 0, 0]) * 65535))
 
 
-def run(ds: StreamingFieldDataset, limit: int | None = None) -> list[dict[str, Any]]:
-    out = []
-    for s in ds:
-        out.append(s)
-        if limit is not None and len(out) == limit:
-            break
-    return out
+def loader(src: FieldSource, n_fields: int, repeats: int, bs: int, workers: int = 0, epochs: int = 1,
+           start: int = 0, transform: Any = noisy) -> StreamLoader:
+    spe = n_fields * repeats // bs * bs
+    ds = FieldDataset(src, transform, repeats=repeats, seed=3, cache_bytes=0, cache_fields=bs)  # one batch
+    sampler = StreamSampler(n_fields, repeats, spe, epochs * spe, seed=3, start=start * bs, batch_size=bs,
+                            workers=workers)
+    return StreamLoader(ds, batch_size=bs, sampler=sampler, drop_last=True, num_workers=workers,
+                        collate_fn=lambda s: s)
 
 
-def signature(samples: list[dict[str, Any]]) -> list[tuple[int, tuple[float, ...]]]:
-    return [(int(s["index"]), tuple(s["noise"].tolist())) for s in samples]
+def signature(batches: Iterable[list[dict[str, Any]]]) -> list[list[tuple[int, tuple[float, ...]]]]:
+    return [[(int(s["index"]), tuple(s["noise"].tolist())) for s in b] for b in batches]
 
 
-# -------------------------------------------------------------------------------------------------
-# Pure pieces
-# -------------------------------------------------------------------------------------------------
+def test_capability_is_declared_not_guessed() -> None:
+    assert isinstance(PrefetchListSource(2), SupportsPrefetch) and not isinstance(ListSource(2), SupportsPrefetch)
+    assert issubclass(S3FieldSource, SupportsPrefetch)
+    src = PrefetchListSource(4, bad=(1,))
+    got = [(r.key, a is None) for r, a in load_fields(src, src.records)]
+    assert got == [(r.key, i == 1) for i, r in enumerate(src.records)] and src.calls == [[0, 1, 2, 3]]
 
 
-def test_buffer_plan_emits_each_item_repeats_times_within_the_buffer() -> None:
-    events = list(buffer_plan(10, 3, 2, np.random.default_rng(0)))
-    entered = [i for ev, i in events if ev == _ENTER]
-    emits = Counter(i for ev, i in events if ev == _EMIT)
-    assert entered == list(range(10)) and emits == {i: 2 for i in range(10)}
-    live: set[int] = set()
-    done: Counter[int] = Counter()
-    for ev, i in events:
-        if ev == _ENTER:
-            live.add(i)
-            assert len(live) <= 3
-        else:
-            assert i in live
-            done[i] += 1
-            if done[i] == 2:
-                live.remove(i)
-    assert events == list(buffer_plan(10, 3, 2, np.random.default_rng(0)))
-    assert events != list(buffer_plan(10, 3, 2, np.random.default_rng(1)))
-    order = [i for ev, i in events if ev == _EMIT]
-    assert order != sorted(order)  # repeats are spread, not back to back
+def test_remote_batches_are_fetched_together_and_identical_to_local() -> None:
+    plain, remote = ListSource(12), PrefetchListSource(12)
+    a = list(loader(plain, 12, 2, 4, epochs=2))
+    b = list(loader(remote, 12, 2, 4, epochs=2))
+    assert signature(a) == signature(b)
+    assert all(len(c) == len(set(c)) <= 4 for c in remote.calls)  # one call per batch's missing fields
+    # once per epoch (a field at the end of epoch 0 may still be cached when epoch 1 starts with it)
+    assert remote.loads == plain.loads and set(plain.loads.values()) <= {1, 2} and sum(plain.loads.values()) >= 20
+    assert all(s["label"] == s["index"] % 3 and value(s) == s["index"] for bt in b for s in bt)
 
 
-def test_worker_offsets_follow_dataloader_round_robin() -> None:
-    # 2 workers, batch 4, 10 samples each: batches w0:4 w1:4 w0:4 w1:4 w0:2 w1:2
-    assert worker_offsets(0, 2, 4, 10) == [0, 0]
-    assert worker_offsets(4, 2, 4, 10) == [4, 0]
-    assert worker_offsets(8, 2, 4, 10) == [4, 4]
-    assert worker_offsets(12, 2, 4, 10) == [8, 4]
-    assert worker_offsets(18, 2, 4, 10) == [10, 8]
-    assert worker_offsets(20, 2, 4, 10) == [10, 10]
-    with pytest.raises(DataError, match="not on a batch boundary"):
-        worker_offsets(6, 2, 4, 10)
+def test_workers_get_every_repeat_of_their_fields() -> None:
+    """The sampler hands worker i batches i, i+w, ...: each group's repeats stay in one worker."""
+    n, r, bs, w = 24, 3, 4, 2
+    spe = n * r // bs * bs
+    one = list(StreamSampler(n, r, spe, spe, seed=1, batch_size=bs))
+    two = list(StreamSampler(n, r, spe, spe, seed=1, batch_size=bs, workers=w))
+    assert one != two and Counter(i % (n * r) for i in one) == Counter(i % (n * r) for i in two)
+    batches = [two[k:k + bs] for k in range(0, len(two), bs)]
+    for worker in range(w):
+        fields = [[(i % (n * r)) // r for i in b] for b in batches[worker::w]]
+        for g in range(0, len(fields), r):  # r consecutive batches of a worker: one group, r times
+            assert all(sorted(f) == sorted(fields[g]) for f in fields[g:g + r])
+            assert len(set(fields[g])) == bs
 
 
-def test_bad_arguments() -> None:
-    with pytest.raises(ConfigError, match="repeats must be >= 1"):
-        StreamingFieldDataset(ListSource(3), repeats=0)
-    with pytest.raises(ConfigError, match="shuffle_buffer must be >= 1"):
-        StreamingFieldDataset(ListSource(3), shuffle_buffer=0)
-    with pytest.raises(DataError, match="has no fields"):
-        StreamingFieldDataset(ListSource(0))
-
-
-# -------------------------------------------------------------------------------------------------
-# In-process streaming
-# -------------------------------------------------------------------------------------------------
-
-
-def test_every_field_once_per_epoch_with_repeats_and_determinism() -> None:
-    src = ListSource(10)
-    ds = StreamingFieldDataset(src, noisy, repeats=3, shuffle_buffer=4, seed=7)
-    assert len(ds) == 30
-    a = run(ds)
-    assert Counter(int(s["index"]) for s in a) == {i: 3 for i in range(10)}
-    assert all(value(s) == s["index"] for s in a) and all(s["label"] == s["index"] % 3 for s in a)
-    assert src.loads == {i: 1 for i in range(10)}  # each field read once, 3 samples drawn from it
-    assert ds.epoch == 1 and ds.position == 0
-    b = run(ds)  # epoch 1: another order
-    assert Counter(int(s["index"]) for s in b) == {i: 3 for i in range(10)}
-    assert signature(a) != signature(b)
-    again = StreamingFieldDataset(ListSource(10), noisy, repeats=3, shuffle_buffer=4, seed=7)
-    assert signature(run(again)) == signature(a)
-    other_seed = StreamingFieldDataset(ListSource(10), noisy, repeats=3, shuffle_buffer=4, seed=8)
-    assert signature(run(other_seed)) != signature(a)
-    assert ds.metrics()["stream/samples"] == 60
-
-
-def test_ddp_ranks_split_fields_and_yield_equal_counts() -> None:
-    n, world = 10, 3
-    per_rank = []
-    for rank in range(world):
-        src = ListSource(n)
-        ds = StreamingFieldDataset(src, None, repeats=2, shuffle_buffer=3, seed=1, rank=rank, world_size=world)
-        samples = run(ds)
-        per_rank.append((samples, set(src.loads)))
-        assert len(samples) == len(ds) == 4 * 2  # ceil(10 / 3) fields x 2 repeats on every rank
-        assert all(v == 1 for v in src.loads.values())
-    loaded = [f for _, f in per_rank]
-    assert set.union(*loaded) == set(range(n))
-    assert sum(len(f) for f in loaded) == n  # disjoint: no field read twice per epoch
-    for samples, fields in per_rank:
-        assert {int(s["index"]) for s in samples} == fields  # padding re-uses the rank's own fields
+def test_dataloader_workers_decode_each_field_once_and_resume_exactly() -> None:
+    src = ListSource(24)
+    full = list(loader(src, 24, 3, 4, workers=2, epochs=2))
+    assert len(full) == 36
+    dl = loader(ListSource(24), 24, 3, 4, workers=2, epochs=2)
+    assert signature(dl) == signature(full)
+    assert dl.metrics()["stream/fields"] == 2 * 24 and dl.metrics()["stream/samples"] == 2 * 72
+    # each epoch shows the fields of the run without workers, in another order
+    serial = [i for b in signature(loader(ListSource(24), 24, 3, 4, epochs=2)) for i, _ in b]
+    mine = [i for b in signature(full) for i, _ in b]
+    assert mine != serial and Counter(mine[:72]) == Counter(serial[:72]) == {i: 3 for i in range(24)}
+    for stop in (1, 7, 18, 25):
+        tail = list(loader(ListSource(24), 24, 3, 4, workers=2, epochs=2, start=stop))
+        assert signature(tail) == signature(full[stop:]), f"resume at batch {stop}"
 
 
 def test_bad_fields_are_skipped_counted_and_replaced() -> None:
-    src = ListSource(10, bad=(2, 5))
-    ds = StreamingFieldDataset(src, None, repeats=2, shuffle_buffer=3, seed=0)
-    samples = run(ds)
-    got = Counter(int(s["index"]) for s in samples)
-    assert len(samples) == 20  # the quota holds, so DDP ranks stay in step
-    assert 2 not in got and 5 not in got
-    assert all(got[i] >= 2 for i in range(10) if i not in (2, 5))
-    assert src.loads == {i: 1 for i in range(10)}
-    m = ds.metrics()
-    assert m["stream/skipped"] == 2 and m["stream/substituted"] == 4 and m["stream/fields"] == 10
+    src = PrefetchListSource(10, bad=(2, 5))
+    batches = list(loader(src, 10, 2, 4))
+    got = Counter(int(s["index"]) for b in batches for s in b)
+    assert sum(got.values()) == 20 and 2 not in got and 5 not in got
+    assert got[3] == 4 and got[6] == 4  # the next loadable field stands in
+    ds = FieldDataset(src, None)
+    assert ds[2]["index"] == 3 and ds.skipped_count() == 1 and "P1/A02/1" in ds.skipped
+    with pytest.raises(DataError, match="every field"):
+        FieldDataset(ListSource(2, bad=(0, 1)), None)[0]
 
 
-def test_threaded_prefetch_matches_synchronous_loading() -> None:
-    a = run(StreamingFieldDataset(ListSource(9), noisy, repeats=2, shuffle_buffer=2, seed=3, prefetch=0))
-    b = run(StreamingFieldDataset(ListSource(9), noisy, repeats=2, shuffle_buffer=2, seed=3, prefetch=4))
-    assert signature(a) == signature(b)
-    assert [k for k, _ in field_stream(ListSource(3), ListSource(3).records, prefetch=2)] == ListSource(3).records
+def test_lru_is_byte_bounded_but_keeps_one_batch() -> None:
+    src = ListSource(8)
+    ds = FieldDataset(src, None, cache_bytes=0, cache_fields=3)
+    ds.__getitems__([0, 1, 2])
+    assert sorted(ds._lru) == [0, 1, 2]
+    ds.__getitems__([3])
+    assert len(ds._lru) == 3 and 3 in ds._lru
+    ds.__getitems__([4, 5, 6, 7])  # a bigger batch is kept whole until it is served
+    assert sorted(ds._lru) == [4, 5, 6, 7] and src.loads == {i: 1 for i in range(8)}
 
 
-@pytest.mark.parametrize("bad", [(), (0, 4)])
-def test_resume_anywhere_is_identical_and_fetches_only_what_is_left(bad: tuple[int, ...]) -> None:
-    kw: dict[str, Any] = {"repeats": 2, "shuffle_buffer": 2, "seed": 5, "rank": 1, "world_size": 2}
-    full = run(StreamingFieldDataset(ListSource(7, bad), noisy, **kw))  # rank 1: 3 fields + 1 padding
-    assert len(full) == 8
-    for k in range(len(full)):
-        first = StreamingFieldDataset(ListSource(7, bad), noisy, **kw)
-        head = run(first, limit=k) if k else []
-        state = first.state_dict()
-        assert state["epoch"] == 0 and state["samples_yielded"] == k
-        src = ListSource(7, bad)
-        resumed = StreamingFieldDataset(src, noisy, **kw)
-        resumed.load_state_dict(state)
-        tail = run(resumed)
-        assert signature(head + tail) == signature(full), f"resume at {k}"
-        later = {int(s["index"]) for s in full[k:]}
-        fetched = {i for i in src.loads if i not in bad}
-        assert later <= fetched
-        # fields whose samples were all consumed are not fetched (the fallback may re-read one)
-        assert len(fetched - later) <= 1
-        assert resumed.epoch == 1
-
-
-def test_resume_mismatched_workers_restarts_epoch_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
-    ds = StreamingFieldDataset(ListSource(6), None, repeats=1, shuffle_buffer=2)
-    ds.load_state_dict({"epoch": 2, "samples_yielded": 4, "num_workers": 3, "batch_size": 2})
-    samples = run(ds)
-    assert len(samples) == 6 and "restarts from its beginning" in caplog.text
-
-
-# -------------------------------------------------------------------------------------------------
-# DataLoader workers
-# -------------------------------------------------------------------------------------------------
-
-
-def test_dataloader_workers_shard_and_resume_exactly() -> None:
-    kw: dict[str, Any] = {"repeats": 2, "shuffle_buffer": 3, "seed": 4}
-
-    def batches(dl, limit=None):
-        out = []
-        for b in dl:
-            out.append((b["index"].tolist(), b["noise"]))
-            if limit is not None and len(out) == limit:
-                break
-        return out
-
-    # 9 fields over 2 workers: 5 + 4 (+1 padding field), 10 samples each, batches of 3, 3, 3, 1.
-    ds = StreamingFieldDataset(ListSource(9, bad=(6,)), noisy, **kw)
-    dl = ds.make_loader(batch_size=3, num_workers=2)
-    full = batches(dl)
-    assert len(full) == len(dl) == 8
-    got = Counter(i for idx, _ in full for i in idx)
-    assert sum(got.values()) == 20 and set(got) == set(range(9)) - {6}
-    assert ds.epoch == 1 and ds.position == 0
-    for stop in (1, 3, 6, 7):  # stop, checkpoint, resume in a fresh dataset/loader
-        ds2 = StreamingFieldDataset(ListSource(9, bad=(6,)), noisy, **kw)
-        dl2 = ds2.make_loader(batch_size=3, num_workers=2)
-        head = batches(dl2, limit=stop)
-        state = dl2.state_dict()
-        assert state["samples_yielded"] == sum(len(i) for i, _ in head) and state["epoch"] == 0
-        ds3 = StreamingFieldDataset(ListSource(9, bad=(6,)), noisy, **kw)
-        dl3 = ds3.make_loader(batch_size=3, num_workers=2)
-        dl3.load_state_dict(state)
-        joined = head + batches(dl3)
-        assert [i for i, _ in joined] == [i for i, _ in full], f"resume after {stop} batches"
-        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(joined, full, strict=True))
-        assert ds3.epoch == 1
-
-
-def test_lookahead_batches_are_not_counted_as_consumed() -> None:
-    ds = StreamingFieldDataset(ListSource(8), None, repeats=1, shuffle_buffer=2)
-    dl = ds.make_loader(batch_size=2, lookahead_batches=1)
-    it = iter(dl)
-    next(it), next(it), next(it)  # a prefetching trainer has trained on 2 of these 3
-    assert dl.state_dict()["samples_yielded"] == 4
+def test_high_res_stage_starts_at_its_stream_position() -> None:
+    ds = FieldDataset(ListSource(4), [(0, noisy), (8, lambda x, generator: {"image": x[:, :2]})])
+    assert ds[31]["noise"].shape == (3,) and ds[32]["image"].shape == (2, 2, 4) and ds[32]["stream_pos"] == 8
 
 
 # -------------------------------------------------------------------------------------------------
@@ -269,8 +177,11 @@ def s3_source(jb: JumpBucket, endpoint: str, tmp_path: Path, uri: str | None = N
     return S3FieldSource(uri or jb.uri, cfg)
 
 
-def test_s3_stream_survives_faults_exactly_once_per_epoch(
+def test_s3_stream_survives_faults_once_per_epoch_with_workers(
         jump_bucket: JumpBucket, proxy: FaultProxy, tmp_path: Path) -> None:
+    from dinocell.config import ViewsConfig
+    from dinocell.data.views import MultiViewAugmentation
+
     prefix = f"stream-{uuid.uuid4().hex[:8]}/"
     for k in jump_bucket.keys:
         jump_bucket.admin.copy_object(Bucket=jump_bucket.bucket, Key=prefix + k[len(jump_bucket.prefix):],
@@ -287,52 +198,24 @@ def test_s3_stream_survives_faults_exactly_once_per_epoch(
     for i, r in enumerate(recs):
         if i not in bad:
             proxy.schedule["/" + "/".join(parse_s3_uri(r.channels["DNA"]))] = [kinds[i % len(kinds)]]
-    ds = StreamingFieldDataset(src, None, repeats=2, shuffle_buffer=4, seed=0)
-
-    def epoch() -> Counter[int]:
-        proxy.served.clear()
-        got = Counter(int(s["index"]) for s in ds)
-        good_paths = ["/" + "/".join(parse_s3_uri(u)) for i, r in enumerate(recs) if i not in bad
-                      for u in r.channels.values()]
-        assert all(proxy.served[p] == 1 for p in good_paths), "each good object exactly once per epoch"
-        return got
-
-    got = epoch()
-    assert set(got) == set(range(len(recs))) - bad and sum(got.values()) == 2 * len(recs)
-    assert sum(proxy.injected.values()) == len(recs) - len(bad)
-    m = ds.metrics()
-    assert m["s3/skipped"] == 2 and m["stream/skipped"] == 2 and m["s3/retries"] >= len(recs) - 2
-    got2 = epoch()  # epoch 1: fetched again (no cache), still once each
-    assert set(got2) == set(got) and ds.epoch == 2
-
-
-def test_s3_stream_with_workers_multiview_and_shared_metrics(jump_bucket: JumpBucket, proxy: FaultProxy,
-                                                             tmp_path: Path) -> None:
-    from dinocell.config import MaskConfig, ViewsConfig
-    from dinocell.data.masking import collate_multiview
-    from dinocell.data.views import MultiViewAugmentation
-
-    src = s3_source(jump_bucket, proxy.url, tmp_path)
     views = MultiViewAugmentation(ViewsConfig(global_crop_size=32, local_crop_size=16, n_local_crops=2),
                                   src.fluorescent)
-    ds = StreamingFieldDataset(src, views, repeats=2, shuffle_buffer=3, seed=0)
-
-    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-        return collate_multiview(samples, MaskConfig(), patch_size=8, rng=0)
-
-    proxy.reset_counts()
-    dl = ds.make_loader(batch_size=4, num_workers=2, collate_fn=collate)
-    seen: Counter[int] = Counter()
-    n_batches = 0
+    proxy.served.clear()
+    dl = loader(src, len(recs), 2, 3, workers=2, transform=views)  # 4 groups of 3 fields: 2 per worker
+    got: Counter[int] = Counter()
     for batch in dl:
-        n_batches += 1
-        assert batch["global_crops"].shape[1:] == (1, 32, 32)
-        assert batch["local_crops"].shape[1:] == (1, 16, 16)
-        seen.update(batch["index"].tolist())
-    assert n_batches == len(dl) == 6 and seen == {i: 2 for i in range(len(src))}
-    assert all(v == 1 for v in proxy.served.values()) and len(proxy.served) == 5 * len(src)
-    m = ds.metrics()  # read in the main process, written by the workers
-    assert m["s3/fields"] == len(src) and m["s3/requests"] == 5 * len(src) and m["stream/samples"] == 24
+        assert len(batch) == 3 and batch[0]["global_crops"][0].shape == (1, 32, 32)
+        got.update(int(s["index"]) for s in batch)
+    assert sum(got.values()) == 2 * len(recs) and not set(got) & bad
+    stand_ins = {4, 9}  # a bad field's samples show the next field, which that worker may fetch again
+    paths = {i: ["/" + "/".join(parse_s3_uri(u)) for u in r.channels.values()] for i, r in enumerate(recs)}
+    assert all(proxy.served[p] == 1 for i in paths if i not in bad | stand_ins for p in paths[i]), \
+        "each good object exactly once per epoch"
+    assert all(proxy.served[p] >= 1 for i in stand_ins for p in paths[i])
+    assert sum(proxy.injected.values()) == len(recs) - len(bad)
+    m = dl.metrics()  # read in the main process, written by the workers
+    assert m["stream/skipped"] == 2 and m["s3/retries"] >= len(recs) - 2 and m["stream/samples"] == 24
+    assert len(recs) - len(bad) <= m["stream/fields"] <= len(recs) - len(bad) + 2 * len(stand_ins)
 
 
 def test_pretrain_two_steps_from_s3(jump_bucket: JumpBucket, tmp_path: Path) -> None:

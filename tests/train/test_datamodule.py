@@ -5,7 +5,8 @@ import torch
 
 from dinocell.config import load_config
 from dinocell.data.sources import open_source
-from dinocell.train.datamodule import StreamSampler, build_loader, steps_per_epoch
+from dinocell.data.stream import StreamSampler
+from dinocell.train.datamodule import build_loader, steps_per_epoch
 from dinocell.train.run import resolve_precision
 from tests_tiny import TINY
 
@@ -178,30 +179,3 @@ def test_numpy_sampler_matches_the_list_one(n_fields: int, repeats: int, bs: int
                                  world_size=world))
         assert got == _reference_stream(n_fields, repeats, spe, total, 4, start, bs, rank, world)
         assert all(type(i) is int for i in got[:3])
-
-
-def test_split_heldout_groups_wells_once_and_matches_the_holdout_module() -> None:
-    """Issue 24: the held-out split on one row per well gives the split of ``holdout.split_source``."""
-    import numpy as np
-
-    from dinocell.data import jump
-    from dinocell.data.field import format_name
-    from dinocell.data.holdout import resolve_wells, split_source
-    from dinocell.data.local import IndexSource
-    from dinocell.train.datamodule import split_heldout
-
-    keys = [f"/d/P{p}__x-Measurement1/Images/{format_name(1 + w // 24, 1 + w % 24, s, c)}"
-            for p in range(3) for w in range(20) for s in (1, 2, 3) for c in (1, 5)]
-    idx, _ = jump.group_files(keys, "source_4")
-    cfg = load_config(None, ["data.holdout.fraction=0.25"])
-    for records in (idx, idx.take(np.random.default_rng(1).permutation(len(idx)))):  # sorted, shuffled
-        src = IndexSource(records, None, "x")
-        wells, train, held = split_heldout(src, cfg.data.holdout)
-        assert wells == resolve_wells(records, cfg.data.holdout) and len(wells) == 15
-        ref_train, ref_held = split_source(src, wells)
-        assert [r.key for r in train.records] == [r.key for r in ref_train.records]
-        assert [r.key for r in held.records] == [r.key for r in ref_held.records]
-        again = split_heldout(src, cfg.data.holdout, wells)
-        assert [r.key for r in again[2].records] == [r.key for r in held.records]
-    with pytest.raises(Exception, match="every field"):
-        split_heldout(IndexSource(idx, None, "x"), cfg.data.holdout, sorted({f"{r.plate}/{r.well}" for r in idx}))

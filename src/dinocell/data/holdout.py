@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from dinocell.data.field import FieldRecord
+from dinocell.data.index import FieldIndex
 from dinocell.errors import ConfigError, UserError
 from dinocell.paths import write_text_atomic
 
@@ -44,22 +45,20 @@ def well_score(key: str, salt: str = "dinocell") -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def _well_ids(records: Sequence[FieldRecord]) -> tuple[np.ndarray, list[str], list[str]]:
-    """(per-field well id, plate of each id, ``PLATE/WELL`` of each id).
+def well_groups(records: Sequence[FieldRecord]) -> tuple[np.ndarray, list[str], list[str]]:
+    """(per-field well number, plate of each well, ``PLATE/WELL`` of each well): the one grouping of
+    fields by well, shared by the held-out split and anything else per well.
 
-    On a columnar :class:`~dinocell.data.index.FieldIndex` this is one pass over integer codes (no
-    per-field Python object: millions of fields); a plain list of records takes the generic path.
-    """
-    if hasattr(records, "codes"):
+    On a columnar :class:`~dinocell.data.index.FieldIndex` it is :meth:`~FieldIndex.well_rows` (O(n)
+    on a built index, whose wells are runs; no per-field Python object) plus one string per well; a
+    plain list of records takes the generic path."""
+    if isinstance(records, FieldIndex):
+        first, well_of = records.well_rows()
         pc, plates = records.codes("plate")
         wc, wells = records.codes("well")
-        n_wells = max(1, len(wells))
-        pair = pc.astype(np.int64) * n_wells + wc.astype(np.int64)
-        uniq, ids = np.unique(pair, return_inverse=True)
-        # one Python step per well, not per field (3M fields are ~0.3M wells)
-        id_plates = [plates[i] for i in (uniq // n_wells).tolist()]
-        keys = [f"{p}/{wells[w]}" for p, w in zip(id_plates, (uniq % n_wells).tolist(), strict=True)]
-        return ids.reshape(-1), id_plates, keys
+        id_plates = [plates[i] for i in pc[first].tolist()]
+        keys = [f"{p}/{wells[w]}" for p, w in zip(id_plates, wc[first].tolist(), strict=True)]
+        return well_of, id_plates, keys
     pairs = [(r.plate, r.well) for r in records]
     uniq_pairs = sorted(set(pairs))
     lookup = {pw: i for i, pw in enumerate(uniq_pairs)}
@@ -71,7 +70,7 @@ def heldout_wells(records: Sequence[FieldRecord], fraction: float, salt: str = "
     """The wells the rule holds out (sorted ``PLATE/WELL``): ``fraction`` of each plate's wells."""
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"config key 'data.holdout.fraction' must be in [0, 1), got {fraction}")
-    _, id_plates, keys = _well_ids(records)
+    _, id_plates, keys = well_groups(records)
     by_plate: dict[str, list[str]] = defaultdict(list)
     for plate, key in zip(id_plates, keys, strict=True):
         by_plate[plate].append(key)
@@ -89,7 +88,7 @@ def resolve_wells(records: Sequence[FieldRecord], holdout: Any) -> list[str]:
     """The held-out wells of ``records`` for a ``HoldoutConfig``: its explicit ``wells`` (checked) or the rule."""
     if holdout.wells:
         wanted = sorted({str(w).strip() for w in holdout.wells if str(w).strip()})
-        present = set(_well_ids(records)[2])
+        present = set(well_groups(records)[2])
         if not any(w in present for w in wanted):
             raise ConfigError(f"config key 'data.holdout.wells' names no well of this source (e.g. "
                               f"'{wanted[0]}'; wells look like '{next(iter(sorted(present)), 'PLATE/A01')}')")
@@ -100,7 +99,7 @@ def resolve_wells(records: Sequence[FieldRecord], holdout: Any) -> list[str]:
 def split_indices(records: Sequence[FieldRecord], wells: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
     """(training, held-out) record indices for a set of held-out ``PLATE/WELL`` keys (vectorised)."""
     held = set(wells)
-    ids, _, keys = _well_ids(records)
+    ids, _, keys = well_groups(records)
     held_id = np.array([k in held for k in keys], dtype=bool)
     mask = held_id[ids] if len(keys) else np.zeros(len(ids), dtype=bool)
     return np.flatnonzero(~mask), np.flatnonzero(mask)

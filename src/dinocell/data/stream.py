@@ -1,548 +1,295 @@
-"""Streaming multi-view samples from any :class:`~dinocell.data.sources.FieldSource`.
+"""The training sample stream: one order, one seeding, one cache, for every kind of field source.
 
-Random access over 3M fields with a small LRU almost never hits the cache.  Streaming instead reads
-each field once per epoch (in a shuffled order), decodes it once, keeps it in a *shuffle buffer* and
-draws ``repeats`` augmented samples from it at random times while it sits there.  Training speed then
-depends on ``repeats`` and decode speed rather than on luck, and the network only has to deliver
-``samples/s / repeats`` fields per second.
+The whole run is one stream of "virtual epochs".  Sample ``k`` of the stream belongs to virtual epoch
+``k // samples_per_epoch``; which field it shows comes from that epoch's order, one integer array
+(:class:`StreamSampler`), and its augmentation seed is a pure function of ``(seed, stream id)``.  A
+resumed run starts the stream at ``global_step * global_batch`` and sees exactly the batches the
+uninterrupted run would have seen, whatever the source.
 
-Guarantees (tested):
-
-* **Sharding**: the epoch's field permutation is split over DDP ranks, then over DataLoader workers;
-  no field is read twice per epoch.  Every worker of every rank yields the same number of samples
-  (``ceil(fields / (ranks * workers)) * repeats``): a worker with one field less, or with a field that
-  failed to load, fills the gap with extra views of fields in its buffer (counted as
-  ``substituted``), so DDP ranks never disagree on the number of batches.
-* **Determinism**: the buffer's draws, the fetch order and each sample's augmentation seed are pure
-  functions of ``(seed, epoch, rank, worker, sample number)``.
-* **Resume**: ``state_dict()`` holds the epoch and the number of samples already consumed;
-  ``load_state_dict()`` makes the next iteration skip them *without fetching* fields whose samples were
-  all consumed -- the buffer plan is replayed on record indices only.
-
-With DataLoader workers, the main process cannot see how far each worker got; use
-:class:`StreamingDataLoader` (or :meth:`StreamingFieldDataset.make_loader`), which counts the batches it
-hands out and maps that count back to per-worker positions (DataLoader serves workers round-robin, and
-equal per-worker quotas make that mapping exact).
+What differs between sources is only how a batch's fields are fetched, and that is a capability the
+source declares (:class:`SupportsPrefetch`), never guessed from the URI or ``hasattr``: a remote
+source fetches the fields of a batch concurrently, a local one reads them in turn.  Decoded fields
+stay in one small byte-bounded LRU per process (:class:`FieldDataset`), which holds at least one
+batch's fields; the sampler hands each DataLoader worker all repeats of the fields it decodes, so a
+field is fetched once per epoch (see :meth:`StreamSampler.epoch_order`).
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, NamedTuple
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinocell.data.counters import SharedCounters
-from dinocell.data.field import FieldRecord, FieldSource, field_labels
-from dinocell.errors import ConfigError, DataError
+from dinocell.data.field import FieldRecord, FieldSource, field_labels, take_records
+from dinocell.errors import DataError
 
 log = logging.getLogger(__name__)
 
-_ENTER, _EMIT = 0, 1
-_STREAM_COUNTERS = ("samples", "fields", "skipped", "substituted")
+#: Decoded fields a dataset keeps (bytes; it always keeps at least one batch's fields).
+DECODE_CACHE_BYTES = 512 * 1024**2
+_STREAM_COUNTERS = ("samples", "fields", "substituted")
+
+Transform = Callable[..., dict[str, Any]]
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) of torch.distributed if initialised, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+@runtime_checkable
+class SupportsPrefetch(Protocol):
+    """A source on remote storage: it fetches many fields concurrently and reports its own metrics.
+
+    Sources declare it by subclassing (``class S3FieldSource(FieldSource, SupportsPrefetch)``)."""
+
+    def iter_loaded(self, records: Iterable[FieldRecord], ordered: bool = True, window: int | None = None,
+                    cache: bool = True) -> Iterator[tuple[FieldRecord, np.ndarray | None]]:
+        """``(record, scaled field or None when it failed)`` in input order, fetched concurrently."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """Counters of the remote traffic (``s3/*``)."""
+        ...
 
 
-def buffer_plan(n_items: int, size: int, repeats: int, rng: np.random.Generator) -> Iterator[tuple[int, int]]:
-    """The shuffle-buffer schedule as events ``(_ENTER, item)`` / ``(_EMIT, item)``.
-
-    Items enter in order until ``size`` sit in the buffer; each step emits one sample from a uniformly
-    drawn slot; an item leaves after ``repeats`` emissions and the next item takes its slot.  It only
-    depends on counts and ``rng``, never on data, so a resumed run can replay it without fetching.
-    """
-    slots: list[list[int]] = []
-    nxt = 0
-    while nxt < n_items and len(slots) < size:
-        yield _ENTER, nxt
-        slots.append([nxt, repeats])
-        nxt += 1
-    while slots:
-        i = int(rng.integers(len(slots))) if len(slots) > 1 else 0
-        slot = slots[i]
-        yield _EMIT, slot[0]
-        slot[1] -= 1
-        if slot[1] == 0:
-            if nxt < n_items:
-                yield _ENTER, nxt
-                slots[i] = [nxt, repeats]
-                nxt += 1
-            else:
-                slots[i] = slots[-1]
-                slots.pop()
-
-
-def worker_offsets(consumed: int, n_workers: int, batch_size: int, quota: int) -> list[int]:
-    """Samples each worker had produced when ``consumed`` samples came out of a DataLoader.
-
-    DataLoader takes batches from workers round-robin; every worker yields ``quota`` samples, so its
-    batches are ``batch_size`` long except the last one, and the order is round-major.
-    """
-    offs = [0] * n_workers
-    if quota <= 0:
-        return offs
-    n_batches = math.ceil(quota / batch_size)
-    rem = consumed
-    for r in range(n_batches):
-        size = batch_size if r < n_batches - 1 else quota - (n_batches - 1) * batch_size
-        for w in range(n_workers):
-            if rem <= 0:
-                return offs
-            if rem < size:
-                raise DataError(f"stream position {consumed} is not on a batch boundary "
-                                f"(batch size {batch_size}, {n_workers} workers)")
-            offs[w] += size
-            rem -= size
-    return offs
-
-
-def _sample_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def _threaded_loader(source: FieldSource, records: Iterable[FieldRecord],
-                     prefetch: int) -> Iterator[tuple[FieldRecord, np.ndarray | None]]:
-    """``iter_loaded`` for sources without one: ``source.load`` in a small thread pool, in order."""
-
-    def load(rec: FieldRecord) -> np.ndarray | None:
+def load_fields(source: FieldSource, records: Iterable[FieldRecord]) -> Iterator[tuple[FieldRecord, np.ndarray | None]]:
+    """Loaded fields in order (``None`` for a field that failed): concurrently when the source
+    :class:`SupportsPrefetch`, one after another otherwise."""
+    if isinstance(source, SupportsPrefetch):
+        # cache=False: the stream's own LRU holds what is reused; a second cache would only hold memory
+        yield from source.iter_loaded(records, cache=False)
+        return
+    for rec in records:
         try:
-            return source.load(rec)
+            yield rec, source.load(rec)
         except DataError as e:
             log.warning("skipping field %s: %s", rec.key, e)
-            return None
-
-    if prefetch <= 0:
-        for rec in records:
-            yield rec, load(rec)
-        return
-    pool = ThreadPoolExecutor(max_workers=max(1, min(4, prefetch)), thread_name_prefix="field-load")
-    pending: deque[tuple[FieldRecord, Future[np.ndarray | None]]] = deque()
-    it = iter(records)
-    try:
-        for rec in it:
-            pending.append((rec, pool.submit(load, rec)))
-            if len(pending) >= prefetch:
-                break
-        while pending:
-            rec, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(load, nxt)))
-            yield rec, fut.result()
-    finally:
-        for _, fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+            yield rec, None
 
 
-class StreamingFieldDataset(IterableDataset):
-    """Shuffle-buffered stream of multi-view samples from a field source.
+class StreamSampler(Sampler[int]):
+    """Stream ids for the whole run: per virtual epoch a fresh shuffle of fields, truncated to whole
+    batches; an id is ``stream_pos * n_fields * repeats + field * repeats + r``.
 
-    ``transform(field: Tensor (C,H,W), generator=torch.Generator) -> dict`` (e.g.
-    :class:`~dinocell.data.views.MultiViewAugmentation`); ``None`` yields ``{"image": field}``.  Every
-    sample also carries ``index`` (the record index) and ``label`` when the record has one.
-    ``prefetch`` fields load ahead when the source has no concurrent ``iter_loaded`` of its own.
-    ``rank``/``world_size`` override torch.distributed (tests, custom launchers).
+    With ``repeats > 1`` the shuffled fields are taken in groups of one global batch (the last group
+    absorbs the remainder) and each group is emitted ``repeats`` times in a row: the repeats of a field
+    are a group apart, so they never share a batch (KoLeo would push two views of one field apart).
+    When the source has fewer fields than a batch, duplicates in a batch cannot be avoided.  An epoch
+    longer than one pass (``train.steps_per_epoch`` set high) continues with a further shuffle.
+
+    DDP: each global batch of ``batch_size * world_size`` positions is split into per-rank slices, so
+    ranks never read the same sample and resume needs no bookkeeping.
     """
 
-    def __init__(self, source: FieldSource, transform: Callable[..., dict[str, Any]] | None = None,
-                 repeats: int = 1, shuffle_buffer: int = 64, seed: int = 0, prefetch: int = 8,
-                 shuffle: bool = True, rank: int | None = None, world_size: int | None = None) -> None:
-        super().__init__()
-        if repeats < 1:
-            raise ConfigError(f"repeats must be >= 1, got {repeats}")
-        if shuffle_buffer < 1:
-            raise ConfigError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+    def __init__(self, n_fields: int, repeats: int, samples_per_epoch: int, total_samples: int,
+                 seed: int = 0, start: int = 0, batch_size: int = 1, rank: int = 0,
+                 world_size: int = 1, workers: int = 1) -> None:
+        if n_fields < 1 or samples_per_epoch < 1:
+            raise DataError("the training stream is empty (no fields or no samples per epoch)")
+        self.n_fields, self.repeats = n_fields, max(1, repeats)
+        self.samples_per_epoch, self.total, self.seed = samples_per_epoch, total_samples, seed
+        self.start = start
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.workers = max(1, workers)
+        self._epoch: tuple[int, np.ndarray] | None = None
+
+    def _pass(self, epoch: int, k: int) -> np.ndarray:
+        """Pass ``k`` of an epoch: one shuffle of the fields, each field ``repeats`` times (one int64
+        array: a 3M-field pass is 24 MB, not millions of Python ints)."""
+        g = torch.Generator().manual_seed(self.seed * 7919 + epoch + 1_000_003 * k)
+        order = torch.randperm(self.n_fields, generator=g).numpy().astype(np.int64)
+        if self.repeats == 1:
+            return order
+        group = self.batch_size * self.world_size
+        n_groups = max(1, len(order) // group)  # the last group absorbs the remainder
+        reps = np.arange(self.repeats, dtype=np.int64)
+        head = order[:(n_groups - 1) * group].reshape(n_groups - 1, 1, group)
+        tail = order[(n_groups - 1) * group:].reshape(1, -1)
+        return np.concatenate([(head * self.repeats + reps[None, :, None]).reshape(-1),
+                               (tail * self.repeats + reps[:, None]).reshape(-1)])
+
+    def _by_worker(self, ids: np.ndarray) -> np.ndarray:
+        """Reorder the global batches so that DataLoader worker ``i`` (batches ``i, i + w, ...``) gets
+        all ``repeats`` batches of a group back to back: blocks of ``w x repeats`` batches, read as a
+        (group, repeat) grid, are emitted repeat-major.  Each worker then decodes a field once and
+        serves its repeats from its LRU.  One worker (or one repeat): the order is unchanged."""
+        w, r, gb = self.workers, self.repeats, self.batch_size * self.world_size
+        block = w * r * gb
+        full = (len(ids) // block) * block
+        if w == 1 or r == 1 or full == 0:
+            return ids
+        grid = ids[:full].reshape(-1, w, r, gb).transpose(0, 2, 1, 3).reshape(-1)
+        return np.concatenate([grid, ids[full:]])
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Dataset indices (field * repeats + r) of one virtual epoch (the last one is kept)."""
+        if self._epoch is not None and self._epoch[0] == epoch:
+            return self._epoch[1]
+        parts: list[np.ndarray] = []
+        have, k = 0, 0
+        while have < self.samples_per_epoch:
+            parts.append(self._pass(epoch, k))
+            have += len(parts[-1])
+            k += 1
+        ids = self._by_worker(np.concatenate(parts)[: self.samples_per_epoch])
+        self._epoch = (epoch, ids)
+        return ids
+
+    def __iter__(self) -> Iterator[int]:
+        n = self.n_fields * self.repeats
+        global_batch = self.batch_size * self.world_size
+        spe = self.samples_per_epoch
+        k = self.start
+        chunk = 1 << 16  # stream positions converted to Python ints at a time
+        while k < self.total:
+            epoch = k // spe
+            order = self.epoch_order(epoch)
+            end = min(self.total, (epoch + 1) * spe)
+            for a in range(k, end, chunk):
+                ks = np.arange(a, min(end, a + chunk), dtype=np.int64)
+                ks = ks[(ks % global_batch) // self.batch_size == self.rank]
+                yield from (ks * n + order[ks - epoch * spe]).tolist()  # the position rides along
+            k = end
+
+    def __len__(self) -> int:
+        # The full per-rank length, also when resuming: the training loop counts batches from the
+        # restored step, so the loader must report the run's length while yielding only what is left.
+        return self.total // self.world_size
+
+
+class FieldDataset(Dataset):
+    """Multi-view samples addressed by stream id (``stream_pos * len + field * repeats + r``).
+
+    An id maps to field ``(id // repeats) % n_fields``; the augmentation is seeded by the whole id, so
+    each stream position gets its own reproducible crops.  ``transform`` is one transform or a list
+    of ``(first stream position, transform)`` stages (the high-resolution stage).  A batch's missing
+    fields are fetched together (:func:`load_fields`) into the LRU.  A field that fails to load is
+    skipped (counted; flagged in shared memory so every worker skips it) and the next loadable field
+    is shown instead; if every field fails the dataset raises :class:`DataError`.
+    """
+
+    def __init__(self, source: FieldSource, transform: Transform | Sequence[tuple[int, Transform]] | None,
+                 repeats: int = 1, seed: int = 0, cache_bytes: int = DECODE_CACHE_BYTES,
+                 cache_fields: int = 1) -> None:
         if len(source) == 0:
             raise DataError(f"source {source.name} has no fields")
         self.source = source
-        self.transform = transform
-        self.repeats = int(repeats)
-        self.shuffle_buffer = int(shuffle_buffer)
-        self.seed = int(seed)
-        self.prefetch = int(prefetch)
-        self.shuffle = shuffle
-        self._rank, self._world = rank, world_size
-        self.epoch = 0
-        self.position = 0  # samples of ``epoch`` already consumed (this rank)
-        self.num_workers = 0  # set by StreamingDataLoader: needed for __len__ and resume
-        self.batch_size: int | None = None
-        self._resume_workers: int | None = None
-        self._order: tuple[tuple[int, int, int, bool], np.ndarray] | None = None
-        self.counters = SharedCounters(_STREAM_COUNTERS)
+        stages = sorted(transform, key=lambda t: t[0]) if isinstance(transform, Sequence) else [(0, transform)]
+        self.stages: list[tuple[int, Transform | None]] = list(stages)
+        self.repeats = max(1, int(repeats))
+        self.seed = seed
+        self.cache_bytes, self.cache_fields = int(cache_bytes), max(1, int(cache_fields))
+        self._lru: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._lru_bytes = 0
+        self._keep = self.cache_fields
         self._labels = field_labels(source.records)  # once: a sample never builds a record for it
-
-    # -- layout ------------------------------------------------------------------------------------
-    def _dist(self) -> tuple[int, int]:
-        rank, world = dist_info()
-        return (self._rank if self._rank is not None else rank,
-                self._world if self._world is not None else world)
-
-    def fields_per_worker(self, num_workers: int | None = None, world_size: int | None = None) -> int:
-        """Fields (real or substituted) each worker streams per epoch: ceil(N / (ranks * workers))."""
-        w = max(1, self.num_workers if num_workers is None else num_workers)
-        world = world_size if world_size is not None else self._dist()[1]
-        return math.ceil(len(self.source) / (world * w))
+        self.skipped: dict[str, str] = {}
+        self.bad = torch.zeros(len(source), dtype=torch.uint8).share_memory_()
+        self.counters = SharedCounters(_STREAM_COUNTERS)
 
     def __len__(self) -> int:
-        """Samples per epoch on this rank (for ``self.num_workers`` DataLoader workers)."""
-        w = max(1, self.num_workers)
-        return self.fields_per_worker(w) * w * self.repeats
+        return len(self.source) * self.repeats
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The epoch's permutation of record indices (the same on every rank; kept for the epoch:
-        permuting 3M indices costs ~0.1 s, and every shard of the epoch slices the same order)."""
+    # -- the cache ---------------------------------------------------------------------------------
+    def _put(self, field_idx: int, x: torch.Tensor) -> None:
+        self._lru[field_idx] = x
+        self._lru_bytes += x.numel() * x.element_size()
+        while len(self._lru) > self._keep and self._lru_bytes > self.cache_bytes:
+            _, old = self._lru.popitem(last=False)
+            self._lru_bytes -= old.numel() * old.element_size()
+
+    def _fetch(self, fields: Sequence[int]) -> None:
+        """Load ``fields`` (not cached, not known bad) into the LRU, together."""
+        recs = take_records(self.source.records, np.asarray(fields, dtype=np.int64))
+        for fi, (rec, arr) in zip(fields, load_fields(self.source, recs), strict=True):
+            if arr is None:
+                self._failed(fi, rec.key, "failed to load")
+                continue
+            self.counters.add(fields=1)
+            self._put(fi, torch.from_numpy(np.ascontiguousarray(arr)))
+
+    def _failed(self, field_idx: int, key: str, why: str) -> None:
+        self.bad[field_idx] = 1
+        self.skipped[key] = why
+
+    def load_field(self, field_idx: int) -> torch.Tensor | None:
+        """The decoded, scaled field (C,H,W) from the LRU or the source; ``None`` if it fails."""
+        x = self._lru.get(field_idx)
+        if x is None and not self.bad[field_idx]:
+            self._fetch([field_idx])
+            x = self._lru.get(field_idx)
+        if x is not None:
+            self._lru.move_to_end(field_idx)
+        return x
+
+    # -- samples -----------------------------------------------------------------------------------
+    def __getitems__(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        """One batch: its fields are fetched together (concurrently for a remote source)."""
+        ids = [int(i) for i in ids]
         n = len(self.source)
-        cached = self._order
-        if cached is not None and cached[0] == (epoch, n, self.seed, self.shuffle):
-            return cached[1]
-        order = (np.random.default_rng([self.seed, epoch, 0x0D1C]).permutation(n) if self.shuffle
-                 else np.arange(n))
-        order.flags.writeable = False
-        self._order = ((epoch, n, self.seed, self.shuffle), order)
-        return order
+        fields = list(dict.fromkeys((i // self.repeats) % n for i in ids))
+        self._keep = max(self.cache_fields, len(fields))
+        need = [f for f in fields if f not in self._lru and not self.bad[f]]
+        if need:
+            self._fetch(need)
+        return [self[i] for i in ids]
 
-    def shard(self, epoch: int, rank: int, world: int, worker: int, n_workers: int) -> np.ndarray:
-        """Record indices of one worker of one rank, in fetch order."""
-        return self.epoch_order(epoch)[rank::world][worker::n_workers]
-
-    # -- position ----------------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Start ``epoch`` from its beginning."""
-        self.epoch = int(epoch)
-        self.position = 0
-
-    def state_dict(self, samples_consumed: int | None = None) -> dict[str, Any]:
-        """Epoch and samples consumed on this rank (pass ``samples_consumed`` if you count them)."""
-        return {"epoch": self.epoch,
-                "samples_yielded": int(self.position if samples_consumed is None else samples_consumed),
-                "seed": self.seed, "repeats": self.repeats, "num_workers": self.num_workers,
-                "batch_size": self.batch_size, "n_fields": len(self.source)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume at a stored position; the next iteration skips what was consumed, unfetched."""
-        self.epoch = int(state["epoch"])
-        self.position = int(state["samples_yielded"])
-        for key in ("seed", "repeats", "n_fields"):
-            mine = self.seed if key == "seed" else self.repeats if key == "repeats" else len(self.source)
-            if key in state and state[key] is not None and int(state[key]) != mine:
-                log.warning("resuming a stream whose %s was %s (now %s): the epoch order differs, so "
-                            "the rest of epoch %d may repeat or miss fields", key, state[key], mine,
-                            self.epoch)
-        self._resume_workers = state.get("num_workers")
-        if self.batch_size is None and state.get("batch_size"):
-            self.batch_size = int(state["batch_size"])
-
-    def _resume_layout(self, n_workers: int, quota: int) -> tuple[list[int], int]:
-        """(samples already consumed per logical worker, rotation of the workers).
-
-        DataLoader always asks worker 0 first, but after ``b`` consumed batches the uninterrupted run
-        would continue with worker ``b % n``: so physical worker ``p`` plays logical worker
-        ``(p + b) % n``, which replays the exact batch order (workers that already gave their extra
-        batch in the current round come last and run out first).
-        """
-        if self.position <= 0:
-            return [0] * n_workers, 0
-        saved = self._resume_workers if self._resume_workers is not None else self.num_workers
-        if max(1, saved) != n_workers:
-            log.warning("stream position %d was saved with %s DataLoader worker(s), now %d: the shards "
-                        "differ, so epoch %d restarts from its beginning", self.position, saved,
-                        n_workers, self.epoch)
-            return [0] * n_workers, 0
-        if n_workers == 1:
-            return [self.position], 0
-        if not self.batch_size:
-            log.warning("stream position %d cannot be mapped to %d workers without the batch size: "
-                        "epoch %d restarts from its beginning", self.position, n_workers, self.epoch)
-            return [0] * n_workers, 0
-        offs = worker_offsets(self.position, n_workers, int(self.batch_size), quota)
-        batches = sum(math.ceil(o / int(self.batch_size)) for o in offs)
-        return offs, batches % n_workers
-
-    # -- iteration ---------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        rank, world = self._dist()
-        epoch = self.epoch
-        n_items = self.fields_per_worker(n_workers, world)
-        quota = n_items * self.repeats
-        skips, shift = self._resume_layout(n_workers, quota)
-        worker = (worker + shift) % n_workers  # the logical worker this process plays
-        skip = skips[worker]
-        shard = self.shard(epoch, rank, world, worker, n_workers)
-        if len(shard) == 0:
-            log.warning("worker %d of rank %d has no fields (%d fields < %d ranks x %d workers)",
-                        worker, rank, len(self.source), world, n_workers)
-            return
-        in_process = info is None
-        for sample in self._stream(shard, n_items, epoch, rank, worker, skip):
-            if in_process:
-                self.position += 1
-            yield sample
-        if in_process:  # a full pass: the next iteration is the next epoch
-            self.epoch = epoch + 1
-            self.position = 0
-            self._resume_workers = None
-
-    def _loaded(self, records: Iterable[FieldRecord]) -> Iterator[tuple[FieldRecord, np.ndarray | None]]:
-        if hasattr(self.source, "iter_loaded"):
-            # Each field is read once per epoch: a decoded-field cache here would only hold memory
-            # until the worker exits at the end of the (virtual) epoch.
-            return self.source.iter_loaded(records, cache=False)
-        return _threaded_loader(self.source, records, self.prefetch)
-
-    def _stream(self, shard: np.ndarray, n_items: int, epoch: int, rank: int, worker: int,
-                skip: int) -> Iterator[dict[str, Any]]:
-        n_real = len(shard)
-
-        def plan() -> Iterator[tuple[int, int]]:
-            rng = np.random.default_rng([self.seed, epoch, rank, worker, 0xB0F])
-            return buffer_plan(n_items, self.shuffle_buffer, self.repeats, rng)
-
-        # Which real items still have samples at or after ``skip``?  Only those are fetched.
-        if skip > 0:
-            last = np.full(n_items, -1, dtype=np.int64)
-            k = 0
-            for ev, item in plan():
-                if ev == _EMIT:
-                    last[item] = k
-                    k += 1
-            needed = np.flatnonzero(last[:n_real] >= skip).tolist()
-        else:
-            needed = list(range(n_real))
-        issued: deque[FieldRecord] = deque()  # records handed to the loader, not yet returned
-
-        def records() -> Iterator[FieldRecord]:
-            # Lazy: a columnar index builds each record only when the loader reaches it, so the first
-            # sample after a resume does not wait for the whole shard's records.
-            for i in needed:
-                rec = self.source.records[int(shard[i])]
-                issued.append(rec)
-                yield rec
-
-        loaded = self._loaded(records())
-
-        arrays: dict[int, np.ndarray | None] = {}  # items in the buffer -> data (None: bad/virtual)
-        in_buffer: dict[int, None] = {}  # insertion-ordered set of items in the buffer
-        left: list[int] = []  # real items in the order they left the buffer (for the fallback)
-        status: dict[int, bool] = {}  # real item -> loaded fine (known only for fetched items)
-        last_good: tuple[int, np.ndarray] | None = None
-        needed_set = set(needed)
-        emitted: dict[int, int] = {}
-        k = 0
-        try:
-            for ev, item in plan():
-                if ev == _ENTER:
-                    in_buffer[item] = None
-                    if item < n_real and item in needed_set:
-                        rec, arr = next(loaded)
-                        if rec is not issued.popleft():
-                            raise RuntimeError("field loader returned fields out of order")
-                        arrays[item] = arr
-                        status[item] = arr is not None
-                        self.counters.add(fields=1, skipped=int(arr is None))
-                    else:
-                        arrays[item] = None
-                    continue
-                # _EMIT
-                emitted[item] = emitted.get(item, 0) + 1
-                if emitted[item] == self.repeats:
-                    in_buffer.pop(item, None)
-                this_k = k
-                k += 1
-                if this_k < skip:
-                    if emitted[item] == self.repeats:
-                        self._leave(item, n_real, arrays, left, status)
-                        del emitted[item]
-                    continue
-                arr = arrays.get(item)
-                src_item = item
-                if arr is None:  # bad field or padding: a view of another buffered field instead
-                    pick = self._substitute(item, this_k, epoch, rank, worker, arrays, in_buffer)
-                    if pick is None:
-                        pick = self._fallback(last_good, left, status, shard)
-                    if pick is None:
-                        log.warning("no loadable field left to fill sample %d of worker %d", this_k, worker)
-                        if emitted[item] == self.repeats:
-                            self._leave(item, n_real, arrays, left, status)
-                            del emitted[item]
-                        continue
-                    src_item, arr = pick
-                    self.counters.add(substituted=1)
-                yield self._make_sample(arr, int(shard[src_item]), epoch, rank, worker, this_k)
-                if emitted[item] == self.repeats:
-                    good = arrays.get(item)
-                    if good is not None:
-                        last_good = (item, good)
-                    self._leave(item, n_real, arrays, left, status)
-                    del emitted[item]
-        finally:
-            close = getattr(loaded, "close", None)
-            if close is not None:
-                close()
-
-    @staticmethod
-    def _leave(item: int, n_real: int, arrays: dict[int, np.ndarray | None], left: list[int],
-               status: dict[int, bool]) -> None:
-        arrays.pop(item, None)
-        if item < n_real:
-            left.append(item)
-
-    def _substitute(self, item: int, k: int, epoch: int, rank: int, worker: int,
-                    arrays: dict[int, np.ndarray | None],
-                    in_buffer: dict[int, None]) -> tuple[int, np.ndarray] | None:
-        good = [i for i in in_buffer if i != item and arrays.get(i) is not None]
-        if not good:
-            return None
-        rng = np.random.default_rng([self.seed, epoch, rank, worker, k, 0x5B])
-        j = good[int(rng.integers(len(good)))]
-        return j, arrays[j]  # type: ignore[return-value]
-
-    def _fallback(self, last_good: tuple[int, np.ndarray] | None, left: list[int],
-                  status: dict[int, bool], shard: np.ndarray) -> tuple[int, np.ndarray] | None:
-        """The most recent good field to leave the buffer (re-read if a resume never fetched it)."""
-        for item in reversed(left):
-            if status.get(item) is False:
+    def __getitem__(self, idx: int) -> dict[str, Any]:
+        """``idx`` may exceed ``len(self)``: the sampler adds ``stream_pos * len`` so that the
+        augmentation seed is a pure function of (seed, stream position), which makes resumed runs
+        bit-identical to uninterrupted ones."""
+        idx = int(idx)
+        n = len(self.source)
+        field_idx = (idx // self.repeats) % n
+        for attempt in range(n):
+            fi = (field_idx + attempt) % n
+            if self.bad[fi]:
                 continue
-            if last_good is not None and last_good[0] == item:
-                return last_good
-            if item in status and last_good is not None:
-                continue  # fetched and good, but older than last_good: unreachable
-            rec = self.source.records[int(shard[item])]
-            try:
-                arr = self.source.load(rec)
-            except DataError:
-                status[item] = False
+            x = self.load_field(fi)
+            if x is None:
                 continue
-            status[item] = True
-            return item, arr
-        return last_good
+            if attempt:
+                self.counters.add(substituted=1)
+            return self._make_sample(x, fi, idx)
+        raise DataError(f"every field of {self.source.name} failed to load; first error: "
+                        f"{next(iter(self.skipped.items()), 'unknown')}")
 
-    def _make_sample(self, arr: np.ndarray, rec_index: int, epoch: int, rank: int, worker: int,
-                     k: int) -> dict[str, Any]:
-        x = torch.from_numpy(np.ascontiguousarray(arr))
-        if self.transform is None:
+    def _make_sample(self, x: torch.Tensor, field_idx: int, idx: int) -> dict[str, Any]:
+        stream_pos = idx // len(self)
+        transform = self.stages[0][1]
+        for start, tf in self.stages:
+            if stream_pos >= start:
+                transform = tf
+        if transform is None:
             sample: dict[str, Any] = {"image": x}
         else:
-            g = torch.Generator().manual_seed(_sample_seed(self.seed, epoch, rank, worker, k))
-            sample = self.transform(x, generator=g)
-        sample["index"] = rec_index
-        if self._labels is not None and self._labels[rec_index] >= 0:
-            sample["label"] = int(self._labels[rec_index])
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + idx) % (2**63 - 1))
+            sample = transform(x, generator=g)
+        sample["index"] = field_idx
+        sample["stream_pos"] = stream_pos
+        if self._labels is not None and self._labels[field_idx] >= 0:
+            sample["label"] = int(self._labels[field_idx])
         self.counters.add(samples=1)
         return sample
 
+    # -- reporting ---------------------------------------------------------------------------------
+    def skipped_count(self) -> int:
+        """Fields that failed to load so far, over all workers."""
+        return int(self.bad.sum())
+
     def metrics(self) -> dict[str, float]:
-        """Stream counters (summed over workers) plus the source's own metrics, if any."""
-        tot = self.counters.totals()
-        out = {f"stream/{k}": v for k, v in tot.items()}
-        src_metrics = getattr(self.source, "metrics", None)
-        if callable(src_metrics):
-            out.update(src_metrics())
+        """Stream counters (summed over workers) plus a remote source's own counters."""
+        out = {f"stream/{k}": v for k, v in self.counters.totals().items()}
+        out["stream/skipped"] = float(self.skipped_count())
+        if isinstance(self.source, SupportsPrefetch):
+            out.update(self.source.metrics())
         return out
 
-    def make_loader(self, batch_size: int, collate_fn: Callable[[list[Any]], Any] | None = None,
-                    num_workers: int = 0, **kwargs: Any) -> StreamingDataLoader:
-        """A :class:`StreamingDataLoader` over this dataset."""
-        return StreamingDataLoader(self, batch_size=batch_size, collate_fn=collate_fn,
-                                   num_workers=num_workers, **kwargs)
 
+class StreamLoader(DataLoader):
+    """The training DataLoader over a :class:`FieldDataset`; ``metrics()`` for the trainer's logs."""
 
-class _Counted(NamedTuple):
-    n: int
-    batch: Any
-
-
-class _CountingCollate:
-    """Wrap a collate function so the main process learns each batch's sample count."""
-
-    def __init__(self, fn: Callable[[list[Any]], Any] | None) -> None:
-        self.fn = fn
-
-    def __call__(self, samples: list[Any]) -> _Counted:
-        from torch.utils.data import default_collate
-
-        fn = self.fn if self.fn is not None else default_collate
-        return _Counted(len(samples), fn(samples))
-
-
-class StreamingDataLoader(DataLoader):
-    """DataLoader that tracks the stream position of a :class:`StreamingFieldDataset`.
-
-    It counts the samples of every batch it hands out (so ``state_dict()`` is exact for a loop that
-    checkpoints after training on the batches it received), and advances the epoch after a full pass.
-    Lightning saves/restores it automatically (it has ``state_dict``/``load_state_dict``) -- but
-    Lightning's fit loop fetches one batch ahead, so pass ``lookahead_batches=1`` there.
-    ``persistent_workers`` is not supported (workers would keep a stale position).
-    """
-
-    def __init__(self, dataset: StreamingFieldDataset, batch_size: int = 1,
-                 collate_fn: Callable[[list[Any]], Any] | None = None, num_workers: int = 0,
-                 lookahead_batches: int = 0, **kwargs: Any) -> None:
-        if kwargs.pop("persistent_workers", False):
-            log.warning("StreamingDataLoader ignores persistent_workers=True (resume needs fresh workers)")
-        dataset.num_workers = int(num_workers)
-        dataset.batch_size = int(batch_size)
-        self.lookahead_batches = int(lookahead_batches)
-        self._handed: deque[int] = deque()
-        super().__init__(dataset, batch_size=batch_size, collate_fn=_CountingCollate(collate_fn),
-                         num_workers=num_workers, **kwargs)
-
-    def __len__(self) -> int:
-        """Batches per epoch: each worker's quota is batched separately."""
-        ds: StreamingFieldDataset = self.dataset  # type: ignore[assignment]
-        w = max(1, self.num_workers)
-        quota = ds.fields_per_worker(w) * ds.repeats
-        per_worker = quota // self.batch_size if self.drop_last else math.ceil(quota / self.batch_size)
-        return w * per_worker
-
-    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        ds: StreamingFieldDataset = self.dataset  # type: ignore[assignment]
-        self._handed.clear()
-        workers = self.num_workers > 0
-        finished = False
-        try:
-            for counted in super().__iter__():
-                if workers:
-                    ds.position += counted.n
-                self._handed.append(counted.n)
-                while len(self._handed) > self.lookahead_batches + 1:
-                    self._handed.popleft()
-                yield counted.batch
-            finished = True
-        finally:
-            if finished and workers:
-                ds.epoch += 1
-                ds.position = 0
-                ds._resume_workers = None
-            if finished:
-                self._handed.clear()
-
-    def state_dict(self) -> dict[str, Any]:
-        ds: StreamingFieldDataset = self.dataset  # type: ignore[assignment]
-        ahead = sum(list(self._handed)[-self.lookahead_batches:]) if self.lookahead_batches else 0
-        return ds.state_dict(samples_consumed=max(0, ds.position - ahead))
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.dataset.load_state_dict(state)  # type: ignore[attr-defined]
-
-
-def field_stream(source: FieldSource, records: Iterable[FieldRecord],
-                 prefetch: int = 8) -> Iterator[tuple[FieldRecord, np.ndarray | None]]:
-    """Loaded fields in order, concurrently when the source supports it (extraction, evaluation)."""
-    recs = list(records)
-    if hasattr(source, "iter_loaded"):
-        return source.iter_loaded(recs)
-    return _threaded_loader(source, recs, prefetch)
+    def metrics(self) -> dict[str, float]:
+        return self.dataset.metrics()  # type: ignore[attr-defined,no-any-return]

@@ -1,4 +1,9 @@
-"""Finding the fields under an S3 prefix: concurrent listing, load_data tables, the cached index.
+"""Finding the fields under an S3 prefix: load_data tables, concurrent listing, the cached index.
+
+**load_data tables first.** The Cell Painting Gallery publishes one table per plate
+(``source_N/workspace/load_data_csv/<batch>/<plate>/load_data.csv.gz``, ``.parquet`` or
+``load_data_with_illum``).  When a prefix has them they name every field and its channels, so the
+image folders are not listed at all (:func:`find_load_data_tables`); otherwise the prefix is listed.
 
 **Listing.** Plate folders (``<plate>__<timestamp>-Measurement1/``) are found with ``/``-delimited
 listings, level by level, and then listed in full by a bounded thread pool (``data.s3.list_workers``,
@@ -41,7 +46,9 @@ from dinocell.data.field import IMAGE_SUFFIXES, LOAD_DATA_SUFFIXES, MAX_LISTED_S
 from dinocell.data.index import INDEX_VERSION, FieldIndex, IndexBuilder, read_index, read_info, write_index
 from dinocell.data.s3.config import parse_s3_uri
 from dinocell.data.s3.listing import BotoPager, HttpPager, endpoint_of
+from dinocell.data.tables import normalise_columns
 from dinocell.errors import DataError
+from dinocell.paths import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +342,100 @@ def index_from_load_data(df: pd.DataFrame, base: str, load_data: str) -> FieldIn
         idx.cats[key] = [str(n) for n in names]
         idx.meta.append(key)
     return idx
+
+
+#: Table names JUMP publishes per plate, in order of preference (the plain table names the same
+#: images as the one with illumination columns, which ``data.illum=required`` prefers; Parquet
+#: reads fastest).
+LOAD_DATA_NAMES = tuple(f"{stem}{suffix}" for stem in ("load_data", "load_data_with_illum")
+                        for suffix in (".parquet", ".csv.gz", ".csv"))
+
+
+def load_data_folder(prefix: str) -> str | None:
+    """Where the Cell Painting Gallery keeps the load_data tables of the images under ``prefix``:
+    ``<…>/source_N/workspace/load_data_csv/`` (its ``<batch>/`` folder when the prefix names a batch);
+    ``None`` for a prefix outside that layout."""
+    m = _SOURCE.search(prefix)
+    if m is None:
+        return None
+    parts = [p for p in prefix[m.end():].split("/") if p]
+    folder = prefix[:m.end()] + "/workspace/load_data_csv/"
+    if len(parts) >= 2 and parts[0] == "images":
+        folder += parts[1] + "/"
+    return folder
+
+
+def find_load_data_tables(lister: Lister, prefix: str) -> list[str]:
+    """Keys of the per-plate load_data tables for the images under ``prefix`` (every name of
+    :data:`LOAD_DATA_NAMES`; only the prefix's own plate when it names one).  Listing that folder is
+    a few keys per plate, not ~17k."""
+    folder = load_data_folder(prefix)
+    if folder is None:
+        return []
+    keys: list[str] = []
+    lister.walk(folder, None, keys.extend)
+    own = next((p for p in map(is_plate_folder, prefix.split("/")) if p), None)
+    return sorted(k for k in keys if k.rpartition("/")[2].lower() in LOAD_DATA_NAMES
+                  and (own is None or k.split("/")[-2] == own))
+
+
+def pick_tables(keys: Iterable[str], plates: Iterable[str] | None, illum: bool = False) -> list[str]:
+    """One table per plate folder (only ``plates`` when given), by :data:`LOAD_DATA_NAMES` preference;
+    ``illum``: the table with illumination columns first."""
+    order = LOAD_DATA_NAMES[3:] + LOAD_DATA_NAMES[:3] if illum else LOAD_DATA_NAMES
+    by_dir: dict[str, dict[str, str]] = defaultdict(dict)
+    for k in keys:
+        d, _, name = k.rpartition("/")
+        by_dir[d][name.lower()] = k
+    wanted = set(plates) if plates else None
+    return [names[next(n for n in order if n in names)] for d, names in sorted(by_dir.items())
+            if wanted is None or d.rsplit("/", 1)[-1] in wanted]
+
+
+def table_list_file(index_cache: str | None, endpoint: str | None, uri: str) -> tuple[Path, dict[str, Any]]:
+    """(file that remembers which load_data tables ``uri`` has, what it was found for): next to the
+    ``data.s3.index_cache`` file when one is set, else in the default cache folder."""
+    ident = {"endpoint": endpoint or "aws", "uri": uri}
+    path = Path(index_cache).expanduser() if index_cache else default_index_path(ident_key(ident))
+    return path.with_name(path.stem + "-load-data-tables.json"), ident
+
+
+def cached_table_keys(path: Path, ident: dict[str, Any], find: Callable[[], list[str]]) -> list[str]:
+    """The load_data table keys found for ``ident`` (none is an answer too), kept in ``path`` so a
+    warm start sends no request to learn them again (delete the file to look again)."""
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("ident") == ident:
+            return [str(k) for k in saved["tables"]]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    tables = find()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"ident": ident, "tables": tables}))
+    except OSError as e:
+        log.warning("could not keep the load_data table list in %s: %s", path, e)
+    return tables
+
+
+def read_load_data_tables(bucket: str, keys: list[str], get_bytes: Callable[[str, str], bytes],
+                          within: str, workers: int = 16) -> pd.DataFrame | None:
+    """The rows of the tables ``keys`` whose images are under ``within`` (an ``s3://`` prefix), read
+    concurrently; ``None`` when no row is (then the prefix is listed instead)."""
+    def read(key: str) -> pd.DataFrame:
+        return read_load_data_anywhere(f"s3://{bucket}/{key}", get_bytes)
+
+    with ThreadPoolExecutor(max(1, min(workers, len(keys))), thread_name_prefix="s3-load-data") as pool:
+        df = normalise_columns(pd.concat(list(pool.map(read, keys)), ignore_index=True))
+    paths = [c for c in df.columns if c.startswith("PathName_")]
+    if not paths:
+        return None
+    inside = df[paths[0]].astype(str).str.startswith(within).to_numpy()
+    if not inside.any():
+        return None
+    log.info("using %d load_data table(s) instead of listing %s (%d fields)", len(keys), within,
+             int(inside.sum()))
+    return df[inside].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -5,14 +5,15 @@
   :mod:`dinocell.data.s3.config`); this module only retries a body cut short after its headers.  A
   missing key, a 403, an undecodable object or a field with NaN/inf pixels skips that field and is
   counted: the run never crashes on one bad object, and never silently drops one either.
-* **Caches**: a byte-bounded LRU of decoded, scaled fields (for map-style ``load``; the streaming
-  path reads each field once per epoch and bypasses it) and an optional disk cache of raw objects.
+* **Caches**: a byte-bounded LRU of decoded, scaled fields (for ``load``; the training stream
+  keeps its own and bypasses it) and an optional disk cache of raw objects.
 * **Metrics**: :meth:`S3FieldSource.metrics`; the counters live in shared memory so DataLoader
   workers' downloads are included.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -55,15 +56,21 @@ from dinocell.data.s3.config import (
 )
 from dinocell.data.s3.discovery import (
     cached_index,
+    cached_table_keys,
     default_index_path,
     filter_values,
+    find_load_data_tables,
     ident_key,
     index_from_listing,
     index_from_load_data,
     index_ident,
     make_lister,
+    pick_tables,
     read_load_data_anywhere,
+    read_load_data_tables,
+    table_list_file,
 )
+from dinocell.data.stream import SupportsPrefetch
 from dinocell.data.tables import normalise_columns
 from dinocell.errors import DataError, require_extra
 
@@ -121,11 +128,12 @@ def apply_filters(index: FieldIndex, filters: dict[str, Any],
     return (index if keep.all() else index.take(keep)), wanted
 
 
-class S3FieldSource(FieldSource):
+class S3FieldSource(FieldSource, SupportsPrefetch):
     """Fields under an ``s3://bucket/prefix`` (or listed by a load_data file), fetched concurrently.
 
-    ``load(rec)`` serves one field through the decoded-field LRU; ``iter_loaded(records)`` streams
-    many with up to ``max_in_flight`` requests in flight -- that is what the streaming dataset uses.
+    ``load(rec)`` serves one field through the decoded-field LRU; ``iter_loaded(records)`` fetches
+    many with up to ``max_in_flight`` requests in flight -- the training stream fetches each batch's
+    fields that way (it declares :class:`~dinocell.data.stream.SupportsPrefetch`).
     """
 
     def __init__(self, uri: str, data_cfg: Any) -> None:
@@ -193,9 +201,14 @@ class S3FieldSource(FieldSource):
         load_data = data_cfg.load_data
         if load_data is None and self.uri.lower().endswith(LOAD_DATA_SUFFIXES):
             load_data = self.uri
+        plates = sorted(filter_values(self.s3cfg.filters["plate"])) if "plate" in (self.s3cfg.filters or {}) \
+            else None
         df = None
         if load_data:
             df = normalise_columns(read_load_data_anywhere(str(load_data), self._get_bytes))
+        else:  # the gallery's per-plate tables, when the prefix has them: no listing of the images
+            df, load_data = self._published_load_data(plates, getattr(data_cfg, "illum", "auto") == "required")
+        if df is not None:
             self.channel_map, self.channel_map_origin = channel_map_from_load_data(df), "load_data"
         else:
             self.channel_map, self.channel_map_origin = resolve_channel_map(
@@ -203,8 +216,6 @@ class S3FieldSource(FieldSource):
         self.illum = illum_for(df, data_cfg, f"s3://{self.bucket}/{self.prefix}", read_bytes=self._read_uri,
                                missing_errors=(S3MissingError, FileNotFoundError))
         ident = index_ident(self.s3cfg.endpoint_url, self.uri, None if load_data else self.channel_map, load_data)
-        plates = sorted(filter_values(self.s3cfg.filters["plate"])) if "plate" in (self.s3cfg.filters or {}) \
-            else None
         path = (Path(self.s3cfg.index_cache).expanduser() if self.s3cfg.index_cache
                 else default_index_path(ident_key(ident)))
         self.index_path = path
@@ -226,6 +237,28 @@ class S3FieldSource(FieldSource):
             return idx, skipped
 
         return cached_index(path, ident, None if load_data else plates, build)
+
+    def _published_load_data(self, plates: list[str] | None, illum: bool) -> tuple[Any, str | None]:
+        """(rows of the prefix's published load_data tables, a name for them), or (None, None) when
+        the prefix has none.  Which tables exist is remembered next to the index (a warm start asks
+        nothing); the tables themselves are read, like a ``data.load_data`` on S3."""
+        path, ident = table_list_file(self.s3cfg.index_cache, self.s3cfg.endpoint_url, self.uri)
+
+        def find() -> list[str]:
+            lister = make_lister(self.s3cfg, self.bucket, on_retries=lambda n: self.counters.add(retries=n))
+            try:
+                return find_load_data_tables(lister, self.prefix)  # filters select afterwards
+            except (S3MissingError, S3FetchError) as e:
+                raise DataError(str(e)) from None
+
+        keys = pick_tables(cached_table_keys(path, ident, find), plates, illum)
+        if not keys:
+            return None, None
+        df = read_load_data_tables(self.bucket, keys, self._get_bytes, f"s3://{self.bucket}/{self.prefix}")
+        if df is None:
+            return None, None
+        digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+        return df, f"s3://{self.bucket}/{keys[0].rsplit('/', 2)[0]}/#{len(keys)}-tables-{digest}"
 
     # -- fetching ----------------------------------------------------------------------------------
     def _get_bytes(self, bucket: str, key: str) -> bytes:
@@ -361,10 +394,10 @@ class S3FieldSource(FieldSource):
 
         Yields ``(rec, array)``, or ``(rec, None)`` for a field that is missing or undecodable (it is
         counted in ``skipped``).  ``ordered=True`` yields in input order (deterministic: what the
-        shuffle buffer needs); ``ordered=False`` yields as fields complete.  ``window`` fields are
+        training stream needs); ``ordered=False`` yields as fields complete.  ``window`` fields are
         in progress at once (default: enough to keep every request slot busy twice over).
-        ``cache=False`` neither reads nor fills the decoded-field LRU: the streaming dataset reads
-        each field once per epoch, so caching there only costs memory.
+        ``cache=False`` neither reads nor fills the decoded-field LRU: the training stream keeps
+        its own, so a second copy would only cost memory.
         """
         st = self._state()
         n_ch = max(1, len(self.channels))
