@@ -128,8 +128,8 @@ def probe(backbone: Any, probe_set: tuple[torch.Tensor, np.ndarray, list[bool]])
 
 
 def _teacher_from(ckpt: Path, cfg: Any) -> Any:
+    from dinocell.engine.checkpoint import load_checkpoint_file
     from dinocell.models.backbone import build_backbone
-    from dinocell.train.checkpoint import load_checkpoint_file
 
     sd = load_checkpoint_file(ckpt)["state_dict"]
     prefix = "meta.teacher.backbone."
