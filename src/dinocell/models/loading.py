@@ -13,9 +13,9 @@ single-channel 32-px crops gives meaningless features on raw uint16 fields or on
 squashed into one crop.  The scaling, channel layout, patch size and training crop travel with the
 weights (sidecar, checkpoint config) and come back with them here.
 
-Checkpoints are read with ``torch.load(weights_only=True)`` (nothing in them can run code); exports
-are safetensors.  This module sits in ``models`` (below ``train``/``data``), so it reads checkpoints
-itself rather than through ``dinocell.train``.
+Checkpoints are read with ``torch.load(weights_only=True)`` through :mod:`dinocell.models.weights`
+(nothing in them can run code); exports are safetensors.  Where a run folder keeps its checkpoint,
+exports and config is :class:`dinocell.runs.RunDir`'s business, not this module's.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ class StepSampler(Sampler[int]):
 
     ``__len__`` is the whole run even when resuming: Lightning counts batches from the restored step,
     so the loader reports the run's length while yielding only what is left (as pretrain's
-    :class:`dinocell.train.datamodule.StreamSampler`)."""
+    ``StreamSampler``)."""
 
     def __init__(self, start: int, total: int) -> None:
         self.start, self.total = int(start), int(total)

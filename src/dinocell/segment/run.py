@@ -1,8 +1,8 @@
 """``dinocell segment fit``: annotated fields -> targets -> Lightning Trainer -> atomic checkpoints.
 
-The engine is the pretraining one (:mod:`dinocell.engine`): same Trainer settings, atomic checkpoint I/O read back with
-``weights_only=True``, ``DIR/checkpoints/last.ckpt`` resumed by rerunning the command, the same
-loggers (``track.logger``; csv by default here).  :func:`load_segmenter` rebuilds a trained model
+The engine is the pretraining one (:mod:`dinocell.engine`): same Trainer settings, atomic checkpoint
+I/O read back with ``weights_only=True``, ``DIR/checkpoints/last.ckpt`` resumed by rerunning the
+command, the same loggers (``track.logger``; csv by default here).  :func:`load_segmenter` rebuilds a trained model
 from its run folder (architecture recorded in the checkpoint, so no backbone file is needed).
 """
 
