@@ -128,8 +128,8 @@ def probe(backbone: Any, probe_set: tuple[torch.Tensor, np.ndarray, list[bool]])
 
 
 def _teacher_from(ckpt: Path, cfg: Any) -> Any:
+    from dinocell.engine.checkpoint import load_checkpoint_file
     from dinocell.models.backbone import build_backbone
-    from dinocell.train.checkpoint import load_checkpoint_file
 
     sd = load_checkpoint_file(ckpt)["state_dict"]
     prefix = "meta.teacher.backbone."
@@ -147,7 +147,9 @@ def dataclass_replace(obj: Any, **kw: Any) -> Any:
 def _curve(run: Path, cfg: Any, sets: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
     """Probe of the EMA teacher at every periodic checkpoint of ``run``, per domain."""
     out: dict[str, list[tuple[int, float]]] = {k: [] for k in sets}
-    ckpts = sorted((run / "checkpoints").glob("step*.ckpt"))
+    from dinocell.runs import RunDir
+
+    ckpts = sorted(RunDir(run).checkpoints.glob("step*.ckpt"))
     for ck in ckpts:
         step = int(ck.stem[4:])
         bb = _teacher_from(ck, cfg)
@@ -177,6 +179,7 @@ def _figure(curves: dict[str, dict[str, list[tuple[int, float]]]], before: dict[
 
 def run(out: Path, mode: str, lr: float = 2e-4, gram_weight: float = 1.0, reuse_release: bool = False) -> dict[str, Any]:
     from dinocell.models.backbone import load_backbone
+    from dinocell.runs import RunDir
     from dinocell.train.export import export_run
     from dinocell.train.run import pretrain
 
@@ -211,7 +214,7 @@ def run(out: Path, mode: str, lr: float = 2e-4, gram_weight: float = 1.0, reuse_
     released = load_backbone(release)
     before = {k: probe(released, s) for k, s in sets.items()}
     curves = {name: _curve(out / name, cfg_b[name], sets) for name in variants}
-    after = {name: {k: probe(_teacher_from(out / name / "checkpoints" / "last.ckpt", cfg_b[name]), s)
+    after = {name: {k: probe(_teacher_from(RunDir(out / name).last_checkpoint, cfg_b[name]), s)
                     for k, s in sets.items()} for name in variants}
     _figure(curves, {k: v["probe"] for k, v in before.items()}, budget, out / "curves.png")
 

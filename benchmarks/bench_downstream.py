@@ -55,6 +55,7 @@ from _downstream_data import (  # noqa: E402
 )
 from _pretrain_cache import DEFAULT_CACHE, parse_design_args, pretrained_run  # noqa: E402
 
+from dinocell.runs import RunDir  # noqa: E402
 from dinocell.segment.scale import auto_scale  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -285,7 +286,7 @@ def run_prof(run: Path, mode: Mode, work: Path) -> dict[str, Any]:
     from dinocell.models.backbone import build_backbone
 
     trained = load_model(run)
-    cfg = load_config(run / "config.yaml")
+    cfg = load_config(RunDir(run).config)
     L.seed_everything(cfg.train.seed, verbose=False)
     untrained = replace(trained, backbone=build_backbone(cfg.model, img_size=trained.crop_size).eval(),
                         description="untrained")

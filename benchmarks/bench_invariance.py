@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from dinocell.runs import RunDir
+
 #: every variant starts from the seed's view settings, whatever the config file ships
 SEED_VIEWS = ["data.views.aligned_globals=false", "data.views.mean_global=false",
               "data.views.scale_batch_to_crops=false", "loss.ibot_cross_channel=false",
@@ -76,7 +78,7 @@ def decompose(run_dir: Path) -> tuple[float, float, float]:
     from dinocell.evaluate.consistency import channel_embeddings
     from dinocell.models.loading import load_model
 
-    cfg = config_from_dict(load_yaml(run_dir / "config.yaml"))
+    cfg = config_from_dict(load_yaml(RunDir(run_dir).config))
     held = heldout_source(run_dir)
     fields, _ = load_resized_fields(held, cfg.train.eval_fields, cfg.data.views.global_crop_size)
     model = load_model(run_dir)
@@ -118,7 +120,7 @@ def step_times(config: str, names: list[str], reps: int = 5) -> dict[str, float]
 def train(name: str, overrides: list[str], out: Path, config: str, extra: list[str],
           max_steps: int | None = None) -> float:
     run = out / name
-    if (run / "summary.json").is_file():
+    if RunDir(run).summary.is_file():
         return float("nan")
     cmd = [sys.executable, "-m", "dinocell.cli", "pretrain", "--config", config, "--output-dir", str(run),
            *(["--max-steps", str(max_steps)] if max_steps else []),
@@ -154,7 +156,7 @@ def main() -> None:
     rows = []
     for name in names:
         secs = train(name, VARIANTS[name], out, args.config, extra, max_steps=2 if args.smoke else None)
-        s = json.loads((out / name / "summary.json").read_text())
+        s = json.loads(RunDir(out / name).summary.read_text())
         fld, ch, res = decompose(out / name)
         rows.append((name, s, secs, fld, ch, res))
         print(f"{name}: cons {s['channel_consistency_after']:.3f} retr {s['cross_channel_retrieval_top1']:.3f} "

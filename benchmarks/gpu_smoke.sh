@@ -48,7 +48,8 @@ ORDER=(${ONLY:-single_fp32 single_bf16 single_compile_bf16 ddp_bf16 fsdp_fp32 fs
 check_ckpt() {  # prints the checkpoint's global step, or an error
   "$PYTHON" - "$1" <<'EOF'
 import sys, torch
-ck = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+from dinocell.engine.checkpoint import load_checkpoint_file
+ck = load_checkpoint_file(sys.argv[1])
 finite = all(torch.isfinite(v).all() for v in ck["state_dict"].values() if v.is_floating_point())
 print(ck["global_step"] if finite else "non-finite weights")
 EOF

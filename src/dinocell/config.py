@@ -21,6 +21,7 @@ import yaml
 
 from dinocell.errors import ConfigError
 from dinocell.paths import write_text_atomic
+from dinocell.runs import RunDir
 
 # --------------------------------------------------------------------------------------------------
 # The tree of defaults
@@ -569,7 +570,7 @@ def save_config(cfg: Config, run_dir: str | os.PathLike[str], record: dict[str, 
     at the top: a person and ``yaml.safe_load`` both see it, yet the file stays a strict config that
     ``config_from_dict`` reloads without an unknown key."""
     head = "".join(f"# {k}: {json.dumps(v, sort_keys=True)}\n" for k, v in (record or {}).items())
-    return write_text_atomic(Path(run_dir) / "config.yaml", head + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return write_text_atomic(RunDir(run_dir).config, head + yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_record(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dinocell.errors import UserError
+from dinocell.runs import RunDir
 
 #: errno values that mean "this disk / quota cannot take more bytes".
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -82,7 +83,7 @@ def refuse_segmentation_run(path: str | os.PathLike[str] | None, command: str) -
         return
     p = Path(path).expanduser()
     for folder in (p, p.parent, p.parent.parent) if p.exists() else ():
-        cfg = folder / "config.yaml"
+        cfg = RunDir(folder).config
         if not cfg.is_file():
             continue
         import yaml

@@ -58,7 +58,7 @@ def test_max_steps_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixtur
 _PAUSE_AFTER_STEP_2 = """
 import sys, time
 from dinocell.cli import main
-from dinocell.train.checkpoint import AtomicCheckpointIO
+from dinocell.engine.checkpoint import AtomicCheckpointIO
 save = AtomicCheckpointIO.save_checkpoint
 def paused(self, checkpoint, path, storage_options=None):
     save(self, checkpoint, path, storage_options)

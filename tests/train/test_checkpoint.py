@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from dinocell.config import load_config, to_dict
-from dinocell.errors import UserError
-from dinocell.train.checkpoint import (
+from dinocell.engine.checkpoint import (
     AtomicCheckpointIO,
     check_compatible,
     check_config_matches_tensors,
@@ -17,6 +16,7 @@ from dinocell.train.checkpoint import (
     prune_checkpoints,
     tensor_facts,
 )
+from dinocell.errors import UserError
 from dinocell.train.history import LossHistory
 from tests_tiny import TINY
 

@@ -6,8 +6,8 @@ import torch
 from dinocell.config import load_config
 from dinocell.data.sources import open_source
 from dinocell.data.stream import StreamSampler
+from dinocell.engine.trainer import resolve_precision
 from dinocell.train.datamodule import build_loader, steps_per_epoch
-from dinocell.train.run import resolve_precision
 from tests_tiny import TINY
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dinocell.config import load_config
-from dinocell.train.checkpoint import load_checkpoint_file
+from dinocell.engine.checkpoint import load_checkpoint_file
 from dinocell.train.meta_arch import MultiViewDINO
 from tests_tiny import TINY
 

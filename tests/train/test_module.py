@@ -99,7 +99,7 @@ def test_gram_teacher_snapshot_is_checkpointed_and_refreshed_on_schedule(tmp_pat
     """Snapshots before steps 1 and 4 (start 1, then absolute multiples of 4): the final checkpoint's Gram
     teacher is the EMA teacher as it was after step 3, i.e. the teacher stored in the step-4 checkpoint, and
     it loads back."""
-    from dinocell.train.checkpoint import load_checkpoint_file
+    from dinocell.engine.checkpoint import load_checkpoint_file
     from dinocell.train.run import pretrain
     from tests_tiny import TINY
 

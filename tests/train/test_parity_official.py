@@ -22,9 +22,9 @@ import torch
 
 from dinocell.config import LossConfig, MaskConfig, ModelConfig, OptimConfig
 from dinocell.data.masking import collate_multiview
+from dinocell.engine.param_groups import no_weight_decay
 from dinocell.models.backbone import build_backbone
 from dinocell.train import schedules as sched
-from dinocell.train.module import no_weight_decay
 
 UPSTREAM = "6876159a11b4df116f30f667f8c9888617df0751"
 

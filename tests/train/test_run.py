@@ -14,8 +14,8 @@ import torch
 
 from dinocell.cli import main
 from dinocell.config import load_config
+from dinocell.engine.checkpoint import load_checkpoint_file
 from dinocell.errors import UserError
-from dinocell.train.checkpoint import load_checkpoint_file
 from dinocell.train.run import pretrain
 from tests_tiny import TINY
 

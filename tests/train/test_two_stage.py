@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dinocell.config import load_config
-from dinocell.train.checkpoint import load_checkpoint_file
+from dinocell.engine.checkpoint import load_checkpoint_file
 
 TWO_STAGE = ["train.head_warmup_steps=3", "optim.backbone_warmup_steps=2", "optim.lr=1e-3",
              "optim.freeze_last_layer_epochs=0", "train.checkpoint_every_steps=1", "train.keep_last_n=10",

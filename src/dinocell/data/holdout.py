@@ -30,8 +30,7 @@ from dinocell.data.field import FieldRecord
 from dinocell.data.index import FieldIndex
 from dinocell.errors import ConfigError, UserError
 from dinocell.paths import write_text_atomic
-
-HOLDOUT_FILE = "holdout.txt"
+from dinocell.runs import RunDir
 
 
 def well_key(rec: FieldRecord) -> str:
@@ -129,12 +128,12 @@ def split_source(source: Any, wells: Iterable[str]) -> tuple[Any, Any]:
 
 def write_holdout_file(run_dir: str | os.PathLike[str], wells: Sequence[str]) -> Path:
     """``DIR/holdout.txt``: one ``PLATE/WELL`` per line (atomic)."""
-    return write_text_atomic(Path(run_dir) / HOLDOUT_FILE, "".join(f"{w}\n" for w in wells))
+    return write_text_atomic(RunDir(run_dir).holdout, "".join(f"{w}\n" for w in wells))
 
 
 def read_holdout_file(run_dir: str | os.PathLike[str]) -> list[str] | None:
     """The held-out wells a run decided, or ``None`` when the folder has no ``holdout.txt``."""
-    path = Path(run_dir) / HOLDOUT_FILE
+    path = RunDir(run_dir).holdout
     if not path.is_file():
         return None
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -151,7 +150,7 @@ def heldout_source(run_dir: str | os.PathLike[str], source: Any = None) -> Any:
     from dinocell.data.sources import open_source
 
     run = Path(run_dir)
-    cfg_path = run / "config.yaml"
+    cfg_path = RunDir(run).config
     if not cfg_path.is_file():
         raise UserError(f"{run} is not a run folder (no config.yaml)")
     cfg = load_config(cfg_path)

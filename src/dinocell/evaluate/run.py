@@ -46,6 +46,7 @@ from dinocell.evaluate.embed import data_config, eval_source
 from dinocell.evaluate.heldout import HeldoutFields, measure, spread_indices, with_size
 from dinocell.models.loading import LoadedModel, load_model
 from dinocell.paths import write_text_atomic
+from dinocell.runs import RunDir
 
 # --------------------------------------------------------------------------------------------------
 # Labelled images
@@ -360,17 +361,15 @@ def to_markdown(res: dict[str, Any]) -> str:
 def default_out_dir(model: str | os.PathLike[str] | LoadedModel | None, profiles: str | None) -> Path:
     """``<run>/eval`` for run-folder models, else an ``eval`` folder next to the model or profiles file."""
     if isinstance(model, LoadedModel):
-        return (model.run_dir or Path(".")) / "eval"
+        return RunDir(model.run_dir or Path(".")).eval_dir
     if model is not None:
         p = Path(model)
         if p.is_dir():
-            return p / "eval"
-        if p.parent.name in ("checkpoints", "export"):
-            return p.parent.parent / "eval"
-        return p.parent / "eval"
+            return RunDir(p).eval_dir
+        return (RunDir.of_file(p) or RunDir(p.parent)).eval_dir
     if profiles is not None:
-        return Path(profiles).parent / "eval"
-    return Path("eval")
+        return RunDir(Path(profiles).parent).eval_dir
+    return RunDir(Path(".")).eval_dir
 
 
 def evaluate(

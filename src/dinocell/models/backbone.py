@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dinocell.errors import ConfigError, DataError, UserError
+from dinocell.models.weights import load_state_checked, load_weights_file
 from dinocell.paths import payload_bytes, write_atomic, write_text_atomic
 
 EXPORT_FORMAT = "dinocell-backbone"
@@ -300,27 +301,9 @@ def _first_line(err: BaseException) -> str:
 
 def _check_and_load(bb: DinoBackbone, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Strict load with a one-line ``UserError`` naming the first few missing/unexpected/mis-shaped keys."""
-    expected = bb.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", shapes)):
-            if items:
-                more = ", ..." if len(items) > 3 else ""
-                parts.append(f"{len(items)} {label} keys ({', '.join(items[:3])}{more})")
-        arch = bb.arch
-        raise UserError(
-            f"weights in {source} do not fit {bb.timm_name} (embed_dim={arch['embed_dim']}, depth="
-            f"{arch['depth']}, num_heads={arch['num_heads']}, patch_size={arch['patch_size']}): "
-            + "; ".join(parts)
-        )
-    bb.load_state_dict(dict(state), strict=True)
+    arch = bb.arch
+    load_state_checked(bb, state, source, f"{bb.timm_name} (embed_dim={arch['embed_dim']}, depth={arch['depth']}, "
+                                          f"num_heads={arch['num_heads']}, patch_size={arch['patch_size']})")
 
 
 def _set_rope_periods(bb: DinoBackbone, periods: torch.Tensor | None) -> None:
@@ -329,30 +312,6 @@ def _set_rope_periods(bb: DinoBackbone, periods: torch.Tensor | None) -> None:
         return
     with torch.no_grad():
         rope.periods.copy_(periods.to(rope.periods.dtype))
-
-
-def _load_detail(err: BaseException) -> str:
-    """The informative line of torch's multi-paragraph weights_only error (e.g. the blocked GLOBAL)."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    for ln in lines:
-        if "GLOBAL" in ln or ln.startswith("Unsupported"):
-            return ln
-    return lines[0] if lines else type(err).__name__
-
-
-def _torch_load(path: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"pretrained weights not found: {p}")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickles that run code (UnpicklingError) or are corrupt
-        raise UserError(
-            f"refusing to load {p}: not a plain weights file (torch.load weights_only=True: {_load_detail(e)})"
-        ) from None
-    if not isinstance(obj, Mapping):
-        raise UserError(f"{p} does not hold a state dict (got {type(obj).__name__})")
-    return dict(obj)
 
 
 def _unwrap(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -379,7 +338,7 @@ def load_official_weights(backbone: DinoBackbone, path: str | os.PathLike[str]) 
     from timm.models import adapt_input_conv
     from timm.models.eva import checkpoint_filter_fn
 
-    sd = _unwrap(_torch_load(path))
+    sd = _unwrap(load_weights_file(path, "pretrained weights"))
     report: dict[str, Any] = {"path": str(path)}
     source = str(path)
     mask_token = sd.pop("mask_token", None)

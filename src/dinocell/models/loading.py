@@ -13,9 +13,9 @@ single-channel 32-px crops gives meaningless features on raw uint16 fields or on
 squashed into one crop.  The scaling, channel layout, patch size and training crop travel with the
 weights (sidecar, checkpoint config) and come back with them here.
 
-Checkpoints are read with ``torch.load(weights_only=True)`` (nothing in them can run code); exports
-are safetensors.  This module sits in ``models`` (below ``train``/``data``), so it reads checkpoints
-itself rather than through ``dinocell.train``.
+Checkpoints are read with ``torch.load(weights_only=True)`` through :mod:`dinocell.models.weights`
+(nothing in them can run code); exports are safetensors.  Where a run folder keeps its checkpoint,
+exports and config is :class:`dinocell.runs.RunDir`'s business, not this module's.
 """
 
 from __future__ import annotations
@@ -37,15 +37,15 @@ from dinocell.models.backbone import (
     DinoBackbone,
     _check_and_load,
     _first_line,
-    _torch_load,
     build_backbone,
     load_backbone,
 )
+from dinocell.models.weights import load_weights_file
+from dinocell.runs import RunDir
 from dinocell.scaling import scale_field
 
 #: Where a training checkpoint keeps the EMA teacher's backbone (``meta.<which>.backbone.*``).
 TEACHER_PREFIX = "meta.teacher.backbone."
-RUN_CHECKPOINT = Path("checkpoints") / "last.ckpt"  # same layout as dinocell.train.run
 TIMM_CONFIG = "config.json"
 
 #: Official DINOv3 release file stems -> timm architecture (``dinov3_vits16_pretrain_lvd1689m-....pth``).
@@ -160,7 +160,7 @@ def _run_config(ckpt: dict[str, Any], path: Path) -> Config:
     meta = ckpt.get("dinocell") or {}
     if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
         return config_from_dict(meta["config"])
-    for cand in (path.parent.parent / "config.yaml", path.parent / "config.yaml"):
+    for cand in (RunDir(path.parent.parent).config, RunDir(path.parent).config):
         if cand.is_file():
             return load_config(cand)
     raise UserError(f"no config for {path}: neither in the checkpoint nor as config.yaml in the run folder")
@@ -171,7 +171,7 @@ def load_checkpoint_model(path: str | os.PathLike[str], which: str = "teacher") 
     p = Path(path)
     if not p.is_file():
         raise UserError(f"checkpoint not found: {p}")
-    ckpt = _torch_load(p)
+    ckpt = load_weights_file(p)
     if not isinstance(ckpt.get("state_dict"), dict):
         raise UserError(f"{p} is not a Lightning checkpoint (no state_dict)")
     cfg = _run_config(ckpt, p)
@@ -184,8 +184,8 @@ def load_checkpoint_model(path: str | os.PathLike[str], which: str = "teacher") 
     _check_and_load(backbone, state, str(p))
     meta = ckpt.get("dinocell") or {}
     pre = preprocess_from_config(cfg, list(meta.get("channel_names") or cfg.data.channels or []))
-    run_dir = p.parent.parent if p.parent.name == RUN_CHECKPOINT.parent.name else None
-    return LoadedModel(backbone.eval(), pre, cfg, f"checkpoint {p}", run_dir)
+    run = RunDir.of_file(p)
+    return LoadedModel(backbone.eval(), pre, cfg, f"checkpoint {p}", run.root if run else None)
 
 
 def _export_preprocess(side: dict[str, Any], bb: DinoBackbone) -> Preprocess:
@@ -202,10 +202,11 @@ def load_export_model(path: str | os.PathLike[str]) -> LoadedModel:
     bb = load_backbone(path)
     pre = _export_preprocess(dict(bb.sidecar or {}), bb)
     p = Path(path)
-    run_dir = p.parent.parent if p.parent.name == "export" else None
+    run = RunDir.of_file(p)
+    run_dir = run.root if run is not None else None
     cfg = None
-    if run_dir is not None and (run_dir / "config.yaml").is_file():
-        cfg = load_config(run_dir / "config.yaml")
+    if run is not None and run.config.is_file():
+        cfg = load_config(run.config)
         cfg.model.pretrained = None
     return LoadedModel(bb, pre, cfg, f"export {p}", run_dir)
 
@@ -269,13 +270,15 @@ def load_model(path: str | os.PathLike[str], model_name: str | None = None, whic
         if (p / TIMM_CONFIG).is_file():
             m = load_timm_folder(p)
         else:
-            exports = sorted((p / "export").glob("*.safetensors"), key=lambda q: q.stat().st_mtime)
+            run = RunDir(p)
+            exports = run.exports()
             if exports and which == "teacher":
                 m = load_export_model(exports[-1])
-            elif (p / RUN_CHECKPOINT).is_file():
-                m = load_checkpoint_model(p / RUN_CHECKPOINT, which)
+            elif run.last_checkpoint.is_file():
+                m = load_checkpoint_model(run.last_checkpoint, which)
             else:
-                raise UserError(f"{p} has neither export/*.safetensors nor {RUN_CHECKPOINT}")
+                raise UserError(f"{p} has neither {run.export_dir.name}/*.safetensors nor "
+                                f"{run.last_checkpoint.relative_to(p)}")
     elif not p.exists():
         raise UserError(f"model not found: {p}")
     elif p.suffix == ".safetensors":

@@ -2,15 +2,15 @@
 
 Losses: mean squared error of the sigmoid distance map against the normalised distance transform
 (DINOCell / SAMCell regress this map), binary cross-entropy of the foreground, and for the optional
-flow head the squared error of the tanh flows inside objects (Cellpose).  Fine-tuning reuses the
-pretraining trainer's parameter groups (layer-wise lr decay by ``DinoBackbone.layer_id``) with the
-backbone's lr scaled by ``optim.backbone_lr_mult``; a frozen backbone has no groups at all.
+flow head the squared error of the tanh flows inside objects (Cellpose).  Fine-tuning uses the engine's
+backbone parameter groups (:mod:`dinocell.engine.param_groups`: layer-wise lr decay by
+``DinoBackbone.layer_id``, as pretraining) with the backbone's lr scaled by ``optim.backbone_lr_mult``;
+a frozen backbone has no groups at all.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -20,9 +20,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinocell.config import to_dict
+from dinocell.engine import param_groups as groups_
+from dinocell.engine.checkpoint import check_compatible
+from dinocell.engine.schedules import cosine
+from dinocell.engine.trainer import NonFiniteLossError
+from dinocell.runs import LAST
 from dinocell.segment.model import SegmentationNet
-from dinocell.train import schedules as sched
-from dinocell.train.checkpoint import check_compatible
 
 CKPT_KEY = "dinocell_segment"
 
@@ -50,14 +53,13 @@ def _decay_groups(named: list[tuple[str, nn.Parameter]]) -> list[dict[str, Any]]
 
 
 def param_groups(net: SegmentationNet, cfg: Any) -> list[dict[str, Any]]:
-    """Decoder groups (lr x1) plus, when fine-tuning, the trainer's backbone groups x backbone_lr_mult."""
-    from dinocell.train.module import param_groups as trainer_groups
-
+    """Decoder groups (lr x1) plus, when fine-tuning, the engine's backbone groups x backbone_lr_mult."""
     decoder = [(n, p) for n, p in net.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
     groups = _decay_groups(decoder)
     if not net.frozen:
-        holder = SimpleNamespace(student=nn.ModuleDict({"backbone": net.backbone}))
-        for g in trainer_groups(holder, cfg):  # type: ignore[arg-type]
+        backbone = [(n, p) for n, p in net.named_parameters() if n.startswith("backbone.") and p.requires_grad]
+        for g in groups_.param_groups(backbone, net.backbone, cfg.optim.layerwise_decay,
+                                      cfg.optim.patch_embed_lr_mult):
             g["lr_multiplier"] *= cfg.optim.backbone_lr_mult
             groups.append(g)
     return groups
@@ -108,7 +110,7 @@ class SegmentModule(L.LightningModule):
 
     def _lr(self, step: int) -> float:
         o = self.cfg.optim
-        return sched.cosine(min(step, self.cfg.train.steps - 1), self.cfg.train.steps, o.lr, o.min_lr,
+        return cosine(min(step, self.cfg.train.steps - 1), self.cfg.train.steps, o.lr, o.min_lr,
                             warmup_steps=o.warmup_steps)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -121,8 +123,6 @@ class SegmentModule(L.LightningModule):
         out = segmentation_loss(self.net(batch["image"]), batch["target"], self.cfg.optim)
         loss = out["loss"]
         if not torch.isfinite(loss):
-            from dinocell.train.module import NonFiniteLossError
-
             raise NonFiniteLossError(f"segmentation loss became {loss.item()} at step {self.global_step}")
         self.loss_history.append(float(loss.detach()))
         if self.global_step % max(1, self.cfg.train.log_interval) == 0:
@@ -144,5 +144,5 @@ class SegmentModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_compatible(self.state_dict(), checkpoint.get("state_dict", {}), "last.ckpt")  # one line on mismatch
+        check_compatible(self.state_dict(), checkpoint.get("state_dict", {}), LAST)  # one line on mismatch
         self.loss_history = list(checkpoint.get(CKPT_KEY, {}).get("loss_history", []))

@@ -1,8 +1,8 @@
 """``dinocell segment fit``: annotated fields -> targets -> Lightning Trainer -> atomic checkpoints.
 
-The engine is the pretraining one: same Trainer settings, atomic checkpoint I/O read back with
-``weights_only=True``, ``DIR/checkpoints/last.ckpt`` resumed by rerunning the command, the same
-loggers (``track.logger``; csv by default here).  :func:`load_segmenter` rebuilds a trained model
+The engine is the pretraining one (:mod:`dinocell.engine`): same Trainer settings, atomic checkpoint
+I/O read back with ``weights_only=True``, ``DIR/checkpoints/last.ckpt`` resumed by rerunning the
+command, the same loggers (``track.logger``; csv by default here).  :func:`load_segmenter` rebuilds a trained model
 from its run folder (architecture recorded in the checkpoint, so no backbone file is needed).
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,23 @@ import numpy as np
 import torch
 
 from dinocell.config import save_config
+from dinocell.engine.checkpoint import AtomicCheckpointIO, load_checkpoint_file
+from dinocell.engine.trainer import (
+    build_trainer,
+    checkpoint_callback,
+    parse_devices,
+    quiet_fit,
+    quiet_lightning,
+    resolve_precision,
+)
 from dinocell.errors import UserError
+from dinocell.models.weights import load_state_checked
 from dinocell.paths import write_text_atomic
+from dinocell.runs import RunDir
 from dinocell.segment.config import SegmentConfig, segment_config_from_dict
 from dinocell.segment.model import SegmentationNet, backbone_from_arch, load_backbone_for_segmentation
 from dinocell.segment.module import CKPT_KEY, SegmentModule
 from dinocell.segment.scale import field_px, resolve_scale
-from dinocell.train.checkpoint import CKPT_DIR, LAST, AtomicCheckpointIO, load_checkpoint_file
-from dinocell.train.run import parse_devices, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +75,6 @@ def split_training_source(cfg: SegmentConfig, run_dir: Path, resuming: bool) -> 
     return train, list(wells), len(held.records)
 
 
-def _quiet_lightning() -> None:
-    if not log.isEnabledFor(logging.DEBUG):
-        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | None = None,
         resume: bool = True, max_steps: int | None = None) -> dict[str, Any]:
     """Train the segmenter into ``output_dir`` (resuming ``checkpoints/last.ckpt``); returns the summary.
@@ -81,22 +83,22 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
     rerun resumes the very same run.  The sample stream and the lr schedule are functions of the
     step, so a resumed run is bit-identical to an uninterrupted one."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     from dinocell.segment.data import CropDataset
 
-    _quiet_lightning()
+    quiet_lightning()
     run_dir = Path(output_dir)
+    run = RunDir(run_dir)
     if backbone is not None:
         cfg.model.backbone = str(backbone)
     if not cfg.track.name:
         cfg.track.name = f"segment-{cfg.task.objects}-{cfg.task.channel}-{run_dir.name}"
     cfg.output_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    last = run_dir / CKPT_DIR / LAST
+    last = run.last_checkpoint
     ckpt_path = str(last) if resume and last.is_file() else None
     if not resume:
-        for old in (run_dir / CKPT_DIR).glob("*.ckpt"):
+        for old in run.checkpoints.glob("*.ckpt"):
             old.unlink()
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {max_steps}")
@@ -117,26 +119,18 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
         from dinocell.track.loggers import build_logger
 
         logger = build_logger(cfg, run_dir, resume=ckpt_path is not None)  # type: ignore[arg-type]
-    trainer = L.Trainer(
+    trainer = build_trainer(
         accelerator=cfg.train.accelerator, devices=parse_devices(cfg.train.devices),
         # the loader holds the whole run and restarts at global_step * batch on resume; max_epochs=-1 so
         # a rerun with a longer train.steps continues after a finished run
         precision=resolve_precision(cfg.train.precision), max_steps=min(cfg.train.steps, max_steps or cfg.train.steps),
         max_epochs=-1,
         logger=logger if logger is not None else False, plugins=[AtomicCheckpointIO(cfg.train.keep_last_n)],
-        # keep-last-N is enforced by AtomicCheckpointIO (it also removes orphans of killed runs)
-        callbacks=[ModelCheckpoint(dirpath=run_dir / CKPT_DIR, filename="step{step:08d}",
-                                   auto_insert_metric_name=False,
-                                   every_n_train_steps=max(1, cfg.train.checkpoint_every_steps), save_last=True,
-                                   save_top_k=-1, enable_version_counter=False)],
+        callbacks=[checkpoint_callback(run_dir, cfg.train.checkpoint_every_steps)],
         enable_progress_bar=cfg.train.progress_bar, enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, log_every_n_steps=1, default_root_dir=str(run_dir),
     )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
-        warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
-        warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
+    with quiet_fit():
         trainer.fit(module, ckpt_path=ckpt_path)
     if trainer.global_step > 0:
         trainer.save_checkpoint(last, weights_only=False)
@@ -149,7 +143,7 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
                "crop_field_px": crop, "backbone": cfg.model.backbone, "mode": cfg.model.mode,
                "loss_first_mean": float(np.mean(losses[:k])) if losses else None,
                "loss_last_mean": float(np.mean(losses[-k:])) if losses else None}
-    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
+    write_text_atomic(run.summary, json.dumps(summary, indent=2))
     if logger is not None:
         from dinocell.track.loggers import finalize
 
@@ -160,7 +154,7 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
 def load_segmenter(run_dir: str | os.PathLike[str]) -> tuple[SegmentationNet, SegmentConfig, list[str]]:
     """(model in eval mode, its config, training channel names) from a ``segment fit`` run folder."""
     p = Path(run_dir)
-    path = p / CKPT_DIR / LAST if p.is_dir() else p
+    path = RunDir(p).last_checkpoint if p.is_dir() else p
     if p.is_dir() and not path.is_file():
         raise UserError(f"no segmentation checkpoint in {p} (expected {path}); run 'dinocell segment fit' first")
     ckpt = load_checkpoint_file(path)
@@ -170,9 +164,7 @@ def load_segmenter(run_dir: str | os.PathLike[str]) -> tuple[SegmentationNet, Se
     cfg = segment_config_from_dict(meta["config"])
     net = SegmentationNet(backbone_from_arch(meta["backbone_arch"]), cfg.model)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise UserError(f"{path}: model keys do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    load_state_checked(net, state, str(path), "the segmentation model its config describes")
     periods = meta.get("rope_periods")
     if periods is not None and net.backbone.model.rope is not None:
         with torch.no_grad():

@@ -41,6 +41,7 @@ from dinocell.evaluate import plots
 from dinocell.evaluate.heldout import FIGURES as EVAL_FIGURES
 from dinocell.evaluate.heldout import HeldoutFields, HeldoutResult, measure, primary, training_preprocess
 from dinocell.paths import write_atomic, write_text_atomic
+from dinocell.runs import RunDir
 from dinocell.track import diagnostics as dg
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ log = logging.getLogger(__name__)
 #: DataError), a full disk or a lost mount (OSError), a figure too large for the device.  Anything else
 #: is a bug and propagates.
 EXPECTED_FAILURES: tuple[type[BaseException], ...] = (UserError, OSError, torch.OutOfMemoryError)
-REFERENCE_FILE = "reference.json"
 
 
 def _teacher_backbone(pl_module: Any) -> Any:
@@ -72,7 +72,7 @@ class DiagnosticsCallback(L.Callback):
         super().__init__()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.fig_dir = self.run_dir / "figures"
+        self.fig_dir = RunDir(self.run_dir).figures
         self.attention_interval = int(cfg.track.attention_log_interval)
         self.pca_interval = int(cfg.track.pca_log_interval)
         n = cfg.train.eval_fields if eval_fields is None else eval_fields
@@ -270,7 +270,7 @@ class ReferenceCallback(L.Callback):
     def __init__(self, cfg: Config, run_dir: str | Path) -> None:
         super().__init__()
         self.cfg = cfg
-        self.path = Path(run_dir) / REFERENCE_FILE
+        self.path = RunDir(run_dir).reference
         self.every = int(cfg.track.reference_every)
         self.max_drop = float(cfg.track.reference_max_drop)
         state = json.loads(self.path.read_text()) if self.path.is_file() else {}
@@ -359,7 +359,7 @@ class ReferenceCallback(L.Callback):
 
 def reference_summary(run_dir: str | Path) -> dict[str, Any]:
     """``reference_start`` / ``_min`` / ``_end`` (+ metric, source, steps) of a run's forgetting guard."""
-    path = Path(run_dir) / REFERENCE_FILE
+    path = RunDir(run_dir).reference
     if not path.is_file():
         return {}
     state = json.loads(path.read_text())

@@ -31,10 +31,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from dinocell.config import Config, to_dict
 from dinocell.errors import ConfigError, require_extra
 from dinocell.paths import write_text_atomic
+from dinocell.runs import RunDir
 
 log = logging.getLogger(__name__)
 
-WANDB_ID_FILE = "wandb_id.txt"
 _SECRET_KEY = re.compile(r"(api[_-]?key|secret|token|password|passwd|credential|access[_-]?key)", re.I)
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 
@@ -128,7 +128,7 @@ def wandb_run_id(run_dir: Path, resume: bool) -> str:
     Only rank 0 writes the file; other ranks do not create wandb runs (Lightning's loggers are
     rank-zero-only), so the id they see does not matter.
     """
-    path = Path(run_dir) / WANDB_ID_FILE
+    path = RunDir(run_dir).wandb_id
     agent_id = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
     if agent_id:  # a `wandb agent` child: the sweep decides the run id
         run_id = agent_id
@@ -229,7 +229,7 @@ def _build(cfg: Config, run_dir: str | os.PathLike[str], resume: bool = False) -
         log_model = bool(t.log_model_checkpoints) and mode == "online"
         if t.log_model_checkpoints and not log_model:
             log.warning("track.log_model_checkpoints: wandb is %s, so checkpoints are not uploaded "
-                        "(they stay in %s)", mode, run / "checkpoints")
+                        "(they stay in %s)", mode, RunDir(run).checkpoints)
         logger = WandbLogger(log_model=log_model, **kwargs)
         if logger._wandb_init.get("anonymous") is None:  # Lightning passes anonymous=None; wandb warns
             logger._wandb_init.pop("anonymous", None)
@@ -237,17 +237,17 @@ def _build(cfg: Config, run_dir: str | os.PathLike[str], resume: bool = False) -
     if kind == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        versions = _version_dirs(run / "tensorboard")
+        versions = _version_dirs(RunDir(run).logger_dir(kind))
         version = versions[-1] if (resume and versions) else (versions[-1] + 1 if versions else 0)
-        logger = TensorBoardLogger(save_dir=str(run), name="tensorboard", version=version,
+        logger = TensorBoardLogger(save_dir=str(run), name=kind, version=version,
                                    default_hp_metric=False)
         logger.log_hyperparams(_flatten(params))
         return logger
     if kind == "csv":
         from lightning.pytorch.loggers import CSVLogger
 
-        versions = _version_dirs(run / "csv")
-        logger = CSVLogger(save_dir=str(run), name="csv", version=(versions[-1] + 1 if versions else 0))
+        versions = _version_dirs(RunDir(run).logger_dir(kind))
+        logger = CSVLogger(save_dir=str(run), name=kind, version=(versions[-1] + 1 if versions else 0))
         logger.log_hyperparams(params)
         return logger
     raise ConfigError(f"config key 'track.logger' must be one of wandb, tensorboard, csv, none; got '{kind}'")

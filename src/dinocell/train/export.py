@@ -15,6 +15,7 @@ from pathlib import Path
 from dinocell.errors import UserError
 from dinocell.paths import ensure_free_space, payload_bytes
 from dinocell.provenance import provenance
+from dinocell.runs import RunDir
 
 FORMATS = ("safetensors", "timm")
 
@@ -22,13 +23,13 @@ FORMATS = ("safetensors", "timm")
 def export_run(run_or_ckpt: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str = "safetensors") -> Path:
     """Write the teacher backbone of a run folder or ``.ckpt`` to ``out`` in format ``fmt``."""
     from dinocell.models.backbone import save_backbone
-    from dinocell.models.loading import RUN_CHECKPOINT, load_checkpoint_model
+    from dinocell.models.loading import load_checkpoint_model
     from dinocell.models.timm_export import save_timm
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
     p = Path(run_or_ckpt)
-    ckpt = p / RUN_CHECKPOINT if p.is_dir() else p
+    ckpt = RunDir(p).last_checkpoint if p.is_dir() else p
     if p.is_dir() and not ckpt.is_file():
         raise UserError(f"no checkpoint in {p} (expected {ckpt})")
     m = load_checkpoint_model(ckpt)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections import defaultdict
 from typing import Any
 
 import lightning as L
@@ -20,74 +19,32 @@ import torch
 
 from dinocell.config import Config, to_dict
 from dinocell.data.sources import FieldSource, load_resized_fields
-from dinocell.errors import UserError
+from dinocell.engine import param_groups as groups_
+from dinocell.engine.checkpoint import check_resume
+from dinocell.engine.trainer import NonFiniteLossError
 from dinocell.track import diagnostics
 from dinocell.train import schedules as sched
-from dinocell.train.checkpoint import check_resume
 from dinocell.train.history import LossHistory
 from dinocell.train.meta_arch import MultiViewDINO
 from dinocell.train.sharding import clip_grad_norm_per_module, shard_meta
 
 log = logging.getLogger(__name__)
 
+__all__ = ["DinoCellModule", "NonFiniteLossError", "build_optimizer", "param_groups", "set_backbone_frozen"]
 
-class NonFiniteLossError(UserError):
-    """The loss became NaN/inf: the run stops and the last good checkpoint is kept."""
-
-
-# dinov3 ``train/param_groups.py``: no weight decay on names ending in ``bias`` or containing ``norm``, ``gamma``
-# (LayerScale) or ``fourier_w``; everything else decays -- the CLS, register (storage) and mask tokens included.
-_NO_DECAY_SUBSTRINGS = ("norm", "gamma", "fourier_w")
 _HEAD_WARMUP_FROZEN = "_dinocell_head_warmup_frozen"  # marks a parameter frozen by the head warm-up
 
 
-def no_weight_decay(name: str) -> bool:
-    """dinov3's rule for a parameter name (tokens *are* decayed, unlike DINOv2-era code)."""
-    return name.endswith("bias") or any(k in name for k in _NO_DECAY_SUBSTRINGS)
-
-# Top-level names a backbone parameter may start with (after the timm ``model.`` prefix).  Anything else
-# (e.g. ``_orig_mod.`` from wrapping the backbone in torch.compile) would silently fall into the last
-# layer-decay bucket, so param_groups refuses it.
-_BACKBONE_PREFIXES = ("blocks.", "patch_embed.", "cls_token", "reg_token", "mask_token", "pos_embed", "norm_pre.",
-                      "norm.", "fc_norm.", "head.")
-
-
-def _backbone_layer_id(backbone: torch.nn.Module, sub: str) -> int:
-    """``backbone.layer_id(sub)``, after checking the name is one the layer-wise decay knows."""
-    bare = sub.removeprefix("model.")
-    if not bare.startswith(_BACKBONE_PREFIXES):
-        raise AssertionError(f"backbone parameter {sub!r} has no layer id for layer-wise lr decay (a wrapper "
-                             "renamed it? compile blocks in place with MultiViewDINO.compile_blocks)")
-    return backbone.layer_id(sub)
-
-
 def param_groups(meta: MultiViewDINO, cfg: Config) -> list[dict[str, Any]]:
-    """AdamW groups for the student: layer-wise lr decay (DINOv2/3), patch-embed lr x0.2, dinov3's weight
-    decay rule (:func:`no_weight_decay`), a flag on the prototype layers (frozen early) and one on the
-    backbone (its lr ramps separately in two-stage continued pretraining).  Backbone parameters frozen by the
-    head warm-up are kept: they join the optimiser now and receive updates once unfrozen."""
+    """AdamW groups for the student (:func:`dinocell.engine.param_groups.param_groups`): layer-wise lr
+    decay (DINOv2/3), patch-embed lr x0.2, dinov3's weight decay rule, a flag on the prototype layers (frozen
+    early) and one on the backbone (its lr ramps separately in two-stage continued pretraining).  Backbone
+    parameters frozen by the head warm-up are kept: they join the optimiser now and receive updates once
+    unfrozen."""
     oc = cfg.optim
-    backbone = meta.student["backbone"]
-    n_layers = backbone.n_blocks + 1
-    groups: dict[tuple[float, float, bool, bool], list[torch.Tensor]] = defaultdict(list)
-    for name, p in meta.student.named_parameters():
-        if not p.requires_grad and not getattr(p, _HEAD_WARMUP_FROZEN, False):
-            continue
-        is_backbone = name.startswith("backbone.")
-        if is_backbone:
-            sub = name[len("backbone."):]
-            lr_mult = oc.layerwise_decay ** (n_layers - _backbone_layer_id(backbone, sub))
-            if "patch_embed" in sub:
-                lr_mult *= oc.patch_embed_lr_mult
-        else:
-            lr_mult = 1.0
-        is_last = "last_layer" in name
-        groups[(lr_mult, 0.0 if no_weight_decay(name) else 1.0, is_last, is_backbone)].append(p)
-    return [
-        {"params": ps, "lr_multiplier": lm, "wd_multiplier": wm, "is_last_layer": last, "is_backbone": bb,
-         "lr": 0.0, "weight_decay": 0.0}
-        for (lm, wm, last, bb), ps in groups.items()
-    ]
+    named = [(n, p) for n, p in meta.student.named_parameters()
+             if p.requires_grad or getattr(p, _HEAD_WARMUP_FROZEN, False)]
+    return groups_.param_groups(named, meta.student["backbone"], oc.layerwise_decay, oc.patch_embed_lr_mult)
 
 
 def set_backbone_frozen(backbone: torch.nn.Module, frozen: bool) -> None:

@@ -2,7 +2,7 @@
 loggers), resume automatically, and summarise what the run learned.
 
 Resuming: rerunning the same command finds ``DIR/checkpoints/last.ckpt`` and continues from it
-(``resume=False`` starts over); checkpoint I/O lives in :mod:`dinocell.train.checkpoint`, the data,
+(``resume=False`` starts over); checkpoint I/O and the Trainer plumbing live in :mod:`dinocell.engine`, the data,
 held-out split and run length in :mod:`dinocell.train.datamodule`.  ``--max-steps`` stops the Trainer
 early; the schedules always follow ``epochs x steps_per_epoch``.
 """
@@ -12,32 +12,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dinocell.config import Config, save_config
+from dinocell.engine.checkpoint import AtomicCheckpointIO, prune_checkpoints
+from dinocell.engine.trainer import (
+    build_trainer,
+    checkpoint_callback,
+    parse_devices,
+    quiet_fit,
+    quiet_lightning,
+    resolve_precision,
+)
 from dinocell.errors import UserError
 from dinocell.paths import check_output_dir, write_text_atomic
-from dinocell.train.checkpoint import CKPT_DIR, LAST, AtomicCheckpointIO, prune_checkpoints
+from dinocell.runs import RunDir
 
 log = logging.getLogger(__name__)
 
-EVAL_BEFORE = "eval_before.json"
-
 
 # ----------------------------------------------------------------------------------- trainer
-
-
-def resolve_precision(precision: str) -> str:
-    """``auto``: bf16-mixed where supported, else 16-mixed on GPU, 32 on CPU."""
-    if precision != "auto":
-        return "32-true" if precision == "32" else precision
-    if torch.cuda.is_available():
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "32-true"
 
 
 def _strategy(cfg: Config) -> Any:
@@ -56,26 +51,8 @@ def _strategy(cfg: Config) -> Any:
     return "auto"
 
 
-def parse_devices(value: str) -> Any:
-    if value == "auto":
-        return "auto"
-    try:
-        return int(value)
-    except ValueError:
-        return value
-
-
 def _callbacks(cfg: Config, run_dir: Path) -> list[Any]:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    cbs: list[Any] = [
-        ModelCheckpoint(
-            dirpath=run_dir / CKPT_DIR, filename="step{step:08d}", auto_insert_metric_name=False,
-            every_n_train_steps=max(1, cfg.train.checkpoint_every_steps), save_last=True,
-            # keep-last-N is enforced by AtomicCheckpointIO (it also removes orphans of killed runs)
-            save_top_k=-1, enable_version_counter=False,
-        )
-    ]
+    cbs: list[Any] = [checkpoint_callback(run_dir, cfg.train.checkpoint_every_steps)]
     from dinocell.track.callbacks import DiagnosticsCallback, ReferenceCallback, reference_enabled
 
     if cfg.track.logger != "none":
@@ -100,29 +77,26 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
 
     from dinocell.data.holdout import read_holdout_file, write_holdout_file
     from dinocell.data.sources import open_source
-    from dinocell.track.callbacks import REFERENCE_FILE
     from dinocell.train.datamodule import DinoCellDataModule
     from dinocell.train.module import DinoCellModule
 
-    if not log.isEnabledFor(logging.DEBUG):  # Lightning's banners drown the progress bar
-        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_lightning()
     run_dir = check_output_dir(output_dir)
+    run = RunDir(run_dir)
     if max_steps is not None:
         cfg.train.max_steps = max_steps
     if cfg.train.max_steps is not None and cfg.train.max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {cfg.train.max_steps}")
     cfg.output_dir = str(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = run_dir / CKPT_DIR
-    last = ckpt_dir / LAST
+    ckpt_dir, last = run.checkpoints, run.last_checkpoint
     ckpt_path = str(last) if resume and last.is_file() else None
     if not resume and ckpt_dir.is_dir():
         for old in [*ckpt_dir.glob("*.ckpt"), *ckpt_dir.glob("*.tmp")]:
             old.unlink()
     if ckpt_path is None:  # a fresh start: figures cached by an earlier run in this folder are stale
-        for name in (EVAL_BEFORE, REFERENCE_FILE):
-            (run_dir / name).unlink(missing_ok=True)
+        for stale in (run.eval_before, run.reference):
+            stale.unlink(missing_ok=True)
     prune_checkpoints(ckpt_dir, cfg.train.keep_last_n)  # orphans of an interrupted run
 
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -135,7 +109,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     source.verify()  # like `dinocell data ls`: unreadable files are counted; all unreadable -> one line
     logger = _logger(cfg, run_dir, resume=ckpt_path is not None)
     callbacks = _callbacks(cfg, run_dir)
-    trainer = _build_trainer(
+    trainer = build_trainer(
         accelerator=cfg.train.accelerator, devices=parse_devices(cfg.train.devices), num_nodes=cfg.train.num_nodes,
         strategy=_strategy(cfg), precision=resolve_precision(cfg.train.precision),
         # one Lightning epoch = the whole run (the loader's length is the schedule horizon);
@@ -164,12 +138,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     if diagnostics is not None and evaluator.fields() is not None:  # eval/* scores the summary's fields
         diagnostics.use_fields(evaluator.fields(), evaluator.measured)  # step 0: not measured twice
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
-        warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
-        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    with quiet_fit():
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
         except UserError as e:  # raised in a DataLoader worker: keep its last line, not the traceback
@@ -198,16 +167,6 @@ def run_record(source: Any) -> dict[str, Any]:
     from dinocell.provenance import provenance
 
     return {**provenance(), **channel_map_record(source)}
-
-
-def _build_trainer(**kwargs: Any) -> Any:
-    """The Trainer; a misconfigured device/strategy/precision becomes one clear line."""
-    import lightning as L
-
-    try:
-        return L.Trainer(**kwargs)
-    except Exception as e:  # Lightning raises MisconfigurationException, ValueError, RuntimeError ...
-        raise UserError(f"cannot set up the trainer: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------- summary
@@ -256,7 +215,7 @@ class _Evaluator:
 
     def before(self, module: Any) -> dict[str, Any] | None:
         """Figures of the model before training (cached in the run folder for resumed runs)."""
-        cache = self.run_dir / EVAL_BEFORE
+        cache = RunDir(self.run_dir).eval_before
         if cache.is_file():
             return json.loads(cache.read_text())
         res = self._measure(module, 0)
@@ -295,7 +254,7 @@ class _Evaluator:
         summary["mean_global"] = bool(v.mean_global)
         summary["ibot_cross_channel"] = bool(self.cfg.loss.ibot_cross_channel)
         summary.update({k: v for k, v in self.record.items() if k not in summary})
-        write_text_atomic(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_text_atomic(RunDir(self.run_dir).summary, json.dumps(summary, indent=2))
         print(format_summary(summary))
         return summary
 

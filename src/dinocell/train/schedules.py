@@ -7,7 +7,8 @@ momentum (cosine 0.992 -> 1.0).  DINOv2 precomputes arrays of length ``total_ste
 forms instead, so nothing has to be checkpointed or rebuilt on resume, any step (even past the end) has
 a value, and runs far shorter than the lr warm-up (the offline demo) compress it.  The teacher-temperature
 warm-up is *not* compressed, as in dinov3 (``CosineScheduler`` over ``warmup_teacher_temp_epochs``): a run
-shorter than it ends below ``teacher_temp``.
+shorter than it ends below ``teacher_temp``.  The generic lr curves (:func:`cosine`, :func:`linear_warmup`)
+live in :mod:`dinocell.engine.schedules`, shared with ``segment fit``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 from dinocell.config import LossConfig, OptimConfig
+from dinocell.engine.schedules import check_step, cosine, linear_warmup
 from dinocell.errors import ConfigError
 
 __all__ = ["Schedules", "backbone_lr_factor", "cosine", "freeze_last_layer", "from_config", "gram_refresh_due",
@@ -25,25 +27,10 @@ REFERENCE_BATCH = 1024  # DINOv2/v3 learning rates are quoted per 1024 images
 SQRT_SCALE_FACTOR = 4.0  # dinov3 ``sqrt_wrt_1024``: lr * 4 * sqrt(global_batch / 1024)
 
 
-def _check_step(step: int) -> None:
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-
-
-def linear_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
-    """``start`` at step 0, linearly to ``end`` at ``warmup_steps``, then ``end`` for ever."""
-    _check_step(step)
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if step >= warmup_steps:
-        return float(end)
-    return float(start + (end - start) * step / warmup_steps)
-
-
 def official_warmup(step: int, warmup_steps: int, start: float, end: float) -> float:
     """dinov3's warm-up, ``np.linspace(start, end, warmup_steps)[step]``: ``end`` is reached at the *last*
     warm-up step (``warmup_steps - 1``), then held.  Used for the teacher temperature."""
-    _check_step(step)
+    check_step(step)
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if step >= warmup_steps:
@@ -53,40 +40,13 @@ def official_warmup(step: int, warmup_steps: int, start: float, end: float) -> f
     return float(start + (end - start) * step / (warmup_steps - 1))
 
 
-def cosine(
-    step: int,
-    total_steps: int,
-    base: float,
-    final: float,
-    warmup_steps: int = 0,
-    warmup_start: float = 0.0,
-) -> float:
-    """Linear warm-up ``warmup_start -> base``, then half a cosine ``base -> final``; ``final`` after the end.
-
-    The warm-up is clamped to ``total_steps``, so a run shorter than its warm-up is all warm-up
-    (reaching ``base`` at ``total_steps``) instead of failing.
-    """
-    _check_step(step)
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    warmup = min(warmup_steps, total_steps)
-    if step >= total_steps:
-        return float(final)
-    if step < warmup:
-        return linear_warmup(step, warmup, warmup_start, base)
-    progress = (step - warmup) / (total_steps - warmup)  # in [0, 1): step < total_steps
-    return float(final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress)))
-
-
 def freeze_last_layer(step: int, steps_per_epoch: int, freeze_epochs: int) -> bool:
     """True while the DINO head's last layer should stay frozen (its gradients zeroed).
 
     DINO freezes the prototypes for the first epoch(s): early on they would otherwise move fast
     enough to make training unstable.
     """
-    _check_step(step)
+    check_step(step)
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     return step < max(freeze_epochs, 0) * steps_per_epoch
@@ -104,7 +64,7 @@ def gram_refresh_due(step: int, start: int, every: int, first_update: int = 0,
     upstream.  A pure function of the step: a resumed run refreshes at the same steps (upstream re-derives
     the count on resume with a formula that can over-count).
     """
-    _check_step(step)
+    check_step(step)
     if step < start:
         return False
     if step == start:
@@ -124,7 +84,7 @@ def gram_weight(step: int, total_steps: int, peak: float, start: float | None = 
     """The Gram loss weight at ``step``: constant ``peak`` unless ``start`` or ``end`` is given; then dinov3's
     ``linear_warmup_cosine_decay``: linear ``start -> peak`` over ``warmup_steps`` (end point excluded), a
     cosine ``peak -> end`` whose last value (``end``) falls on step ``total_steps - 1``, ``end`` after it."""
-    _check_step(step)
+    check_step(step)
     if start is None and end is None:
         return float(peak)
     s0 = peak if start is None else start
@@ -146,7 +106,7 @@ def backbone_lr_factor(step: int, head_warmup_steps: int, backbone_warmup_steps:
     ``backbone_warmup_steps`` steps: the first backbone update uses ``1 / backbone_warmup_steps`` of its lr,
     so freshly initialised heads cannot push large gradients into released weights at full lr.
     """
-    _check_step(step)
+    check_step(step)
     if step < head_warmup_steps:
         return 0.0
     if backbone_warmup_steps <= 0:

@@ -1,7 +1,10 @@
-"""Checkpoint I/O of a run folder: atomic writes, keep-last-N, safe loading, compatibility checks.
+"""Checkpoint I/O of a run folder, shared by ``pretrain`` and ``segment fit``: atomic writes, keep-last-N,
+safe loading, compatibility checks.
 
-* Writes go to ``<name>.tmp`` and are renamed, so a killed run never leaves a half-written file.
-* Reads use ``torch.load(weights_only=True)``: a checkpoint cannot run code.
+* Writes go through :func:`dinocell.paths.write_atomic` (``<name>.tmp`` + rename): a killed run never
+  leaves a half-written file, a full disk is one line.
+* Reads use :func:`dinocell.models.weights.load_weights_file` (``weights_only=True``): a checkpoint
+  cannot run code.  File names come from :mod:`dinocell.runs`.
 * :func:`prune_checkpoints` keeps the newest ``train.keep_last_n`` ``stepN.ckpt`` files by step.  It runs
   when a run starts and after every save, so orphans of an interrupted run (``stepN.ckpt`` beyond N,
   ``*.tmp``, Lightning's ``-v1`` copies) do not pile up.
@@ -13,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,12 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from dinocell.errors import UserError
+from dinocell.models.weights import load_weights_file, state_mismatch
+from dinocell.paths import payload_bytes, write_atomic
+from dinocell.runs import LAST, STEP_NAME
 
 log = logging.getLogger(__name__)
 
-CKPT_DIR = "checkpoints"
-LAST = "last.ckpt"
-STEP_NAME = re.compile(r"step(\d+)\.ckpt")
 #: Config sections that define the network: a resume with other values cannot load the tensors.
 ARCH_SECTIONS = ("model", "head")
 #: Architecture keys that may differ on resume (they only matter when the run starts from scratch).
@@ -36,16 +38,7 @@ _ARCH_FREE = {"model.pretrained", "model.act_checkpointing", "model.drop_path_ra
 
 def load_checkpoint_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``; anything that would run code is refused."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"checkpoint not found: {p}")
-    try:
-        return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"refusing to load {p}: it is not a plain weights file ({first})") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"cannot read checkpoint {p}: {type(e).__name__}: {e}") from None
+    return load_weights_file(path, "checkpoint", map_location)
 
 
 def prune_checkpoints(ckpt_dir: str | os.PathLike[str], keep: int) -> list[Path]:
@@ -79,8 +72,8 @@ def prune_checkpoints(ckpt_dir: str | os.PathLike[str], keep: int) -> list[Path]
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to ``<name>.tmp`` then rename, prune to the newest ``keep_last_n``; read with
-    ``weights_only=True``.  Lightning calls ``save_checkpoint`` on rank 0 only."""
+    """Write atomically (:func:`dinocell.paths.write_atomic`), prune to the newest ``keep_last_n``; read
+    with ``weights_only=True``.  Lightning calls ``save_checkpoint`` on rank 0 only."""
 
     def __init__(self, keep_last_n: int = 3) -> None:
         super().__init__()
@@ -88,10 +81,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, p)
+        write_atomic(p, lambda tmp: torch.save(checkpoint, tmp), needed=payload_bytes(checkpoint))
         prune_checkpoints(p.parent, self.keep_last_n)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> dict[str, Any]:
@@ -163,16 +153,10 @@ def check_compatible(module_state: dict[str, torch.Tensor], ckpt_state: dict[str
     (when both configs are given) and the missing / unexpected / mis-shaped tensors."""
     if stored_config is not None:
         check_config_matches_tensors(stored_config, ckpt_state, source)
-    missing = [k for k in module_state if k not in ckpt_state]
-    unexpected = [k for k in ckpt_state if k not in module_state]
-    shape = [f"{k} {tuple(ckpt_state[k].shape)} vs {tuple(v.shape)}" for k, v in module_state.items()
-             if k in ckpt_state and tuple(ckpt_state[k].shape) != tuple(v.shape)]
+    mismatch = state_mismatch(module_state, ckpt_state)
     diff = config_diff(stored_config, run_config) if stored_config is not None and run_config is not None else []
-    if missing or unexpected or shape or diff:
-        parts = [f"config differs: {', '.join(diff)}"] if diff else []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shape)):
-            if keys:
-                parts.append(f"{len(keys)} {label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
+    if mismatch or diff:
+        parts = ([f"config differs: {', '.join(diff)}"] if diff else []) + mismatch
         raise UserError(f"checkpoint {source} does not match this model's architecture ({'; '.join(parts)}); "
                         "use --no-resume or another --output-dir")
 
