@@ -125,7 +125,7 @@ def main() -> None:
             cfg = ExtractionConfig(output_dir=str(d), manifest=str(manifest), output_image_dim=dim,
                                    compression=comp, checksum=checksum, model=spec, store="voxel")
             if not dirs:
-                meta = extract_volume(cfg, 0, model=model, model_info=info)
+                meta = extract_volume(cfg, 0, model=loaded, model_info=info)
                 rows.append(("extraction (voxel features)", f"{meta['timing']['extraction_seconds']:.2f} s"))
             else:  # same volume, other storage: rewrite the arrays instead of recomputing them
                 meta = _rewrite(next(iter(dirs.values())), d, comp, checksum)
@@ -135,7 +135,7 @@ def main() -> None:
         # ... and the patch store (the default: zstd, features at the patch grid)
         patch_cfg = ExtractionConfig(output_dir=str(tmp / "patch"), manifest=str(manifest), output_image_dim=dim,
                                      model=spec)
-        meta = extract_volume(patch_cfg, 0, model=model, model_info=info)
+        meta = extract_volume(patch_cfg, 0, model=loaded, model_info=info)
         rows.append(("extraction (patch features)", f"{meta['timing']['extraction_seconds']:.2f} s"))
         rows.append(("write patch (zstd)", f"{meta['timing']['write_seconds']:.2f} s, "
                                            f"{meta['storage']['total_gb'] * 1e3:.2f} MB on disk (features "

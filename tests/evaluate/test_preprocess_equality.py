@@ -112,6 +112,41 @@ def test_embed_feeds_the_training_tensors(trained, tmp_path: Path, monkeypatch: 
     _fed_exactly(seen, want)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "timm"])
+def test_an_export_alone_embeds_like_training(trained, fmt: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """No run folder, no config: the sidecar alone configures the source (illum, fixed ranges, stain)."""
+    from dinocell.evaluate.embed import run_embed
+    from dinocell.train.export import export_run
+
+    table, m, _, want = trained
+    exported = load_model(export_run(m.run_dir, tmp_path / ("b.safetensors" if fmt == "safetensors" else "t"), fmt=fmt))
+    assert exported.cfg is None and exported.run_dir is None
+    seen = _record_inputs(exported, monkeypatch)
+    run_embed(exported, tmp_path / "emb", data=str(table), geometry="full")
+    _fed_exactly(seen, want)
+
+
+def test_a_model_trained_without_correction_is_fed_uncorrected_fields(trained, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """``data.illum=off`` in training: the consumer's source must not correct, although the table has functions."""
+    import dataclasses
+
+    from dinocell.evaluate.embed import run_embed
+
+    table, m, train_source, _ = trained
+    off = LoadedModel(m.backbone, dataclasses.replace(m.preprocess, illum="off"), None, "export", None, kind="export")
+    assert m.cfg is not None
+    uncorrected = open_source(dataclasses.replace(m.cfg.data, illum="off"), str(table))
+    want = {f"{r.key}/{c}": torch.from_numpy(uncorrected.load(r))[i]
+            for r in uncorrected.records for i, c in enumerate(uncorrected.channels)}
+    seen = _record_inputs(off, monkeypatch)
+    run_embed(off, tmp_path / "emb", data=str(table), geometry="full")
+    _fed_exactly(seen, want)
+    corrected = {f"{r.key}/DNA": torch.from_numpy(train_source.load(r))[0] for r in train_source.records}
+    assert not any(torch.equal(t, ref) for t in seen for ref in corrected.values())
+
+
 def test_extract_fields_cli_feeds_the_training_tensors(trained, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     import dinocell.evaluate.embed as embed_mod

@@ -220,8 +220,12 @@ def data_config(model: LoadedModel | None, source: str | None, overrides: Sequen
     fields it was trained on.
     """
     cfg = base or (model.cfg if model is not None and model.cfg is not None else Config())
-    if model is not None:  # what the weights expect, whatever the base config says (overrides win)
+    # what the weights expect, whatever the base config says (overrides win); official or random
+    # weights record no training, so only their (default) scaling applies and the data keeps its illum/stain
+    if model is not None and model.trained_preprocess:
         cfg = dataclasses.replace(cfg, data=model.preprocess.data_config(cfg.data))
+    elif model is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, scaling=model.preprocess.scaling))
     data = to_dict(cfg)
     if source is not None:
         data["data"]["source"] = str(source)

@@ -136,13 +136,19 @@ class Preprocess:
         rng = list(ranges) if ranges is not None else self.ranges(channels)
         return finish_field(arr, self.scaling, self.stain, "field", rng)
 
-    def scale_volume(self, vol: np.ndarray, channel: str = "raw") -> np.ndarray:
+    def scale_volume(self, vol: np.ndarray, channel: str | None = None) -> np.ndarray:
         """A single-channel (D, H, W) volume crop -> float32 [0, 1] by the same rule, the whole crop being
         one field of one channel (one set of levels for every slice, whichever axis it is sliced along).
-        ``fixed`` ranges are looked up under ``channel``; ``plate`` scaling is a UserError (:meth:`ranges`)."""
+
+        ``fixed`` ranges are raw levels of a named channel: they apply only when ``channel`` names one
+        (a volume crop of unnamed EM intensities is refused with one line, as ``plate`` scaling is)."""
         arr = np.asarray(vol)
         if arr.ndim != 3:
             raise UserError(f"expected a (D, H, W) volume, got shape {arr.shape}")
+        if channel is None and getattr(self.scaling, "mode", "field") != "field":
+            raise UserError(f"the model was trained with data.scaling.mode={self.scaling.mode}: its levels "
+                            "belong to named fluorescence channels, not to a volume crop")
+        channel = channel or "raw"
         d, h, w = arr.shape
         return self.scale(arr.reshape(1, d * h, w), [channel]).reshape(d, h, w)
 

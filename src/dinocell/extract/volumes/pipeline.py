@@ -67,6 +67,9 @@ def extract_volume(cfg: ExtractionConfig, index: int, model: Any = None,
                    model_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Extract volume ``index`` into ``cfg.output_dir`` and return its metadata (written last).
 
+    ``model``: a :class:`~dinocell.models.loading.LoadedModel` (default: :func:`extraction_model` of
+    ``cfg.model``), never a bare backbone -- its preprocessing comes with it.
+
     Any stale metadata is removed first, so an interrupted re-extraction can never leave a marker
     pointing at half-written arrays.
     """
