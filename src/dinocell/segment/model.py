@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinocell.config import DataConfig
 from dinocell.errors import ConfigError
 from dinocell.models.backbone import DinoBackbone
 from dinocell.models.loading import LoadedModel, load_model
@@ -42,9 +43,13 @@ def segmentation_model(cfg: Any) -> LoadedModel:
     m = load_model(cfg.model.backbone or None, arch=cfg.model.arch)
     if m.trained_preprocess:
         adopted = m.preprocess.data_config(cfg.data)
-        if (adopted.scaling, adopted.stain, adopted.illum) != (cfg.data.scaling, cfg.data.stain, cfg.data.illum):
-            log.info("data.scaling / data.stain / data.illum set to the backbone's training settings (%s)",
-                     m.description)
+        default = DataConfig()
+        for key in ("illum", "scaling", "stain"):
+            given, used = getattr(cfg.data, key), getattr(adopted, key)
+            if given != used:  # loud only when the segment config asked for something else on purpose
+                (log.warning if given != getattr(default, key) else log.info)(
+                    "data.%s: using the backbone's training setting %s instead of %s (%s)", key, used, given,
+                    m.description)
         cfg.data = adopted
     return m
 
