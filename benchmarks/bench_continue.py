@@ -178,7 +178,7 @@ def _figure(curves: dict[str, dict[str, list[tuple[int, float]]]], before: dict[
 
 
 def run(out: Path, mode: str, lr: float = 2e-4, gram_weight: float = 1.0, reuse_release: bool = False) -> dict[str, Any]:
-    from dinocell.models.backbone import load_backbone
+    from dinocell.models.loading import load_model
     from dinocell.runs import RunDir
     from dinocell.train.export import export_run
     from dinocell.train.run import pretrain
@@ -211,7 +211,7 @@ def run(out: Path, mode: str, lr: float = 2e-4, gram_weight: float = 1.0, reuse_
 
     # 3. probes on unseen fields of both domains
     sets = {"A": _probe_set(cfg_a, budget), "B": _probe_set(cfg_b["two_stage"], budget)}
-    released = load_backbone(release)
+    released = load_model(release).backbone
     before = {k: probe(released, s) for k, s in sets.items()}
     curves = {name: _curve(out / name, cfg_b[name], sets) for name in variants}
     after = {name: {k: probe(_teacher_from(RunDir(out / name).last_checkpoint, cfg_b[name]), s)

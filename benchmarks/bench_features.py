@@ -47,8 +47,8 @@ from dinocell.extract.volumes import (
     compute_patch_features,
     compute_volume_features,
     extract_volume,
+    extraction_model,
     load_manifest,
-    load_model,
     sample_crop,
 )
 from dinocell.models.encode import encode_features
@@ -111,7 +111,8 @@ def main() -> None:
     rows: list[tuple[str, str]] = []
     try:
         manifest = write_synthetic_dataset(tmp / "src", n_volumes=1, shape=(dim + 16,) * 3, seed=0)
-        model, info = load_model(spec, dim, "cpu")
+        loaded, info = extraction_model(spec, dim, "cpu")
+        model = loaded.backbone
         rows.append(("model", f"{info['name']} embed {info['embed_dim']} patch {info['patch_size']} "
                               f"blocks {info['n_blocks']} (random init), {torch.get_num_threads()} threads"))
 
@@ -124,7 +125,7 @@ def main() -> None:
             cfg = ExtractionConfig(output_dir=str(d), manifest=str(manifest), output_image_dim=dim,
                                    compression=comp, checksum=checksum, model=spec, store="voxel")
             if not dirs:
-                meta = extract_volume(cfg, 0, model=model, model_info=info)
+                meta = extract_volume(cfg, 0, model=loaded, model_info=info)
                 rows.append(("extraction (voxel features)", f"{meta['timing']['extraction_seconds']:.2f} s"))
             else:  # same volume, other storage: rewrite the arrays instead of recomputing them
                 meta = _rewrite(next(iter(dirs.values())), d, comp, checksum)
@@ -134,7 +135,7 @@ def main() -> None:
         # ... and the patch store (the default: zstd, features at the patch grid)
         patch_cfg = ExtractionConfig(output_dir=str(tmp / "patch"), manifest=str(manifest), output_image_dim=dim,
                                      model=spec)
-        meta = extract_volume(patch_cfg, 0, model=model, model_info=info)
+        meta = extract_volume(patch_cfg, 0, model=loaded, model_info=info)
         rows.append(("extraction (patch features)", f"{meta['timing']['extraction_seconds']:.2f} s"))
         rows.append(("write patch (zstd)", f"{meta['timing']['write_seconds']:.2f} s, "
                                            f"{meta['storage']['total_gb'] * 1e3:.2f} MB on disk (features "
@@ -166,10 +167,11 @@ def main() -> None:
             t0 = time.perf_counter()
             crop = sample_crop(entries, 0, cfg)
             t1 = time.perf_counter()
+            vol = loaded.preprocess.scale_volume(crop.raw)  # what extraction feeds the model
             if kind == "patch":
-                feats = compute_patch_features(crop.raw, model, cfg.batch_size, cfg.feature_dtype)
+                feats = compute_patch_features(vol, model, cfg.batch_size, cfg.feature_dtype)
             else:
-                feats = compute_volume_features(crop.raw, model, "z", cfg.batch_size, cfg.feature_dtype)
+                feats = compute_volume_features(vol, model, "z", cfg.batch_size, cfg.feature_dtype)
             parts["sampling"].append(t1 - t0)
             parts[f"{kind} features"].append(time.perf_counter() - t1)
             return feats, crop.gt, crop.mask

@@ -1,19 +1,25 @@
-"""Per-channel intensity scaling of a (C, H, W) field into float32 [0, 1]: a shared leaf.
+"""The one rule that turns a raw (C, H, W) field into float32 [0, 1] model input: a shared leaf.
 
-Why a leaf of its own: the data sources scale every field this way before training (``data``), and
-a loaded model applies exactly the same rule to a raw field before inference (``models.loading``'s
-``Preprocess``); ``data`` and ``models`` are independent layers, so the one implementation sits
-below both (numpy and OpenCV only).
+Stain normalisation (RGB sources, :mod:`dinocell.stain`), then per-channel scaling by
+``data.scaling.mode``: the field's own percentiles (``field``), or given raw [low, high] levels per
+channel (a plate's statistics for ``plate``, :func:`fixed_ranges` for ``fixed``), then optional CLAHE.
+Illumination correction comes before it and belongs to whoever has the plate's functions (a data source).
+
+Why a leaf of its own: the data sources finish every field this way before training
+(``FieldSource.finish``), and a loaded model applies exactly the same function to a raw field before
+inference (``models.loading``'s ``Preprocess``); ``data`` and ``models`` are independent layers, so
+the one implementation sits below both (numpy and OpenCV only).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from dinocell.errors import DataError
+from dinocell.stain import StainNormalizer
 
 #: Above this many pixels, percentiles are estimated from every other row and column: 0.1/99.9
 #: percentiles of a 1080x1080 image from 290k samples differ from the exact ones by a grey level or two,
@@ -98,3 +104,44 @@ def scale_field(raw: np.ndarray, cfg: Any, ranges: Sequence[tuple[float, float]]
     return out
 
 
+
+
+def fixed_ranges(fixed: Mapping[str, Sequence[float]], channels: Sequence[str]) -> list[tuple[float, float]]:
+    """The configured [low, high] of each channel (names case-insensitive); a missing one is an error."""
+    lower = {k.lower(): v for k, v in fixed.items()}
+    out = []
+    for ch in channels:
+        rng = lower.get(ch.lower())
+        if rng is None:
+            raise DataError(f"data.scaling.mode=fixed but data.scaling.fixed has no range for channel {ch} "
+                            f"(have {', '.join(fixed) or 'none'})")
+        if len(rng) != 2 or not float(rng[0]) < float(rng[1]):
+            raise DataError(f"data.scaling.fixed.{ch} must be [low, high] with low < high, got {list(rng)}")
+        out.append((float(rng[0]), float(rng[1])))
+    return out
+
+
+def to_unit(raw: np.ndarray) -> np.ndarray:
+    """uint8 / uint16 -> float32 in [0, 1] by the type's range; floats pass through as float32."""
+    if raw.dtype == np.uint8:
+        return raw.astype(np.float32) / 255.0
+    if raw.dtype == np.uint16:
+        return raw.astype(np.float32) / 65535.0
+    return raw.astype(np.float32)
+
+
+def finish_field(raw: np.ndarray, scaling: Any, stain: Any = None, name: str = "field",
+                 ranges: Sequence[tuple[float, float]] | None = None) -> np.ndarray:
+    """Stain normalisation (if on), then per-channel scaling, of one decoded (C,H,W) field.
+
+    ``raw`` is already illumination-corrected when the source corrects (:mod:`dinocell.data.illum`);
+    ``ranges`` are the plate's or fixed [low, high] levels (None: the field's own percentiles).
+    A field with NaN or inf pixels (a float TIFF with holes, a broken illumination function) raises
+    :class:`DataError`, so every reader skips and counts it like a corrupt file instead of letting it
+    reach the loss.
+    """
+    if not np.issubdtype(raw.dtype, np.integer) and not np.isfinite(raw).all():
+        raise DataError(f"field {name} has NaN or infinite pixels")
+    if stain is not None and getattr(stain, "use_stain_norm", False):
+        raw = StainNormalizer(stain)(to_unit(raw))
+    return to_unit(raw) if scaling is None else scale_field(np.asarray(raw), scaling, ranges)

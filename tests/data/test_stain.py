@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dinocell.config import StainConfig
-from dinocell.data.stain import StainNormalizer, fit_reinhard_target, reinhard_normalize, rgb_to_lab
 from dinocell.errors import ConfigError, DataError
+from dinocell.stain import StainNormalizer, fit_reinhard_target, reinhard_normalize, rgb_to_lab
 
 
 def he_like(seed: int = 0, h: int = 64, w: int = 64) -> np.ndarray:

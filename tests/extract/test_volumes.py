@@ -26,9 +26,9 @@ from dinocell.extract.volumes import (
     choose_level,
     compute_volume_features,
     extract_volume,
+    extraction_model,
     kvstore_spec,
     load_manifest,
-    load_model,
     open_volume_array,
     quick_verify,
     sample_crop,
@@ -312,13 +312,13 @@ def test_config_roundtrip():
 def test_random_init_warns_and_is_seeded(monkeypatch):
     monkeypatch.setattr(VF, "_MODEL_CACHE", {})
     with pytest.warns(RandomInitWarning, match="RANDOM weights"):
-        m1, info = load_model(ModelSpec(seed=1), 16)
+        m1, info = extraction_model(ModelSpec(seed=1), 16)
     assert info["source"] == "random-init" and info["embed_dim"] == 32 and info["patch_size"] == 8
     monkeypatch.setattr(VF, "_MODEL_CACHE", {})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        m2, _ = load_model(ModelSpec(seed=1), 16)
-    for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
+        m2, _ = extraction_model(ModelSpec(seed=1), 16)
+    for a, b in zip(m1.backbone.state_dict().values(), m2.backbone.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -331,9 +331,9 @@ def test_backbone_from_export_and_run_folder(tmp_path, monkeypatch):
     bb = build_backbone(mcfg, 16)
     export = save_backbone(bb, tmp_path / "export" / "backbone.safetensors")
     monkeypatch.setattr(VF, "_MODEL_CACHE", {})
-    loaded, info = load_model(ModelSpec(backbone=str(export)), 16)
+    loaded, info = extraction_model(ModelSpec(backbone=str(export)), 16)
     assert info["source"] == "export"
-    torch.testing.assert_close(loaded.state_dict(), bb.state_dict())
+    torch.testing.assert_close(loaded.backbone.state_dict(), bb.state_dict())
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -344,11 +344,11 @@ def test_backbone_from_export_and_run_folder(tmp_path, monkeypatch):
     student = {f"meta.student.backbone.{k}": torch.zeros_like(v) for k, v in bb.state_dict().items()}
     torch.save({"state_dict": {**student, **teacher}}, run / "checkpoints" / "last.ckpt")
     monkeypatch.setattr(VF, "_MODEL_CACHE", {})
-    loaded, info = load_model(ModelSpec(backbone=str(run)), 16)
+    loaded, info = extraction_model(ModelSpec(backbone=str(run)), 16)
     assert info["source"] == "checkpoint"
-    torch.testing.assert_close(loaded.state_dict(), bb.state_dict())  # the teacher, not the student
+    torch.testing.assert_close(loaded.backbone.state_dict(), bb.state_dict())  # the teacher, not the student
     with pytest.raises(DataError, match="--backbone not found"):
-        load_model(ModelSpec(backbone=str(tmp_path / "nope.safetensors")), 16)
+        extraction_model(ModelSpec(backbone=str(tmp_path / "nope.safetensors")), 16)
 
 
 # ------------------------------------------------------------------------------------------------ s3

@@ -17,11 +17,13 @@ TINY_MODEL = ["model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model
 CHANNELS = ["DNA", "ER", "RNA"]
 
 
-def fake_run(root: Path, seed: int = 3) -> tuple[Path, Config, torch.nn.Module]:
-    """``root/run`` with ``config.yaml`` and ``checkpoints/last.ckpt``; returns (run, cfg, teacher)."""
+def fake_run(root: Path, seed: int = 3, extra: list[str] | tuple[str, ...] = ()) -> tuple[Path, Config, torch.nn.Module]:
+    """``root/run`` with ``config.yaml`` and ``checkpoints/last.ckpt``; returns (run, cfg, teacher).
+
+    ``extra``: more ``key=value`` settings of the training config (e.g. its data section)."""
     from dinocell.models.backbone import build_backbone
 
-    cfg = load_config(None, TINY_MODEL)
+    cfg = load_config(None, [*TINY_MODEL, *extra])
     run = root / "run"
     save_config(cfg, run)
     torch.manual_seed(seed)

@@ -16,7 +16,7 @@ from dinocell.errors import ConfigError, DataError, UserError
 from dinocell.models.backbone import (
     DinoBackbone,
     build_backbone,
-    load_backbone,
+    load_export_backbone,
     load_official_weights,
     save_backbone,
 )
@@ -309,7 +309,7 @@ def test_export_roundtrip(tmp_path, images):
                              "embed_dim": D, "depth": DEPTH, "num_heads": HEADS, "img_size": 32}
     assert meta["channels"] == ["DNA", "ER"] and meta["format"] == "dinocell-backbone"
     assert sorted(p.name for p in out.parent.iterdir()) == ["backbone.safetensors", "backbone.safetensors.json"]
-    loaded = load_backbone(out)
+    loaded = load_export_backbone(out)
     assert not loaded.training and loaded.sidecar["channels"] == ["DNA", "ER"]
     m = torch.zeros(2, 16, dtype=torch.bool)
     m[:, :4] = True
@@ -324,14 +324,14 @@ def test_export_roundtrip(tmp_path, images):
         save_backbone(src, tmp_path / "x.safetensors", {"model": 1})
 
 
-def test_load_backbone_errors(tmp_path):
+def test_load_export_backbone_errors(tmp_path):
     with pytest.raises(UserError, match="exported backbone not found"):
-        load_backbone(tmp_path / "none.safetensors")
+        load_export_backbone(tmp_path / "none.safetensors")
     bb = build_backbone(tiny_cfg(), img_size=32)
     out = save_backbone(bb, tmp_path / "b.safetensors")
     Path(f"{out}.json").unlink()
     with pytest.raises(UserError, match="has no sidecar b.safetensors.json"):
-        load_backbone(out)
+        load_export_backbone(out)
 
 
 def test_layerscale_init_override() -> None:

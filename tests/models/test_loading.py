@@ -107,3 +107,26 @@ def test_crop_to_patches_centres_and_rejects_tiny() -> None:
     assert torch.equal(crop_to_patches(img, 4), img[:, 1:9, 0:12])
     with pytest.raises(UserError, match="smaller than the patch size"):
         crop_to_patches(img[:, :2, :2], 4)
+
+
+def test_one_door_for_random_init_and_pth_into_an_architecture(tmp_path) -> None:
+    """``load_model(None, arch=...)`` builds the architecture; a ``.pth`` goes into ``arch`` (e.g. the
+    segmenter's); a checkpoint's recorded architecture dict is accepted too."""
+    from dinocell.config import ModelConfig
+    from dinocell.models.backbone import build_backbone
+
+    arch = ModelConfig(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    torch.manual_seed(0)
+    a = load_model(None, arch=arch)
+    torch.manual_seed(0)
+    built = build_backbone(arch).state_dict()
+    assert all(torch.equal(v, built[k]) for k, v in a.backbone.state_dict().items())
+    assert (a.kind, a.trained_preprocess, a.preprocess.patch_size, a.backbone.training) == ("random", False, 8, False)
+    again = load_model(None, arch=a.backbone.arch)  # DinoBackbone.arch, as a segment checkpoint records it
+    assert again.backbone.arch == a.backbone.arch
+    torch.save(a.backbone.model.state_dict(), tmp_path / "weights.pth")
+    into = load_model(tmp_path / "weights.pth", arch=arch)
+    assert into.kind == "official" and not into.trained_preprocess
+    torch.testing.assert_close(into.backbone.model.state_dict(), a.backbone.model.state_dict())
+    with pytest.raises(UserError, match="no model given"):
+        load_model(None)

@@ -10,8 +10,9 @@ import torch
 from dinocell.config import ModelConfig
 from dinocell.errors import ConfigError, UserError
 from dinocell.models.backbone import build_backbone, save_backbone
+from dinocell.models.loading import load_model
 from dinocell.segment.config import SegModelConfig, load_segment_config
-from dinocell.segment.model import SegmentationNet, load_backbone_for_segmentation
+from dinocell.segment.model import SegmentationNet
 from dinocell.segment.module import param_groups, segmentation_loss
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,20 +21,20 @@ ARCH = ModelConfig(patch_size=8, embed_dim=32, depth=3, num_heads=2)
 
 def _net(**kw: object) -> SegmentationNet:
     cfg = SegModelConfig(arch=ARCH, neck_dim=16, decoder_dim=8, **kw)  # type: ignore[arg-type]
-    return SegmentationNet(load_backbone_for_segmentation(None, ARCH), cfg)
+    return SegmentationNet(load_model(None, arch=ARCH).backbone, cfg)
 
 
 def test_backbone_sources(tmp_path: Path) -> None:
     bb = build_backbone(ARCH)
     path = save_backbone(bb, tmp_path / "bb.safetensors", {})
-    loaded = load_backbone_for_segmentation(str(path), ModelConfig())  # the export carries its own arch
+    loaded = load_model(str(path), arch=ModelConfig()).backbone  # the export carries its own arch
     assert loaded.embed_dim == 32
     for k, v in bb.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
     other = build_backbone(ModelConfig(patch_size=8, embed_dim=48, depth=3, num_heads=2))
     torch.save(other.model.state_dict(), tmp_path / "other.pth")
     with pytest.raises(UserError, match="do not fit"):
-        load_backbone_for_segmentation(str(tmp_path / "other.pth"), ARCH)
+        load_model(str(tmp_path / "other.pth"), arch=ARCH)
 
 
 @pytest.mark.parametrize(("size", "scale"), [((32, 48), 1.0), ((36, 44), 1.0), ((20, 28), 2.0)])

@@ -8,9 +8,10 @@ import torch
 
 from dinocell.config import ModelConfig
 from dinocell.errors import ConfigError
+from dinocell.models.loading import load_model
 from dinocell.segment import predict as predict_mod
 from dinocell.segment.config import SegModelConfig, load_segment_config
-from dinocell.segment.model import SegmentationNet, load_backbone_for_segmentation, take_indices
+from dinocell.segment.model import SegmentationNet, take_indices
 from dinocell.segment.postprocess import drop_border_objects
 from dinocell.segment.scale import auto_scale, field_px, median_diameter, resolve_scale, scaled_post
 
@@ -55,7 +56,7 @@ def test_bad_scale_keys(item: str, match: str) -> None:
 
 
 def test_feature_blocks_feed_chosen_blocks() -> None:
-    bb = load_backbone_for_segmentation(None, ARCH)
+    bb = load_model(None, arch=ARCH).backbone
     assert take_indices(SegModelConfig(blocks=2), 3) == [1, 2]
     assert take_indices(SegModelConfig(feature_blocks=[0, -1]), 3) == [0, 2]
     with pytest.raises(ConfigError, match="feature_blocks.*0..2"):
@@ -112,7 +113,7 @@ def test_segment_image_drops_border_objects() -> None:
 
     cfg = load_segment_config(None, ["task.drop_border_objects=true", "model.input_scale=1", "infer.tile=32",
                                      "post.foreground_threshold=0.0", "model.neck_dim=16", "model.decoder_dim=8"])
-    net = SegmentationNet(load_backbone_for_segmentation(None, ARCH), cfg.model)
+    net = SegmentationNet(load_model(None, arch=ARCH).backbone, cfg.model)
     img = np.random.default_rng(0).random((48, 48), dtype=np.float32)
 
     def edge(lab: np.ndarray) -> np.ndarray:
@@ -127,7 +128,7 @@ def test_scale_override_at_predict_time_rescales_the_model() -> None:
     from dinocell.segment.run import apply_overrides
 
     cfg = load_segment_config(None, ["model.input_scale=0.5", "model.neck_dim=16", "model.decoder_dim=8"])
-    net = SegmentationNet(load_backbone_for_segmentation(None, ARCH), cfg.model)
+    net = SegmentationNet(load_model(None, arch=ARCH).backbone, cfg.model)
     assert net.input_scale == 0.5
     assert apply_overrides(net, cfg, []) is cfg
     cfg2 = apply_overrides(net, cfg, ["model.input_scale=1", "task.drop_border_objects=true"])

@@ -170,8 +170,8 @@ def test_finetune_mode_trains_the_backbone(run: Path, tmp_path: Path) -> None:
     # the frozen run still holds the seeded initial backbone
     import lightning as L
 
-    from dinocell.segment.model import load_backbone_for_segmentation
+    from dinocell.models.loading import load_model
 
     L.seed_everything(0, verbose=False)
-    init = load_backbone_for_segmentation(None, cfg.model.arch).state_dict()
+    init = load_model(None, arch=cfg.model.arch).backbone.state_dict()
     assert all(torch.equal(init[k[len("net.backbone."):]], frozen[k]) for k in keys)

@@ -9,10 +9,11 @@ import pytest
 
 from dinocell.data.synthetic import write_jump_folder
 from dinocell.errors import UserError
+from dinocell.models.loading import load_model
 from dinocell.segment import predict as predict_mod
 from dinocell.segment import publish as publish_mod
 from dinocell.segment.config import load_segment_config
-from dinocell.segment.model import SegmentationNet, load_backbone_for_segmentation
+from dinocell.segment.model import SegmentationNet
 
 TINY = ["model.arch.embed_dim=32", "model.arch.depth=2", "model.arch.num_heads=2", "model.arch.patch_size=8",
         "model.neck_dim=16", "model.decoder_dim=8", "infer.tile=32", "model.input_scale=1"]
@@ -21,7 +22,7 @@ TINY = ["model.arch.embed_dim=32", "model.arch.depth=2", "model.arch.num_heads=2
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[SegmentationNet, object, Path]:
     cfg = load_segment_config(None, TINY)
-    net = SegmentationNet(load_backbone_for_segmentation(None, cfg.model.arch), cfg.model).eval()
+    net = SegmentationNet(load_model(None, arch=cfg.model.arch).backbone, cfg.model).eval()
     data = tmp_path_factory.mktemp("jump")
     write_jump_folder(data, n_fields=3, size=32, n_plates=1, wells_per_plate=4, sites_per_well=1)
     return net, cfg, data

@@ -10,18 +10,18 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from dinocell.data.stain import StainNormalizer
 from dinocell.errors import DataError
-from dinocell.scaling import (  # noqa: F401  (the data sources' scaling; re-exported)
+from dinocell.scaling import (  # noqa: F401  (the one finishing rule, shared with models.loading; re-exported)
     PERCENTILE_SUBSAMPLE_ABOVE,
     clahe,
+    finish_field,
     percentile_scale,
     scale_field,
     scale_range,
+    to_unit,
 )
 
 #: Smallest field side accepted (px): below it no crop, tile or patch grid is meaningful (a 1x1 "image"
@@ -160,29 +160,3 @@ def check_image(path: str | os.PathLike[str]) -> str | None:
     except Exception as e:
         return f"unreadable TIFF ({type(e).__name__})"
     return None
-
-
-def to_unit(raw: np.ndarray) -> np.ndarray:
-    """uint8 / uint16 -> float32 in [0, 1] by the type's range; floats pass through as float32."""
-    if raw.dtype == np.uint8:
-        return raw.astype(np.float32) / 255.0
-    if raw.dtype == np.uint16:
-        return raw.astype(np.float32) / 65535.0
-    return raw.astype(np.float32)
-
-
-def finish_field(raw: np.ndarray, scaling: Any, stain: Any = None, name: str = "field",
-                 ranges: Sequence[tuple[float, float]] | None = None) -> np.ndarray:
-    """Stain normalisation (if on), then per-channel scaling, of one decoded (C,H,W) field.
-
-    ``raw`` is already illumination-corrected when the source corrects (:mod:`dinocell.data.illum`);
-    ``ranges`` are the plate's or fixed [low, high] levels (None: the field's own percentiles).
-    A field with NaN or inf pixels (a float TIFF with holes, a broken illumination function) raises
-    :class:`DataError`, so every reader skips and counts it like a corrupt file instead of letting it
-    reach the loss.
-    """
-    if not np.issubdtype(raw.dtype, np.integer) and not np.isfinite(raw).all():
-        raise DataError(f"field {name} has NaN or infinite pixels")
-    if stain is not None and getattr(stain, "use_stain_norm", False):
-        raw = StainNormalizer(stain)(to_unit(raw))
-    return to_unit(raw) if scaling is None else scale_field(np.asarray(raw), scaling, ranges)

@@ -28,6 +28,7 @@ import numpy as np
 from dinocell.data.decode import scale_field, scale_range
 from dinocell.errors import DataError
 from dinocell.paths import write_text_atomic
+from dinocell.scaling import fixed_ranges  # the one implementation (models.loading applies it too)
 
 #: Pixels kept per channel per sampled field when pooling a plate's statistics (every k-th pixel):
 #: 16 fields x 65k pixels estimate the 0.1/99.9 percentiles of a plate to well under a grey level.
@@ -99,21 +100,6 @@ def plate_statistics(fields: Iterable[np.ndarray], channels: Sequence[str], plat
         lows.append(float(lo))
         highs.append(float(hi))
     return PlateStats(plate, list(channels), lows, highs, low_percentile, high_percentile, n)
-
-
-def fixed_ranges(fixed: Mapping[str, Sequence[float]], channels: Sequence[str]) -> list[tuple[float, float]]:
-    """The configured [low, high] of each channel (names case-insensitive); a missing one is an error."""
-    lower = {k.lower(): v for k, v in fixed.items()}
-    out = []
-    for ch in channels:
-        rng = lower.get(ch.lower())
-        if rng is None:
-            raise DataError(f"data.scaling.mode=fixed but data.scaling.fixed has no range for channel {ch} "
-                            f"(have {', '.join(fixed) or 'none'})")
-        if len(rng) != 2 or not float(rng[0]) < float(rng[1]):
-            raise DataError(f"data.scaling.fixed.{ch} must be [low, high] with low < high, got {list(rng)}")
-        out.append((float(rng[0]), float(rng[1])))
-    return out
 
 
 def scale_with_ranges(raw: np.ndarray, ranges: Sequence[tuple[float, float]], cfg: Any) -> np.ndarray:

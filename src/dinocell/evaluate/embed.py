@@ -25,6 +25,7 @@ With ``patch_maps`` (``full`` geometry) the patch-feature maps go to one zarr ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -211,17 +212,21 @@ def _embed_chunk(model: LoadedModel, source: Any, records: Sequence[tuple[int, A
 
 def data_config(model: LoadedModel | None, source: str | None, overrides: Sequence[str] = (),
                 base: Config | None = None, unseen_seed: bool = True) -> Config:
-    """The data config for embedding/evaluation: the run's (channels) with the model's scaling,
-    ``source`` and overrides.
+    """The data config for embedding/evaluation: the run's (channels) with the model's training
+    illumination, scaling and stain settings (:meth:`Preprocess.data_config`), ``source`` and overrides.
 
     ``synthetic`` with a training config and ``unseen_seed`` uses fields of another generator seed
     (the training seed + 10007), so a model whose run kept no held-out wells is never scored on the
     fields it was trained on.
     """
     cfg = base or (model.cfg if model is not None and model.cfg is not None else Config())
+    # what the weights expect, whatever the base config says (overrides win); official or random
+    # weights record no training, so only their (default) scaling applies and the data keeps its illum/stain
+    if model is not None and model.trained_preprocess:
+        cfg = dataclasses.replace(cfg, data=model.preprocess.data_config(cfg.data))
+    elif model is not None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, scaling=model.preprocess.scaling))
     data = to_dict(cfg)
-    if model is not None:  # the scaling the weights expect, whatever the base config says (overrides win)
-        data["data"]["scaling"] = asdict(model.preprocess.scaling)
     if source is not None:
         data["data"]["source"] = str(source)
     if unseen_seed and data["data"]["source"] == "synthetic" and model is not None and model.cfg is not None:

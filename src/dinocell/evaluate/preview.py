@@ -154,8 +154,8 @@ def preview(
     labels: list[str] = []
     if csv is not None:
         from dinocell.data.decode import scale_field
-        from dinocell.data.stain import StainNormalizer
         from dinocell.evaluate.run import read_multichannel
+        from dinocell.stain import StainNormalizer
 
         if not tile_col:
             raise UserError("--csv needs --tile-col (the column holding the tile paths)")

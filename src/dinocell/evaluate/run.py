@@ -105,9 +105,14 @@ class _Image:
 
 class LabelledImages:
     """Labelled image files as a field source (``records``, ``channels``, ``fluorescent``, ``load``), so
-    they go through the one held-out evaluation; ``load`` scales with the model's :class:`Preprocess`.
+    they go through the one held-out evaluation; ``load`` finishes each bare image with the model's
+    :class:`Preprocess` (its stain normalisation and scaling mode and ranges: the data sources' rule).
 
-    The channel count comes from the first readable image; an image with another count is skipped."""
+    Images are taken as illumination-corrected already (no plate functions come with a bare file).
+    A model trained with ``fixed`` ranges needs the images' channels named as in training (the model's
+    channel names when the counts match); one trained with ``plate`` scaling cannot be fed bare images:
+    both fail at once with one line.  The channel count comes from the first readable image; an image
+    with another count is skipped."""
 
     def __init__(self, paths: Sequence[str], labels: Sequence[str], preprocess: Any,
                  channel_names: Sequence[str] = ()) -> None:
@@ -127,12 +132,13 @@ class LabelledImages:
         self.channels = list(channel_names) if len(channel_names) == n_ch else [f"ch{i}" for i in range(n_ch)]
         self.fluorescent = [True] * n_ch
         self.name = "labelled images"
+        preprocess.ranges(self.channels)  # fixed ranges for these channels, or one UserError now (plate)
 
     def load(self, rec: Any) -> np.ndarray:
         raw = read_multichannel(rec.key)
         if raw.shape[0] != len(self.channels):
             raise DataError(f"{rec.key}: {raw.shape[0]} channels, expected {len(self.channels)}")
-        return self.preprocess.scale(raw)
+        return self.preprocess.scale(raw, self.channels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -401,7 +407,8 @@ def evaluate(
         pre = with_size(m.preprocess, size)
         if labelled or labels_csv:
             cfg = data_config(m, data or "synthetic", overrides)
-            pre = dataclasses.replace(pre, scaling=cfg.data.scaling)  # the model's, unless overridden
+            # the model's training scaling and stain, unless overridden
+            pre = dataclasses.replace(pre, scaling=cfg.data.scaling, stain=cfg.data.stain)
             paths, names_ = labelled_paths(labelled, labels_csv)
             source: Any = LabelledImages(paths, names_, pre, m.channel_names)
             data_desc = labelled or labels_csv

@@ -57,7 +57,7 @@ class DinoBackbone(nn.Module):
         # dinov3 keeps the mask token as (1, D) and initialises it to zero; same here so that the
         # official tensor loads as is.
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
-        self.sidecar: dict[str, Any] = {}  # filled by load_backbone (channel names, scaling, ...)
+        self.sidecar: dict[str, Any] = {}  # filled by load_export_backbone (channel names, scaling, ...)
 
     def set_rope_rescale(self, factor: float | None) -> None:
         """Train-mode RoPE coordinate rescaling by one log-uniform factor in ``[1/factor, factor]`` per forward
@@ -449,8 +449,10 @@ def load_export_weights(backbone: DinoBackbone, path: str | os.PathLike[str]) ->
     return meta
 
 
-def load_backbone(path: str | os.PathLike[str]) -> DinoBackbone:
-    """Rebuild an exported backbone in eval mode; its sidecar dict is kept as ``.sidecar``."""
+def load_export_backbone(path: str | os.PathLike[str]) -> DinoBackbone:
+    """Rebuild an exported backbone in eval mode; its sidecar dict is kept as ``.sidecar``.
+
+    The reader of one format: callers load models through :func:`dinocell.models.loading.load_model`."""
     meta, tensors = _read_export(path)
     arch = meta["model"]
     try:
@@ -481,7 +483,7 @@ __all__ = [
     "DinoBackbone",
     "build_backbone",
     "count_parameters",
-    "load_backbone",
+    "load_export_backbone",
     "load_export_weights",
     "load_official_weights",
     "save_backbone",

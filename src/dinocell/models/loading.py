@@ -6,7 +6,12 @@ Accepted, by what the path is:
 * a training checkpoint ``.ckpt`` (Lightning; the EMA teacher backbone by default);
 * a dinocell export ``.safetensors`` + its JSON sidecar (:func:`dinocell.models.backbone.save_backbone`);
 * a timm export folder (``config.json`` + ``model.safetensors``, :mod:`dinocell.models.timm_export`);
-* an official DINOv3 ``.pth`` (the architecture comes from the released file name, or ``model_name``).
+* an official DINOv3 ``.pth`` (the architecture comes from the released file name, ``model_name``,
+  or ``arch``);
+* nothing, with ``arch``: a randomly initialised backbone of that architecture.
+
+Every consumer (``embed``, ``evaluate``, ``segment``, ``extract``) obtains its model here and takes the
+:class:`LoadedModel`, never a bare backbone, so the preprocessing always comes with the weights.
 
 Why one loader returning a :class:`Preprocess` too: a backbone trained on percentile-scaled
 single-channel 32-px crops gives meaningless features on raw uint16 fields or on 1080-px fields
@@ -20,10 +25,12 @@ exports and config is :class:`dinocell.runs.RunDir`'s business, not this module'
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,18 +38,26 @@ from typing import Any
 import numpy as np
 import torch
 
-from dinocell.config import Config, ModelConfig, ScalingConfig, config_from_dict, load_config
-from dinocell.errors import UserError
+from dinocell.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    ScalingConfig,
+    StainConfig,
+    config_from_dict,
+    load_config,
+)
+from dinocell.errors import DataError, UserError
 from dinocell.models.backbone import (
     DinoBackbone,
     _check_and_load,
     _first_line,
     build_backbone,
-    load_backbone,
+    load_export_backbone,
 )
 from dinocell.models.weights import load_weights_file
 from dinocell.runs import RunDir
-from dinocell.scaling import scale_field
+from dinocell.scaling import finish_field, fixed_ranges
 
 #: Where a training checkpoint keeps the EMA teacher's backbone (``meta.<which>.backbone.*``).
 TEACHER_PREFIX = "meta.teacher.backbone."
@@ -63,10 +78,19 @@ OFFICIAL_NAMES = {
 class Preprocess:
     """How a backbone expects its input; calling it turns a raw (C, H, W) field into model input.
 
-    ``scaling``: per-channel percentile clip to [0, 1] (+ optional CLAHE), computed on the whole field
-    (never per crop), as in training.  ``in_chans == 1``: every channel is its own image (the way the
-    multi-view pretraining presents channels); otherwise the C channels form one image.
-    ``crop_size``: the training global crop in pixels, i.e. the tile size at training magnification.
+    Everything training applied to a raw field travels here, so inference feeds what training fed:
+
+    * ``illum``: the training ``data.illum`` setting.  Illumination functions belong to a plate, so
+      only a data source can apply them: :meth:`data_config` gives every source a consumer opens this
+      setting.  A bare array handed to :meth:`scale` is taken as already corrected.
+    * ``scaling``: ``data.scaling`` (mode ``field`` / ``plate`` / ``fixed``, its percentiles, fixed
+      ranges, CLAHE), computed on the whole field (never per crop), as in training.
+    * ``stain``: ``data.stain`` (Reinhard normalisation of RGB sources), applied before scaling.
+
+    :meth:`scale` and ``FieldSource.finish`` call one function, :func:`dinocell.scaling.finish_field`.
+    ``in_chans == 1``: every channel is its own image (the way the multi-view pretraining presents
+    channels); otherwise the C channels form one image.  ``crop_size``: the training global crop in
+    pixels, i.e. the tile size at training magnification.
     """
 
     in_chans: int = 1
@@ -74,24 +98,70 @@ class Preprocess:
     crop_size: int = 224
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     channel_names: list[str] = field(default_factory=list)
+    stain: StainConfig = field(default_factory=StainConfig)
+    illum: str = "auto"
 
-    def scale(self, raw: np.ndarray) -> np.ndarray:
-        """(C, H, W) raw intensities -> float32 in [0, 1], channel by channel: the data sources' own
-        rule (:func:`dinocell.scaling.scale_field`), so a model sees what it was trained on."""
+    def ranges(self, channels: Sequence[str] | None = None) -> list[tuple[float, float]] | None:
+        """The raw [low, high] levels of each channel a bare array is scaled with (None: the field's own
+        percentiles).  ``plate`` mode needs a plate's statistics, which only a data source has: a
+        one-line UserError rather than quietly feeding per-field percentiles."""
+        mode = getattr(self.scaling, "mode", "field")
+        if mode == "field":
+            return None
+        if mode == "fixed":
+            names = list(channels) if channels is not None else list(self.channel_names)
+            if not names:
+                raise UserError("the model was trained with data.scaling.mode=fixed: name the field's channels "
+                                "(the fixed ranges are per channel name)")
+            try:
+                return fixed_ranges(self.scaling.fixed, names)
+            except DataError as e:
+                raise UserError(str(e)) from None
+        if mode == "plate":
+            raise UserError("the model was trained with data.scaling.mode=plate: a bare image has no plate "
+                            "statistics; read the fields through a data source (--data) or pass ranges=")
+        raise UserError(f"data.scaling.mode must be field, plate or fixed; got '{mode}'")
+
+    def scale(self, raw: np.ndarray, channels: Sequence[str] | None = None,
+              ranges: Sequence[tuple[float, float]] | None = None) -> np.ndarray:
+        """(C, H, W) raw (illumination-corrected) intensities -> float32 in [0, 1]: stain
+        normalisation and scaling by the training mode, the data sources' own function
+        (:func:`dinocell.scaling.finish_field`), so a model sees what it was trained on.
+
+        ``channels``: the field's channel names (``fixed`` ranges are per name; default
+        ``channel_names``); ``ranges``: explicit raw levels (e.g. a plate's statistics)."""
         arr = np.asarray(raw)
         if arr.ndim != 3:
             raise UserError(f"expected a (C, H, W) field, got shape {arr.shape}")
-        return scale_field(arr, self.scaling)
+        rng = list(ranges) if ranges is not None else self.ranges(channels)
+        return finish_field(arr, self.scaling, self.stain, "field", rng)
 
-    def __call__(self, raw: np.ndarray | torch.Tensor, scaled: bool = False) -> torch.Tensor:
+    def scale_volume(self, vol: np.ndarray, channel: str | None = None) -> np.ndarray:
+        """A single-channel (D, H, W) volume crop -> float32 [0, 1] by the same rule, the whole crop being
+        one field of one channel (one set of levels for every slice, whichever axis it is sliced along).
+
+        ``fixed`` ranges are raw levels of a named channel: they apply only when ``channel`` names one
+        (a volume crop of unnamed EM intensities is refused with one line, as ``plate`` scaling is)."""
+        arr = np.asarray(vol)
+        if arr.ndim != 3:
+            raise UserError(f"expected a (D, H, W) volume, got shape {arr.shape}")
+        if channel is None and getattr(self.scaling, "mode", "field") != "field":
+            raise UserError(f"the model was trained with data.scaling.mode={self.scaling.mode}: its levels "
+                            "belong to named fluorescence channels, not to a volume crop")
+        channel = channel or "raw"
+        d, h, w = arr.shape
+        return self.scale(arr.reshape(1, d * h, w), [channel]).reshape(d, h, w)
+
+    def __call__(self, raw: np.ndarray | torch.Tensor, scaled: bool = False,
+                 channels: Sequence[str] | None = None) -> torch.Tensor:
         """Raw (C, H, W) field -> (C, 1, H', W') (``in_chans == 1``) or (1, C, H', W') float32 images.
 
         ``H'``, ``W'`` are ``H``, ``W`` centre-cropped down to multiples of the patch size (fewer than
-        one patch is lost per side; nothing is resized).  ``scaled=True`` skips the intensity scaling
-        (fields from a dinocell data source are scaled already).
+        one patch is lost per side; nothing is resized).  ``scaled=True`` skips :meth:`scale`
+        (fields from a data source opened with :meth:`data_config` are finished already).
         """
         arr = raw.numpy() if isinstance(raw, torch.Tensor) else np.asarray(raw)
-        x = np.asarray(arr, np.float32) if scaled else self.scale(arr)
+        x = np.asarray(arr, np.float32) if scaled else self.scale(arr, channels)
         c = x.shape[0]
         x = crop_to_patches(torch.from_numpy(np.ascontiguousarray(x)), self.patch_size)
         if self.in_chans == 1:
@@ -100,17 +170,28 @@ class Preprocess:
             raise UserError(f"model expects {self.in_chans} input channels, the field has {c}")
         return x[None]
 
+    def data_config(self, data: DataConfig) -> DataConfig:
+        """``data`` with this model's training illumination, scaling and stain settings: what every
+        data source a consumer opens for this model must be configured with."""
+        return dataclasses.replace(data, illum=self.illum, scaling=copy.deepcopy(self.scaling),
+                                   stain=copy.deepcopy(self.stain))
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (export sidecars, timm ``pretrained_cfg``)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        known = {f.name for f in dataclasses.fields(ScalingConfig)}
-        scaling = ScalingConfig(**{k: v for k, v in (d.get("scaling") or {}).items() if k in known})
+        """Inverse of :meth:`to_dict`; older sidecars (no ``stain`` / ``illum`` / ``mode``) read as the
+        defaults they were trained with."""
+        def pick(kind: Any, values: Any) -> Any:
+            known = {f.name for f in dataclasses.fields(kind)}
+            return kind(**{k: v for k, v in (values or {}).items() if k in known})
+
         return cls(in_chans=int(d.get("in_chans", 1)), patch_size=int(d.get("patch_size", 16)),
-                   crop_size=int(d.get("crop_size", 224)), scaling=scaling,
-                   channel_names=[str(c) for c in d.get("channel_names") or []])
+                   crop_size=int(d.get("crop_size", 224)), scaling=pick(ScalingConfig, d.get("scaling")),
+                   channel_names=[str(c) for c in d.get("channel_names") or []],
+                   stain=pick(StainConfig, d.get("stain")), illum=str(d.get("illum") or "auto"))
 
 
 def crop_to_patches(x: torch.Tensor, patch: int) -> torch.Tensor:
@@ -132,6 +213,14 @@ class LoadedModel:
     cfg: Config | None = None  # the training config when known (run folder, checkpoint)
     description: str = ""
     run_dir: Path | None = None
+    #: checkpoint | export | timm | official | random | given (built by the caller): whether
+    #: ``preprocess`` is what the weights were trained with, or a default (official release, random weights)
+    kind: str = "given"
+
+    @property
+    def trained_preprocess(self) -> bool:
+        """True when ``preprocess`` records how the weights were trained (so data sources must follow it)."""
+        return self.kind not in ("official", "random")
 
     @property
     def crop_size(self) -> int:
@@ -146,8 +235,9 @@ def preprocess_from_config(cfg: Config, channel_names: list[str] | None = None) 
     """The preprocessing a training config implies."""
     return Preprocess(in_chans=int(cfg.model.in_chans), patch_size=int(cfg.model.patch_size),
                       crop_size=int(cfg.data.views.global_crop_size),
-                      scaling=dataclasses.replace(cfg.data.scaling),
-                      channel_names=list(channel_names if channel_names is not None else cfg.data.channels or []))
+                      scaling=copy.deepcopy(cfg.data.scaling),
+                      channel_names=list(channel_names if channel_names is not None else cfg.data.channels or []),
+                      stain=copy.deepcopy(cfg.data.stain), illum=str(cfg.data.illum))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,7 +275,7 @@ def load_checkpoint_model(path: str | os.PathLike[str], which: str = "teacher") 
     meta = ckpt.get("dinocell") or {}
     pre = preprocess_from_config(cfg, list(meta.get("channel_names") or cfg.data.channels or []))
     run = RunDir.of_file(p)
-    return LoadedModel(backbone.eval(), pre, cfg, f"checkpoint {p}", run.root if run else None)
+    return LoadedModel(backbone.eval(), pre, cfg, f"checkpoint {p}", run.root if run else None, kind="checkpoint")
 
 
 def _export_preprocess(side: dict[str, Any], bb: DinoBackbone) -> Preprocess:
@@ -198,9 +288,12 @@ def _export_preprocess(side: dict[str, Any], bb: DinoBackbone) -> Preprocess:
 
 
 def load_export_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """A dinocell export (``.safetensors`` + JSON sidecar); the run's config too when it sits in ``<run>/export``."""
-    bb = load_backbone(path)
-    pre = _export_preprocess(dict(bb.sidecar or {}), bb)
+    """A dinocell export (``.safetensors`` + JSON sidecar); the run's config too when it sits in ``<run>/export``.
+
+    A sidecar older than the ``stain`` / ``illum`` entries takes them from that config when there is one."""
+    bb = load_export_backbone(path)
+    side = dict(bb.sidecar or {})
+    pre = _export_preprocess(side, bb)
     p = Path(path)
     run = RunDir.of_file(p)
     run_dir = run.root if run is not None else None
@@ -208,7 +301,12 @@ def load_export_model(path: str | os.PathLike[str]) -> LoadedModel:
     if run is not None and run.config.is_file():
         cfg = load_config(run.config)
         cfg.model.pretrained = None
-    return LoadedModel(bb, pre, cfg, f"export {p}", run_dir)
+        written = side.get("preprocess") if isinstance(side.get("preprocess"), dict) else {}
+        if "stain" not in written:
+            pre.stain = copy.deepcopy(cfg.data.stain)
+        if "illum" not in written:
+            pre.illum = str(cfg.data.illum)
+    return LoadedModel(bb, pre, cfg, f"export {p}", run_dir, kind="export")
 
 
 def load_timm_folder(path: str | os.PathLike[str]) -> LoadedModel:
@@ -236,7 +334,7 @@ def load_timm_folder(path: str | os.PathLike[str]) -> LoadedModel:
             "depth": len(model.blocks), "num_heads": int(model.blocks[0].attn.num_heads),
             "img_size": int(img[0] if isinstance(img, (list, tuple)) else img)}
     bb = DinoBackbone(model, name, arch)  # inference-only export: the mask token stays at its zero init
-    return LoadedModel(bb.eval(), Preprocess.from_dict(pre_d), None, f"timm export {p}", None)
+    return LoadedModel(bb.eval(), Preprocess.from_dict(pre_d), None, f"timm export {p}", None, kind="timm")
 
 
 def official_model_name(path: str | os.PathLike[str]) -> str | None:
@@ -246,25 +344,63 @@ def official_model_name(path: str | os.PathLike[str]) -> str | None:
 
 
 def load_official_model(path: str | os.PathLike[str], model_name: str | None = None,
-                        patch_size: int = 16) -> LoadedModel:
-    """An official DINOv3 ``.pth`` as a 1-channel backbone (RGB filters summed; patch resampled if asked)."""
-    name = model_name or official_model_name(path)
-    if name is None:
-        raise UserError(f"cannot tell the architecture of {Path(path).name}: pass model_name "
-                        "(e.g. vit_small_patch16_dinov3)")
-    cfg = ModelConfig(name=name, in_chans=1, patch_size=patch_size, pretrained=str(path))
-    bb = build_backbone(cfg, img_size=224)
-    pre = Preprocess(in_chans=1, patch_size=patch_size, crop_size=224)
-    return LoadedModel(bb.eval(), pre, None, f"official {path}", None)
+                        patch_size: int = 16, arch: ModelConfig | None = None, img_size: int = 224) -> LoadedModel:
+    """An official DINOv3 ``.pth`` as a 1-channel backbone (RGB filters summed; patch resampled if asked).
+
+    ``arch``: the architecture to load the weights into (e.g. a patch-8 segmenter backbone; its name,
+    sizes and patch size win); else the release's own, named by ``model_name`` or the file name."""
+    if arch is not None:
+        cfg = dataclasses.replace(arch, pretrained=str(path))
+    else:
+        name = model_name or official_model_name(path)
+        if name is None:
+            raise UserError(f"cannot tell the architecture of {Path(path).name}: pass model_name "
+                            "(e.g. vit_small_patch16_dinov3)")
+        cfg = ModelConfig(name=name, in_chans=1, patch_size=patch_size, pretrained=str(path))
+    bb = build_backbone(cfg, img_size=img_size)
+    pre = Preprocess(in_chans=int(cfg.in_chans), patch_size=int(cfg.patch_size), crop_size=224)
+    return LoadedModel(bb.eval(), pre, None, f"official {path}", None, kind="official")
 
 
-def load_model(path: str | os.PathLike[str], model_name: str | None = None, which: str = "teacher",
-               device: str | torch.device | None = None) -> LoadedModel:
-    """Load any saved backbone (see the module doc) in eval mode, with its :class:`Preprocess`.
+def arch_config(arch: ModelConfig | Mapping[str, Any]) -> tuple[ModelConfig, int]:
+    """(ModelConfig, img_size) of a config or of the architecture dict a backbone records (``DinoBackbone.arch``)."""
+    if isinstance(arch, ModelConfig):
+        return dataclasses.replace(arch, pretrained=None), 224
+    try:
+        cfg = ModelConfig(name=str(arch["timm_name"]), in_chans=int(arch["in_chans"]),
+                          patch_size=int(arch["patch_size"]), embed_dim=int(arch["embed_dim"]),
+                          depth=int(arch["depth"]), num_heads=int(arch["num_heads"]))
+    except KeyError as e:
+        raise UserError(f"recorded backbone architecture lacks {e}") from None
+    return cfg, int(arch.get("img_size", 224))
+
+
+def init_model(arch: ModelConfig | Mapping[str, Any], img_size: int | None = None) -> LoadedModel:
+    """A randomly initialised backbone of ``arch`` (a segmenter trained from scratch, a checkpoint's
+    recorded architecture before its weights are loaded, extraction without weights)."""
+    cfg, recorded = arch_config(arch)
+    bb = build_backbone(cfg, img_size=int(img_size or recorded))
+    pre = Preprocess(in_chans=int(cfg.in_chans), patch_size=int(cfg.patch_size), crop_size=int(img_size or recorded))
+    return LoadedModel(bb.eval(), pre, None, f"random init {cfg.name}", None, kind="random")
+
+
+def load_model(path: str | os.PathLike[str] | None, model_name: str | None = None, which: str = "teacher",
+               device: str | torch.device | None = None, *, arch: ModelConfig | Mapping[str, Any] | None = None,
+               img_size: int | None = None) -> LoadedModel:
+    """The one door: any saved backbone (see the module doc) in eval mode, with its :class:`Preprocess`.
 
     ``model_name``: timm architecture for an official ``.pth`` whose file name does not say it.
     ``which``: ``teacher`` (default, the EMA network that gets exported) or ``student`` for checkpoints.
+    ``arch``: the architecture for a file that carries none (an official ``.pth`` is loaded into it,
+    e.g. with patch 8), or, with no ``path``, a randomly initialised backbone of it (``img_size``).
     """
+    if path is None or str(path) == "":
+        if arch is None:
+            raise UserError("no model given: pass a path or an architecture")
+        m = init_model(arch, img_size)
+        if device is not None:
+            m.backbone.to(device)
+        return m
     p = Path(path)
     if p.is_dir():
         if (p / TIMM_CONFIG).is_file():
@@ -286,7 +422,8 @@ def load_model(path: str | os.PathLike[str], model_name: str | None = None, whic
     elif p.suffix == ".ckpt":
         m = load_checkpoint_model(p, which)
     elif p.suffix in (".pth", ".pt"):
-        m = load_official_model(p, model_name)
+        official_arch = arch_config(arch)[0] if arch is not None else None
+        m = load_official_model(p, model_name, arch=official_arch, img_size=int(img_size or 224))
     else:
         raise UserError(f"cannot tell what {p} is: give a run folder, a .ckpt, a .safetensors export, "
                         "a timm export folder or an official DINOv3 .pth")
@@ -297,6 +434,8 @@ def load_model(path: str | os.PathLike[str], model_name: str | None = None, whic
 
 __all__ = [
     "LoadedModel",
+    "arch_config",
+    "init_model",
     "Preprocess",
     "TEACHER_PREFIX",
     "crop_to_patches",

@@ -36,8 +36,15 @@ def describe_scaling(pre: Any) -> str:
     s = pre.scaling
     how = "each channel as its own 1-channel image" if pre.in_chans == 1 else f"{pre.in_chans} channels together"
     clahe = f", then CLAHE (clip {s.clahe_clip}, {s.clahe_tiles} tiles)" if s.clahe else ""
-    return (f"dinocell backbone: {how}; every channel of a whole field clipped to its "
-            f"[{s.low_percentile}, {s.high_percentile}] percentiles and mapped to [0, 1]{clahe}; no mean/std "
+    mode = getattr(s, "mode", "field")
+    levels = (f"the fixed raw levels {dict(s.fixed)}" if mode == "fixed" else
+              f"its plate's [{s.low_percentile}, {s.high_percentile}] percentiles" if mode == "plate" else
+              f"its [{s.low_percentile}, {s.high_percentile}] percentiles")
+    stain = "Reinhard stain normalisation, then " if getattr(pre.stain, "use_stain_norm", False) else ""
+    illum = {"required": "illumination-corrected ", "auto": "illumination-corrected (where the plate has "
+             "functions) "}.get(str(getattr(pre, "illum", "auto")), "")
+    return (f"dinocell backbone: {how}; {stain}every channel of a whole {illum}field clipped to "
+            f"{levels} and mapped to [0, 1]{clahe}; no mean/std "
             f"normalisation; trained on {pre.crop_size}-px crops, patch {pre.patch_size}; "
             "embedding = normalised CLS token (model.forward_head(model.forward_features(x), pre_logits=True)).")
 

@@ -9,45 +9,49 @@ foreground logit (DINOCell, SAMCell), optionally a Cellpose-style flow field.  T
 backbone features (no raw-pixel skip), so what it learns on one channel transfers to another exactly
 as far as the backbone's features do -- the point of the benchmark.
 
-:func:`load_backbone_for_segmentation` is the one place the segmenter obtains a backbone.
+:func:`segmentation_model` is the one place the segmenter obtains a backbone (through the one loader,
+:func:`dinocell.models.loading.load_model`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinocell.config import ModelConfig
+from dinocell.config import DataConfig
 from dinocell.errors import ConfigError
-from dinocell.models.backbone import DinoBackbone, build_backbone
-from dinocell.models.loading import load_model
+from dinocell.models.backbone import DinoBackbone
+from dinocell.models.loading import LoadedModel, load_model
 from dinocell.segment.scale import numeric_scale
 
-
-def load_backbone_for_segmentation(spec: str | None, arch: ModelConfig) -> DinoBackbone:
-    """The backbone named by ``spec``: an exported ``.safetensors`` (+ sidecar), a pretraining run folder
-    (its teacher), an official DINOv3 ``.pth`` loaded into ``arch``, or (``None``) ``arch`` randomly
-    initialised.  Weights that do not fit the architecture raise a one-line UserError."""
-    if not spec:
-        return build_backbone(replace(arch, pretrained=None))
-    p = Path(spec)
-    if p.suffix in (".pth", ".pt"):  # official weights into the configured architecture (patch 16->8 etc.)
-        return build_backbone(replace(arch, pretrained=str(p)))
-    return load_model(p).backbone  # run folder, checkpoint, export, timm folder: the one loader
+log = logging.getLogger(__name__)
 
 
-def backbone_from_arch(arch: dict[str, Any]) -> DinoBackbone:
-    """An untrained backbone of the architecture recorded in a checkpoint (``DinoBackbone.arch``)."""
-    cfg = ModelConfig(name=str(arch["timm_name"]), in_chans=int(arch["in_chans"]),
-                      patch_size=int(arch["patch_size"]), embed_dim=int(arch["embed_dim"]),
-                      depth=int(arch["depth"]), num_heads=int(arch["num_heads"]))
-    return build_backbone(cfg, img_size=int(arch.get("img_size", 224)))
+def segmentation_model(cfg: Any) -> LoadedModel:
+    """The backbone a segmenter trains on, through the one loader: ``cfg.model.backbone`` (an export, a
+    timm folder, a pretraining run folder or checkpoint -- the teacher --, an official DINOv3 ``.pth``
+    loaded into ``cfg.model.arch``), or ``cfg.model.arch`` randomly initialised when it is unset.
+
+    A backbone that records its training preprocessing also sets ``cfg.data``'s illumination, scaling
+    and stain settings (:meth:`Preprocess.data_config`): the segmenter is then trained, and later
+    predicts, on fields finished exactly as the backbone saw them in pretraining."""
+    m = load_model(cfg.model.backbone or None, arch=cfg.model.arch)
+    if m.trained_preprocess:
+        adopted = m.preprocess.data_config(cfg.data)
+        default = DataConfig()
+        for key in ("illum", "scaling", "stain"):
+            given, used = getattr(cfg.data, key), getattr(adopted, key)
+            if given != used:  # loud only when the segment config asked for something else on purpose
+                (log.warning if given != getattr(default, key) else log.info)(
+                    "data.%s: using the backbone's training setting %s instead of %s (%s)", key, used, given,
+                    m.description)
+        cfg.data = adopted
+    return m
 
 
 def take_indices(cfg: Any, n_blocks: int) -> list[int]:

@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 class _ImageFileSource(FieldSource):
     """A single 2-D image file as a one-channel field (channel ``image``)."""
 
-    def __init__(self, path: str, scaling: Any) -> None:
+    def __init__(self, path: str, scaling: Any, stain: Any = None) -> None:
         from dinocell.data.field import FieldRecord
 
-        super().__init__(scaling)
+        super().__init__(scaling, stain)
         self.name, self.channels, self.fluorescent = path, ["image"], [True]
         self.records = [FieldRecord(plate=Path(path).stem, well="", site=1, channels={"image": path},
                                     metadata={"Metadata_Plate": Path(path).stem, "Metadata_Well": "",
@@ -49,9 +49,10 @@ class _ImageFileSource(FieldSource):
 
 
 def open_input(cfg: SegmentConfig, spec: str) -> FieldSource:
-    """A source for ``spec``: one image file, or anything :func:`open_source` reads."""
+    """A source for ``spec``: one image file, or anything :func:`open_source` reads, finished by
+    ``cfg.data`` (the run's, which carries the backbone's training scaling: ``segment.model.segmentation_model``)."""
     if spec.lower().endswith(IMAGE_SUFFIXES) and Path(spec).is_file():
-        return _ImageFileSource(spec, cfg.data.scaling)
+        return _ImageFileSource(spec, cfg.data.scaling, cfg.data.stain)
     return open_source(cfg.data, spec)
 
 

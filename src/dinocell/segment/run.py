@@ -28,11 +28,12 @@ from dinocell.engine.trainer import (
     resolve_precision,
 )
 from dinocell.errors import UserError
+from dinocell.models.loading import load_model
 from dinocell.models.weights import load_state_checked
 from dinocell.paths import write_text_atomic
 from dinocell.runs import RunDir
 from dinocell.segment.config import SegmentConfig, segment_config_from_dict
-from dinocell.segment.model import SegmentationNet, backbone_from_arch, load_backbone_for_segmentation
+from dinocell.segment.model import SegmentationNet, segmentation_model
 from dinocell.segment.module import CKPT_KEY, SegmentModule
 from dinocell.segment.scale import field_px, resolve_scale
 
@@ -103,9 +104,9 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
     if max_steps is not None and max_steps < 1:
         raise UserError(f"--max-steps must be >= 1, got {max_steps}")
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    bb = segmentation_model(cfg).backbone  # first: it sets cfg.data's scaling as the backbone was trained
     train_source, held_wells, held_fields = split_training_source(cfg, run_dir, ckpt_path is not None)
     inputs, targets, channels, diameter = training_fields(cfg, train_source)
-    bb = load_backbone_for_segmentation(cfg.model.backbone, cfg.model.arch)
     requested = cfg.model.input_scale
     cfg.model.object_diameter = round(diameter, 3) if diameter is not None else None
     cfg.model.input_scale = resolve_scale(cfg.model, diameter, bb.patch_size)  # predict reuses it
@@ -162,7 +163,7 @@ def load_segmenter(run_dir: str | os.PathLike[str]) -> tuple[SegmentationNet, Se
     if not meta:
         raise UserError(f"{path} is not a 'dinocell segment' checkpoint")
     cfg = segment_config_from_dict(meta["config"])
-    net = SegmentationNet(backbone_from_arch(meta["backbone_arch"]), cfg.model)
+    net = SegmentationNet(load_model(None, arch=meta["backbone_arch"]).backbone, cfg.model)
     state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     load_state_checked(net, state, str(path), "the segmentation model its config describes")
     periods = meta.get("rope_periods")

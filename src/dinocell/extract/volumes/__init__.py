@@ -35,7 +35,7 @@ from dinocell.extract.volumes.features import (
     bilinear_matrix,
     compute_patch_features,
     compute_volume_features,
-    load_model,
+    extraction_model,
     resolve_device,
 )
 from dinocell.extract.volumes.manifest import VolumeEntry, load_manifest
@@ -65,7 +65,7 @@ __all__ = [
     "VolumeArray", "VolumeEntry", "array_spec", "bilinear_matrix", "choose_level", "codecs_for",
     "compute_features", "compute_patch_features", "compute_volume_features", "count_chunk_files",
     "default_chunks", "dir_size_bytes", "expected_chunks", "extract_volume", "grid_problems", "kvstore_spec",
-    "load_manifest", "load_model", "open_volume_array", "quick_verify", "read_metadata", "require_volumes",
+    "extraction_model", "load_manifest", "open_volume_array", "quick_verify", "read_metadata", "require_volumes",
     "resolve_device", "sample_crop", "sample_nearest", "sample_raw", "volume_name", "volume_paths",
     "write_arrays", "write_json_atomic",
 ]

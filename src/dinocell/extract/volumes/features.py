@@ -5,9 +5,10 @@ grid as it is, ``(C, D, H/p, W/p)`` — about 6 MB for a ViT-S 128^3 crop — an
 the training loop (:class:`dinocell.extract.upsample.Upsample`, on the GPU).  The voxel store
 upsamples every slice bilinearly to its voxels here, ``(C, D, H, W)`` (1.6 GB for the same crop).
 
-:func:`load_model` is the only function in ``dinocell.extract`` that builds or loads a backbone, and
-:func:`_encode` the only one that runs it, so either can be swapped for the shared loader/encoder
-in one place.
+:func:`extraction_model` is the only function in ``dinocell.extract`` that obtains a model (through the
+project's one loader), and :func:`_encode` the only one that runs it.  The crop is finished by the
+model's :class:`~dinocell.models.loading.Preprocess` (:meth:`~dinocell.models.loading.Preprocess.scale_volume`)
+before slicing, in the pipeline; the functions here take the prepared volume.
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ _MODEL_CACHE: dict[str, tuple[Any, dict[str, Any]]] = {}
 _MODEL_LOCK = threading.Lock()
 
 
-def load_model(spec: ModelSpec, img_size: int = 224, device: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """Build the backbone described by ``spec`` in eval mode; cached per process (cluster workers)."""
+def extraction_model(spec: ModelSpec, img_size: int = 224, device: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """(:class:`~dinocell.models.loading.LoadedModel` in eval mode, its description) for ``spec``, through
+    the one loader (:func:`dinocell.models.loading.load_model`); cached per process (cluster workers).
+
+    ``--backbone`` / ``--weights``: a run folder, checkpoint, export, timm folder or official ``.pth``;
+    neither: ``--model-name`` (or a tiny ViT) with random weights, seeded by ``spec.seed``."""
     key = json.dumps([dataclasses.asdict(spec), img_size, device], sort_keys=True)
     with _MODEL_LOCK:
         if key in _MODEL_CACHE:
@@ -48,33 +53,27 @@ def load_model(spec: ModelSpec, img_size: int = 224, device: str | None = None) 
         import torch
 
         from dinocell.config import ModelConfig
+        from dinocell.models.loading import load_model
 
         if spec.backbone or spec.weights:
-            # a run folder, checkpoint, export or official .pth: the project's one loader
-            from dinocell.models.loading import load_model as load_saved
-
             path = Path(spec.backbone or spec.weights)
             if not path.exists():
                 raise DataError(f"--{'backbone' if spec.backbone else 'weights'} not found: {path}")
-            loaded = load_saved(path, model_name=spec.model_name)
-            model = loaded.backbone
-            kind = ("checkpoint" if path.is_dir() and loaded.run_dir is not None or path.suffix == ".ckpt"
-                    else "official" if path.suffix in (".pth", ".pt") else "export")
+            loaded = load_model(path, model_name=spec.model_name)
+            kind = {"timm": "export", "given": "export"}.get(loaded.kind, loaded.kind)
             info = {"source": kind, "path": str(path), "description": loaded.description}
         else:
-            from dinocell.models.backbone import build_backbone
-
             mcfg = ModelConfig(name=spec.model_name, in_chans=1) if spec.model_name else ModelConfig(**TINY_MODEL)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(spec.seed)
-                model = build_backbone(mcfg, img_size)
+                loaded = load_model(None, arch=mcfg, img_size=img_size)
             info = {"source": "random-init", "path": None}
             what = f"'{spec.model_name}'" if spec.model_name else "a tiny ViT (embed 32, depth 2, patch 8)"
             warnings.warn(f"no --backbone/--weights given: using {what} with RANDOM weights "
                           f"(seed {spec.seed}); features only exercise the pipeline", RandomInitWarning,
                           stacklevel=2)
         dev = device or "cpu"
-        model = model.to(dev).eval()
+        model = loaded.backbone.to(dev).eval()
         for p in model.parameters():
             p.requires_grad_(False)
         info.update({
@@ -83,9 +82,10 @@ def load_model(spec: ModelSpec, img_size: int = 224, device: str | None = None) 
             "patch_size": int(getattr(model, "patch_size", 0) or 0),
             "n_blocks": int(getattr(model, "n_blocks", 0) or 0),
             "device": dev,
+            "preprocess": loaded.preprocess.to_dict(),
         })
-        _MODEL_CACHE[key] = (model, info)
-        return model, info
+        _MODEL_CACHE[key] = (loaded, info)
+        return loaded, info
 
 
 def resolve_device(cfg: ExtractionConfig) -> str:

@@ -20,7 +20,7 @@ from dinocell.extract.volumes.config import ARRAYS, FORMAT_VERSION, ExtractionCo
 from dinocell.extract.volumes.features import (
     compute_patch_features,
     compute_volume_features,
-    load_model,
+    extraction_model,
     resolve_device,
 )
 from dinocell.extract.volumes.manifest import load_manifest
@@ -45,11 +45,15 @@ def _manifest_for(cfg: ExtractionConfig) -> Path:
 
 
 def compute_features(crop: SampledCrop, model: Any, cfg: ExtractionConfig) -> tuple[np.ndarray, FeatureGrid]:
-    """The stored features of a crop (patch or voxel store, per ``cfg.store``) and their voxel grid."""
+    """The stored features of a crop (patch or voxel store, per ``cfg.store``) and their voxel grid.
+
+    ``model`` is a :class:`~dinocell.models.loading.LoadedModel`: the crop is finished by its
+    preprocessing (the rule its weights were trained with) before any slice reaches the backbone."""
+    vol = model.preprocess.scale_volume(crop.raw)
     if cfg.store == "patch":
-        feats = compute_patch_features(crop.raw, model, cfg.batch_size, cfg.feature_dtype)
+        feats = compute_patch_features(vol, model.backbone, cfg.batch_size, cfg.feature_dtype)
     else:
-        feats = compute_volume_features(crop.raw, model, cfg.axes, cfg.batch_size, cfg.feature_dtype)
+        feats = compute_volume_features(vol, model.backbone, cfg.axes, cfg.batch_size, cfg.feature_dtype)
     volume_shape = [int(s) for s in crop.raw.shape]
     feature_shape = [int(s) for s in feats.shape[1:]]
     grid = FeatureGrid(store=cfg.store, volume_shape=volume_shape, feature_shape=feature_shape,
@@ -62,6 +66,9 @@ def compute_features(crop: SampledCrop, model: Any, cfg: ExtractionConfig) -> tu
 def extract_volume(cfg: ExtractionConfig, index: int, model: Any = None,
                    model_info: dict[str, Any] | None = None) -> dict[str, Any]:
     """Extract volume ``index`` into ``cfg.output_dir`` and return its metadata (written last).
+
+    ``model``: a :class:`~dinocell.models.loading.LoadedModel` (default: :func:`extraction_model` of
+    ``cfg.model``), never a bare backbone -- its preprocessing comes with it.
 
     Any stale metadata is removed first, so an interrupted re-extraction can never leave a marker
     pointing at half-written arrays.
@@ -79,7 +86,7 @@ def extract_volume(cfg: ExtractionConfig, index: int, model: Any = None,
         torch.set_num_threads(int(cfg.num_threads))
 
     if model is None:
-        model, model_info = load_model(cfg.model, cfg.output_image_dim, resolve_device(cfg))
+        model, model_info = extraction_model(cfg.model, cfg.output_image_dim, resolve_device(cfg))
     t_model = time.perf_counter()
     manifest = _manifest_for(cfg)
     entries = load_manifest(manifest)

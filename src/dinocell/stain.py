@@ -6,7 +6,9 @@ deviation of the image to a reference in the decorrelated Lab colour space.  It 
 conversion and an affine map), needs no stain-vector estimation, and keeps the tissue structure.
 
 Applied to RGB sources only, before multi-crop and before intensity normalisation; fluorescence
-images (any channel count) are not stained and never go through it.
+images (any channel count) are not stained and never go through it.  A leaf below ``data`` and
+``models``: the data sources and a loaded model's ``Preprocess`` apply it through the one rule,
+:func:`dinocell.scaling.finish_field`.
 """
 
 from __future__ import annotations
