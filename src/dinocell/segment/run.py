@@ -62,8 +62,7 @@ def split_training_source(cfg: SegmentConfig, run_dir: Path, resuming: bool) -> 
     if wells is None:
         wells = resolve_wells(source.records, cfg.data.holdout)
     train, held = split_source(source, wells)
-    write_holdout_file(run_dir, wells)
-    cfg.data.holdout.n_wells, cfg.data.holdout.n_fields = len(wells), len(held.records)
+    write_holdout_file(run_dir, wells)  # the counts go to summary.json, never into the input config
     return train, list(wells), len(held.records)
 
 

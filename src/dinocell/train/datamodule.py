@@ -204,12 +204,14 @@ def steps_per_epoch(cfg: Config, n_fields: int, world_size: int = 1) -> int:
 
 
 def build_loader(cfg: Config, source: FieldSource, total_steps: int, spe: int, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1, patch_size: int | None = None) -> Any:
-    """The training loader from ``start_step`` to ``total_steps`` for this rank."""
+                 rank: int = 0, world_size: int = 1, patch_size: int | None = None,
+                 batch_size: int | None = None) -> Any:
+    """The training loader from ``start_step`` to ``total_steps`` for this rank (``batch_size``: the
+    per-device batch, :attr:`DinoCellDataModule.batch_size`; default ``data.batch_size``)."""
+    bs = batch_size or cfg.data.batch_size
     if use_stream(cfg, source):
         return EpochChainLoader(cfg, source, total_steps, spe, start_step, rank, world_size,
-                                patch_size or cfg.model.patch_size)
-    bs = cfg.data.batch_size
+                                patch_size or cfg.model.patch_size, batch_size=bs)
     global_batch = bs * world_size
     samples_per_epoch = spe * global_batch
     transforms = [(0, build_views(cfg, list(source.fluorescent)))]
@@ -272,11 +274,11 @@ class EpochChainLoader:
     """
 
     def __init__(self, cfg: Config, source: FieldSource, total_steps: int, spe: int, start_step: int,
-                 rank: int, world_size: int, patch_size: int) -> None:
+                 rank: int, world_size: int, patch_size: int, batch_size: int | None = None) -> None:
         self.cfg, self.total, self.spe, self.start = cfg, total_steps, spe, start_step
         self.dataset = _stream_dataset(cfg, source, rank, world_size)
         self.collate = _collate_factory(cfg, patch_size)
-        self.batch_size = cfg.data.batch_size
+        self.batch_size = batch_size or cfg.data.batch_size
 
     def __len__(self) -> int:
         return self.total
@@ -363,11 +365,14 @@ class DinoCellDataModule(L.LightningDataModule):
             self.steps_per_epoch = stream_steps_per_epoch(cfg, self.train_source, self.world_size)
         else:
             self.steps_per_epoch = steps_per_epoch(cfg, len(self.train_source), self.world_size)
-        if cfg.data.views.scale_batch_to_crops:  # epochs keep the configured batch's step count
+        #: the per-device batch the loader yields: ``data.batch_size``, or with ``scale_batch_to_crops`` the
+        #: batch of the same global-crop count (epochs keep the configured batch's step count); the config
+        #: itself is never changed, so what it records and what the module logs is what the user set
+        self.batch_size = cfg.data.batch_size
+        if cfg.data.views.scale_batch_to_crops:
             n_global = build_views(cfg, list(source.fluorescent)).n_global_crops
-            bs = crop_scaled_batch_size(cfg.data.batch_size, n_global)
-            self.cfg = cfg = replace(cfg, data=replace(cfg.data, batch_size=bs))
-        self.global_batch = cfg.data.batch_size * self.world_size
+            self.batch_size = crop_scaled_batch_size(cfg.data.batch_size, n_global)
+        self.global_batch = self.batch_size * self.world_size
         #: the schedule horizon; ``train.max_steps`` stops the Trainer earlier without changing it
         self.total_steps = self.steps_per_epoch * max(1, cfg.train.epochs)
         #: where this invocation stops (the loader's length, so progress bars show it)
@@ -382,7 +387,7 @@ class DinoCellDataModule(L.LightningDataModule):
         rank = trainer.global_rank if trainer is not None else 0
         self._loader = build_loader(self.cfg, self.train_source, self.stop_step, self.steps_per_epoch,
                                     start_step=start, rank=rank, world_size=self.world_size,
-                                    patch_size=self.cfg.model.patch_size)
+                                    patch_size=self.cfg.model.patch_size, batch_size=self.batch_size)
         return self._loader
 
     def skipped_fields(self) -> int:
