@@ -29,6 +29,7 @@ def test_run_outputs_written_by_older_versions_still_load(tmp_path: Path) -> Non
     assert config_from_dict(data) == cfg
     seg = to_dict(load_segment_config())
     seg["data"]["holdout"]["n_wells"] = 1
+    seg["model"]["object_diameter"] = 12.5  # measured by segment fit: now summary.json object_diameter_px
     assert segment_config_from_dict(seg) == load_segment_config()
     # the retired keys are gone from what is written now, and only they are tolerated
     save_config(cfg, tmp_path / "again")

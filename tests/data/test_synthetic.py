@@ -348,7 +348,7 @@ def test_full_size_field(tmp_path: Path) -> None:
 
 
 def test_field_without_cells_renders_background(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dinocell.data.synthetic.generator as synth
+    import dinocell.data.synthetic.render as synth
 
     monkeypatch.setattr(synth, "_place_cells", lambda *a, **k: np.zeros((0, 2)))
     img = SyntheticCellPainting(n_fields=2, size=32).field(0).astype(np.float64)

@@ -28,10 +28,10 @@ class SegModelConfig:
     neck_dim: int = 96
     decoder_dim: int = 32  # channels of the last upsampling stage (doubling towards the neck)
     # resize factor before the backbone (outputs at input size); auto: from the training objects' median
-    # diameter (segment/scale.py), resolved by 'segment fit' and stored in the run's config
+    # diameter (segment/scale.py), resolved by 'segment fit' and stored in the run's config (the measured
+    # diameter itself is a run output: summary.json object_diameter_px)
     input_scale: float | str = "auto"
     object_patches: float = 2.5  # auto scale: target object diameter in backbone patches
-    object_diameter: float | None = None  # measured by 'segment fit' (median equivalent diameter, px)
     flow_head: bool = False  # extra 2-channel head: gradient of the distance map (Cellpose-style flows)
 
 
@@ -114,7 +114,7 @@ class SegmentConfig:
     output_dir: str | None = None
 
     #: keys older versions wrote into a run's config.yaml (run outputs, now in summary.json); ignored on load
-    retired_keys: ClassVar[tuple[str, ...]] = RETIRED_DATA_KEYS
+    retired_keys: ClassVar[tuple[str, ...]] = (*RETIRED_DATA_KEYS, "model.object_diameter")
 
     def validate(self) -> None:
         """Rules of the segment sections (``data`` and ``track`` check themselves, as for pretrain)."""

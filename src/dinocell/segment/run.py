@@ -104,8 +104,7 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
     inputs, targets, channels, diameter = training_fields(cfg, train_source)
     bb = load_backbone_for_segmentation(cfg.model.backbone, cfg.model.arch)
     requested = cfg.model.input_scale
-    cfg.model.object_diameter = round(diameter, 3) if diameter is not None else None
-    cfg.model.input_scale = resolve_scale(cfg.model, diameter, bb.patch_size)  # predict reuses it
+    cfg.model.input_scale = resolve_scale(cfg.model, diameter, bb.patch_size)  # resolved input: predict reuses it
     net = SegmentationNet(bb, cfg.model)
     save_config(cfg, run_dir)  # type: ignore[arg-type]
     crop = field_px(cfg.task.crop_size, float(cfg.model.input_scale))
@@ -143,7 +142,8 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
     k = max(1, min(20, len(losses) // 10))
     summary = {"steps": trainer.global_step, "objects": cfg.task.objects, "channel": cfg.task.channel,
                "fields": len(inputs), "heldout_wells": len(held_wells), "heldout_fields": held_fields,
-               "object_diameter_px": cfg.model.object_diameter, "input_scale": cfg.model.input_scale,
+               "object_diameter_px": round(diameter, 3) if diameter is not None else None,
+               "input_scale": cfg.model.input_scale,
                "input_scale_from": "auto" if isinstance(requested, str) else "config",
                "crop_field_px": crop, "backbone": cfg.model.backbone, "mode": cfg.model.mode,
                "loss_first_mean": float(np.mean(losses[:k])) if losses else None,

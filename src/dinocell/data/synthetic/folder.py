@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from dinocell.data.synthetic.generator import MASK_OBJECTS, SYNTH_CHANNELS, SyntheticCellPainting
+from dinocell.data.synthetic.generator import SyntheticCellPainting
+from dinocell.data.synthetic.render import MASK_OBJECTS, SYNTH_CHANNELS
 from dinocell.errors import ConfigError
 
 TIMESTAMP = "2024-01-01T00_00_00"
