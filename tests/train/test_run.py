@@ -84,6 +84,18 @@ def test_rerun_resumes_and_is_a_noop_when_done(tiny_run: tuple[Path, dict]) -> N
     assert all(torch.equal(before[k], after["state_dict"][k]) for k in before)
 
 
+def test_resume_reuses_the_recorded_heldout_wells(tmp_path: Path) -> None:
+    """The held-out wells are read back from the run record (holdout.txt), not re-decided from the
+    config: a resumed run with another data.holdout rule still holds out the same wells."""
+    base = TINY + ["train.eval_fields=0", "track.reference=none"]
+    first = pretrain(load_config(None, [*base, "data.holdout.wells=[SYNTH-P01/A01]"]), tmp_path, max_steps=1)
+    assert (tmp_path / "holdout.txt").read_text().split() == ["SYNTH-P01/A01"] and first["heldout_wells"] == 1
+    again = pretrain(load_config(None, [*base, "data.holdout.wells=[SYNTH-P02/A02,SYNTH-P01/A02]"]), tmp_path,
+                     max_steps=2)
+    assert (tmp_path / "holdout.txt").read_text().split() == ["SYNTH-P01/A01"]
+    assert again["heldout_wells"] == 1 and again["heldout_fields"] == first["heldout_fields"] == 4
+
+
 def test_export_and_load_backbone(tiny_run: tuple[Path, dict], tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     import dinocell
