@@ -170,7 +170,8 @@ source.verify()
 t.append(time.time()); c.append(time.process_time())
 dm = DinoCellDataModule(cfg, source, world)
 t.append(time.time()); c.append(time.process_time())
-loader = build_loader(dm.cfg, dm.train_source, dm.stop_step, dm.steps_per_epoch, rank=rank, world_size=world)
+loader = build_loader(dm.cfg, dm.train_source, dm.stop_step, dm.steps_per_epoch, rank=rank, world_size=world,
+                      batch_size=dm.batch_size)
 batch = next(iter(loader))
 t.append(time.time()); c.append(time.process_time())
 print(json.dumps({"ready": t[-1], "n": len(source), "wall": [b - a for a, b in zip(t, t[1:])],

@@ -179,7 +179,7 @@ def test_replicate_wells_share_labels_and_controls_present() -> None:
 
 
 def test_metadata_does_not_render(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dinocell.data.synthetic as synth
+    import dinocell.data.synthetic.generator as synth
 
     def boom(*args: object, **kwargs: object) -> None:
         raise AssertionError("rendered")
@@ -187,12 +187,19 @@ def test_metadata_does_not_render(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(synth, "render_field", boom)
     ds = SyntheticCellPainting(n_fields=32, size=1080)
     assert ds.metadata(5)["label"] == ds.labels()[5]
-    assert ds.record(5).metadata["synthetic_index"] == "5"
+    from dinocell.config import DataConfig, SyntheticConfig
+    from dinocell.data.synth_source import SyntheticSource
+
+    src = SyntheticSource(DataConfig(synthetic=SyntheticConfig(n_fields=32, size=1080)))  # records: no render
+    assert src.records[5].metadata["index"] == "5"
 
 
 def test_records() -> None:
-    ds = SyntheticCellPainting(n_fields=8, size=32)
-    recs = ds.records()
+    """The synthetic source's records, one per generator field (the generator itself keeps none)."""
+    from dinocell.config import DataConfig, SyntheticConfig
+    from dinocell.data.synth_source import SyntheticSource
+
+    recs = SyntheticSource(DataConfig(synthetic=SyntheticConfig(n_fields=8, size=32))).records
     assert len(recs) == 8
     assert len({r.key for r in recs}) == 8
     assert recs[1].plate == "SYNTH-P01" and recs[1].site == 2 and recs[1].channels == {}
@@ -341,7 +348,7 @@ def test_full_size_field(tmp_path: Path) -> None:
 
 
 def test_field_without_cells_renders_background(monkeypatch: pytest.MonkeyPatch) -> None:
-    import dinocell.data.synthetic as synth
+    import dinocell.data.synthetic.render as synth
 
     monkeypatch.setattr(synth, "_place_cells", lambda *a, **k: np.zeros((0, 2)))
     img = SyntheticCellPainting(n_fields=2, size=32).field(0).astype(np.float64)

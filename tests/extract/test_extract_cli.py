@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from dinocell.extract.cli import _ints, register
+from dinocell.errors import ConfigError
+from dinocell.extract.cli import _ints, extraction_configs, register
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,11 +18,28 @@ def _parser() -> argparse.ArgumentParser:
 def test_register_adds_the_three_commands():  # extract-fields is embed's alias (evaluate/cli.py)
     p = _parser()
     a = p.parse_args(["extract-volumes", "--output-dir", "o", "--num-volumes", "4"])
-    assert a.cluster == "local" and a.output_image_dim == 128 and a.compression == "zstd" and a.checksum
-    assert a.gpu is None and a.axes == "z" and callable(a.func)
+    assert callable(a.func)
+    cfg, opts = extraction_configs(a)  # flags not given keep the dataclass defaults (written once)
+    assert opts.cluster == "local" and cfg.output_image_dim == 128 and cfg.compression == "zstd" and cfg.checksum
+    assert cfg.gpu is None and opts.gpu is None and cfg.axes == "z" and cfg.output_dir == "o"
     assert p.parse_args(["check", "--output-dir", "o", "--verify", "--json"]).verify
     assert p.parse_args(["bench-load", "--preprocessed-dir", "o"]).num_batches == 20
-    assert p.parse_args(["extract-volumes", "--output-dir", "o", "--no-gpu", "--num-volumes", "1"]).gpu is False
+    cfg, opts = extraction_configs(p.parse_args(["extract-volumes", "--output-dir", "o", "--no-gpu", "--num-volumes",
+                                                 "1", "--chunks", "8,32,32,32", "--s3-region", "eu-west-1",
+                                                 "--backbone", "run"]))
+    assert cfg.gpu is False and opts.gpu is False and cfg.chunks == [8, 32, 32, 32]
+    assert cfg.s3.region == "eu-west-1" and cfg.model.backbone == "run"
+    with pytest.raises(ConfigError, match="--axes zyx needs --store voxel"):  # validate() runs in the engine
+        extraction_configs(p.parse_args(["extract-volumes", "--output-dir", "o", "--axes", "zyx"]))
+
+
+def test_extraction_config_round_trips_through_the_engine():
+    from dinocell.extract.volumes import ExtractionConfig
+
+    cfg, _ = extraction_configs(_parser().parse_args(["extract-volumes", "--output-dir", "o", "--seed", "3"]))
+    assert ExtractionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ConfigError, match=r"unknown config key 'sed'.*did you mean 'seed'"):
+        ExtractionConfig.from_dict({**cfg.to_dict(), "sed": 1})
 
 
 def test_index_ranges():

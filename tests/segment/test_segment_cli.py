@@ -39,8 +39,9 @@ def test_fit_writes_checkpoint_config_and_summary(run: Path) -> None:
 
 
 def test_fit_records_scale_and_holdout(run: Path) -> None:
-    """auto scale: the measured diameter and the chosen scale are in config.yaml and summary.json and
-    predict reuses them; data.holdout wells are not trained on and are reported."""
+    """auto scale: the chosen scale is in config.yaml and summary.json and predict reuses it; the
+    measured diameter is a run output (summary.json only); data.holdout wells are not trained on and
+    are reported."""
     from dinocell.segment.run import load_segmenter
 
     summary = json.loads((run / "summary.json").read_text())
@@ -48,7 +49,8 @@ def test_fit_records_scale_and_holdout(run: Path) -> None:
     assert summary["input_scale"] == pytest.approx(min(4.0, 2.5 * 8 / summary["object_diameter_px"]), rel=1e-3)
     net, cfg, _ = load_segmenter(run)
     assert net.input_scale == summary["input_scale"] == cfg.model.input_scale
-    assert cfg.model.object_diameter == summary["object_diameter_px"]
+    assert "object_diameter" not in (run / "config.yaml").read_text()
+    assert "n_wells" not in (run / "config.yaml").read_text()  # run outputs never go into the input config
     # 4 wells, holdout fraction 0.1 -> one well held out, three trained on
     assert summary["heldout_wells"] == 1 and summary["heldout_fields"] == 1 and summary["fields"] == 3
     held = (run / "holdout.txt").read_text().split()

@@ -89,6 +89,19 @@ def test_resume_with_another_config_names_the_keys() -> None:
         check_compatible(_backbone_state(32, 1), _backbone_state(32, 2), "last.ckpt")
 
 
+def test_resume_of_an_old_checkpoint_ignores_its_recorded_run_outputs(caplog: pytest.LogCaptureFixture) -> None:
+    """Older checkpoints hold data.holdout.n_wells / n_fields (run outputs, now in summary.json)."""
+    stored = to_dict(load_config(None, TINY))
+    stored["data"]["holdout"].update({"n_wells": 2, "n_fields": 8})
+    ckpt = {"state_dict": _backbone_state(32, 2), "dinocell": {"config": stored}}
+    with caplog.at_level("WARNING"):
+        check_resume(_backbone_state(32, 2), ckpt, to_dict(load_config(None, TINY)))
+    assert "different config" not in caplog.text
+    with caplog.at_level("WARNING"):
+        check_resume(_backbone_state(32, 2), ckpt, to_dict(load_config(None, TINY + ["optim.lr=0.5"])))
+    assert "optim.lr" in caplog.text and "n_wells" not in caplog.text
+
+
 def test_loss_history_is_bounded_and_survives_a_checkpoint() -> None:
     h = LossHistory(head=3, tail=4)
     for i in range(100):

@@ -122,7 +122,8 @@ def test_datamodule_scales_the_batch_and_keeps_the_step_count(tiny_overrides: li
     scaled = load_config(None, [*over, "data.views.scale_batch_to_crops=true"])
     source = open_source(base.data)
     d0, d1 = DinoCellDataModule(base, source), DinoCellDataModule(scaled, source)
-    assert d0.cfg.data.batch_size == 6 and d1.cfg.data.batch_size == 2  # 6 x 2 / 6 globals
+    assert d0.batch_size == 6 and d1.batch_size == 2  # 6 x 2 / 6 globals
+    assert d1.cfg.data.batch_size == 6  # one value: the config keeps what the user set
     assert d1.steps_per_epoch == d0.steps_per_epoch
     assert d1.global_batch == 2
     batch = next(iter(d1.train_dataloader()))

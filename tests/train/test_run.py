@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dinocell.cli import main
 from dinocell.config import load_config
@@ -43,9 +44,10 @@ def test_run_folder_contents(tiny_run: tuple[Path, dict]) -> None:
                 "channel_consistency_raw_before", "cross_channel_retrieval_top1", "transfer_knn_accuracy"):
         assert key in data and data[key] is not None, key
     # evaluation reads only held-out wells, recorded with the run
-    cfg = load_config(run / "config.yaml")
     wells = (run / "holdout.txt").read_text().split()
-    assert data["heldout_fields"] == cfg.data.holdout.n_fields > 0 and cfg.data.holdout.n_wells == len(wells)
+    assert data["heldout_fields"] > 0 and data["heldout_wells"] == len(wells)
+    # run outputs go to summary.json; config.yaml stays the resolved input config
+    assert set(yaml.safe_load((run / "config.yaml").read_text())["data"]["holdout"]) == {"fraction", "wells", "salt"}
     assert data["skipped_fields"] == 0 and data["eval_fields"] <= data["heldout_fields"]
     assert data == json.loads(json.dumps(summary))
     assert not list(run.rglob("*.tmp"))
@@ -80,6 +82,18 @@ def test_rerun_resumes_and_is_a_noop_when_done(tiny_run: tuple[Path, dict]) -> N
     after = load_checkpoint_file(run / "checkpoints" / "last.ckpt")
     assert after["global_step"] == 5
     assert all(torch.equal(before[k], after["state_dict"][k]) for k in before)
+
+
+def test_resume_reuses_the_recorded_heldout_wells(tmp_path: Path) -> None:
+    """The held-out wells are read back from the run record (holdout.txt), not re-decided from the
+    config: a resumed run with another data.holdout rule still holds out the same wells."""
+    base = TINY + ["train.eval_fields=0", "track.reference=none"]
+    first = pretrain(load_config(None, [*base, "data.holdout.wells=[SYNTH-P01/A01]"]), tmp_path, max_steps=1)
+    assert (tmp_path / "holdout.txt").read_text().split() == ["SYNTH-P01/A01"] and first["heldout_wells"] == 1
+    again = pretrain(load_config(None, [*base, "data.holdout.wells=[SYNTH-P02/A02,SYNTH-P01/A02]"]), tmp_path,
+                     max_steps=2)
+    assert (tmp_path / "holdout.txt").read_text().split() == ["SYNTH-P01/A01"]
+    assert again["heldout_wells"] == 1 and again["heldout_fields"] == first["heldout_fields"] == 4
 
 
 def test_export_and_load_backbone(tiny_run: tuple[Path, dict], tmp_path: Path,
@@ -220,7 +234,7 @@ def test_max_steps_stops_early_without_changing_the_horizon(tmp_path: Path) -> N
     pretrain(cfg, tmp_path, max_steps=4)
     ckpt = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 4
-    n_train = load_config(tmp_path / "config.yaml").data.holdout.n_fields
+    n_train = json.loads((tmp_path / "summary.json").read_text())["heldout_fields"]
     spe = (16 - n_train) // 4
     full = sched.from_config(cfg.optim, cfg.loss, spe, 3, 4)  # the horizon of the whole run
     lrs = {g["lr"] for g in ckpt["optimizer_states"][0]["param_groups"] if not g.get("is_last_layer")}

@@ -51,13 +51,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dinocell.config import LossConfig, ViewsConfig
+from dinocell.config import VIEW_POLICIES, LossConfig, ViewsConfig
 from dinocell.errors import ConfigError, DataError
 
 #: Channel id of a crop made from the mean of the fluorescent channels.
 MEAN_VIEW = -1
 
-_POLICIES = ("multiview", "single_view", "channel_pairs", "all_channels")
 _CHANNEL_POOLS = ("fluorescent", "all")
 
 
@@ -184,8 +183,8 @@ class MultiViewAugmentation:
         ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
         gram_crop_size: int | None = None,
     ) -> None:
-        if cfg.policy not in _POLICIES:
-            raise ConfigError(f"config key 'data.views.policy' must be one of {', '.join(_POLICIES)}; "
+        if cfg.policy not in VIEW_POLICIES:  # a ViewsConfig built by hand, not loaded by the engine
+            raise ConfigError(f"config key 'data.views.policy' must be one of {', '.join(VIEW_POLICIES)}; "
                               f"got '{cfg.policy}'")
         if single_channel_from not in _CHANNEL_POOLS:
             raise ConfigError(f"single_channel_from must be one of {', '.join(_CHANNEL_POOLS)}; "

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from dinocell.config import RETIRED_DATA_KEYS
 from dinocell.errors import UserError
 from dinocell.models.weights import load_weights_file, state_mismatch
 from dinocell.paths import payload_bytes, write_atomic
@@ -167,6 +168,8 @@ def check_resume(module_state: dict[str, torch.Tensor], checkpoint: dict[str, An
     stored = checkpoint.get("dinocell", {}).get("config")
     check_compatible(module_state, checkpoint.get("state_dict", {}), source, stored, run_config)
     if stored:
-        other = config_diff(stored, run_config, sections=("data", "loss", "optim"), ignore={"data.holdout.wells"})
+        # the held-out wells come from the run record; older checkpoints also hold its counts (retired keys)
+        other = config_diff(stored, run_config, sections=("data", "loss", "optim"),
+                            ignore={"data.holdout.wells", *RETIRED_DATA_KEYS})
         if other:
             log.warning("resuming %s with a different config: %s", source, "; ".join(other[:6]))

@@ -52,19 +52,20 @@ def register(sub: Any) -> None:
     em.add_argument("--config", default=None, help="experiment YAML whose data section selects the fields")
     em.add_argument("--out", "--output-dir", dest="out", required=True, metavar="DIR",
                     help="output folder (fields.parquet, wells.parquet, parts/)")
-    em.add_argument("--view", default="concat", choices=("concat", "channel_mean", "mean_image"),
+    # options without an argparse default: one not given keeps its EmbedOptions default (written once)
+    em.add_argument("--view", default=argparse.SUPPRESS, choices=("concat", "channel_mean", "mean_image"),
                     help="field profile: channel embeddings side by side (default), mean of the fluorescent "
                          "channel embeddings, or embedding of the fluorescent mean image")
-    em.add_argument("--pool", default="cls", choices=("cls", "mean"), help="CLS token or mean of patch tokens")
-    em.add_argument("--geometry", default="tiles", choices=("tiles", "full"),
+    em.add_argument("--pool", default=argparse.SUPPRESS, choices=("cls", "mean"), help="CLS token or mean of patch tokens")
+    em.add_argument("--geometry", default=argparse.SUPPRESS, choices=("tiles", "full"),
                     help="tiles of the training crop at native resolution, mean-pooled (default), or the "
                          "whole field in one pass; fields are never resized")
-    em.add_argument("--tile", type=int, default=None, help="tile side in px (default: the training crop)")
-    em.add_argument("--dtype", default="fp32", choices=("fp32", "fp16"), help="feature precision on disk")
-    em.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    em.add_argument("--chunk-size", type=int, default=256, help="fields per resumable part file")
-    em.add_argument("--limit", type=int, default=None, help="at most N fields, spread over the source")
-    em.add_argument("--patch-maps", action="store_true", help="also write patch-feature maps per plate (full)")
+    em.add_argument("--tile", type=int, default=argparse.SUPPRESS, help="tile side in px (default: the training crop)")
+    em.add_argument("--dtype", default=argparse.SUPPRESS, choices=("fp32", "fp16"), help="feature precision on disk")
+    em.add_argument("--batch-size", type=int, default=argparse.SUPPRESS, help="images per forward pass")
+    em.add_argument("--chunk-size", type=int, default=argparse.SUPPRESS, help="fields per resumable part file")
+    em.add_argument("--limit", type=int, default=argparse.SUPPRESS, help="at most N fields, spread over the source")
+    em.add_argument("--patch-maps", action="store_true", default=argparse.SUPPRESS, help="also write patch-feature maps per plate (full)")
     em.add_argument("--overwrite", action="store_true", help="discard earlier parts in the output folder")
     em.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     em.add_argument("--no-progress", action="store_true")
@@ -123,17 +124,17 @@ def _embed(args: argparse.Namespace) -> int:
 
         base = load_config(args.config)
     device = args.device
+    options = {k: getattr(args, k) for k in ("view", "pool", "geometry", "tile", "dtype", "batch_size",
+                                             "chunk_size", "limit", "patch_maps") if hasattr(args, k)}
     if device is None:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else None
     info = run_embed(model, args.out, data=args.data, overrides=overrides, base_config=base,
                      model_name=args.model_name, device=device, overwrite=args.overwrite,
-                     progress=not args.no_progress, view=args.view, pool=args.pool, geometry=args.geometry,
-                     tile=args.tile, dtype=args.dtype, batch_size=args.batch_size, chunk_size=args.chunk_size,
-                     limit=args.limit, patch_maps=args.patch_maps)
+                     progress=not args.no_progress, **options)
     print(f"embedded {info['fields']} fields ({info['wells']} wells, {info['features']} features, "
-          f"{args.dtype}, {info['geometry']} {info['tile']} px) -> {info['paths']['fields']}, "
+          f"{info['dtype']}, {info['geometry']} {info['tile']} px) -> {info['paths']['fields']}, "
           f"{info['paths']['wells']}")
     if info["skipped"]:
         print(f"skipped {len(info['skipped'])} field(s); first: {info['skipped'][0]}")

@@ -39,9 +39,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
-from dinocell.config import Config, config_from_dict, to_dict
+from dinocell.config import Config, config_from_dict, load, to_dict
 from dinocell.errors import ConfigError, DataError, UserError
 from dinocell.evaluate.heldout import spread_indices
 from dinocell.evaluate.profile_table import DTYPES, profiles_frame, write_profiles
@@ -231,19 +230,7 @@ def data_config(model: LoadedModel | None, source: str | None, overrides: Sequen
         data["data"]["source"] = str(source)
     if unseen_seed and data["data"]["source"] == "synthetic" and model is not None and model.cfg is not None:
         data["data"]["synthetic"]["seed"] = model.cfg.data.synthetic.seed + HELD_OUT_SEED_OFFSET
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}  # unknown sections are rejected by config_from_dict below
-            node = node[part]
-        node[parts[-1]] = value
-    return config_from_dict(data)  # strict: unknown keys fail with a suggestion
+    return config_from_dict(data, overrides)  # the one engine: strict, unknown keys fail with a suggestion
 
 
 def eval_source(model: LoadedModel, data: str | None, overrides: Sequence[str] = (),
@@ -315,8 +302,7 @@ def run_embed(
     """
     from dinocell.evaluate.patch_maps import PatchMapWriter
 
-    opts = EmbedOptions(**options)
-    opts.validate()
+    opts = load(EmbedOptions, data=options)  # typed and strict like every config; validate() runs once
     m = model if isinstance(model, LoadedModel) else load_model(model, model_name=model_name, device=device)
     data_desc = getattr(source, "name", "given source")
     heldout = None
@@ -372,7 +358,7 @@ def run_embed(
              "wells": write_profiles(wells, out / "wells.parquet", opts.dtype)}
     info = {"fields": len(fields), "wells": len(wells), "features": len(feat), "skipped": skipped_all,
             "paths": {k: str(v) for k, v in paths.items()}, "tile": tile, "geometry": opts.geometry,
-            "view": opts.view, "pool": opts.pool, "model": m.description, "data": str(data_desc),
+            "view": opts.view, "pool": opts.pool, "dtype": opts.dtype, "model": m.description, "data": str(data_desc),
             "heldout_fields": heldout, **provenance()}
     write_text_atomic(out / RUN_FILE, json.dumps({"signature": signature, "finished": time.time(), **info}, indent=2))
     return info

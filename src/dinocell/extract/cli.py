@@ -43,18 +43,23 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.replace(",", " ").split()]
 
 
+#: flags without an argparse default: a flag the user did not give keeps its dataclass default
+#: (ExtractionConfig / ClusterOptions), so no default is written twice
+UNSET = argparse.SUPPRESS
+
+
+def _given(args: argparse.Namespace, names: Any, rename: dict[str, str] | None = None) -> dict[str, Any]:
+    """The options among ``names`` the user gave, keyed by their config names (``rename``: flag -> key)."""
+    rename = rename or {}
+    return {rename.get(n, n): getattr(args, n) for n in names if hasattr(args, n)}
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: a tiny random-initialised ViT, with a warning)")
-    g.add_argument("--backbone", help="dinocell export .safetensors, or a run folder (export/ or "
-                                      "checkpoints/last.ckpt + config.yaml)")
-    g.add_argument("--model-name", help="timm DINOv3 name, e.g. vit_small_patch16_dinov3")
-    g.add_argument("--weights", help="local official DINOv3 .pth for --model-name")
-
-
-def _model_spec(args: argparse.Namespace) -> Any:
-    from dinocell.extract.volumes import ModelSpec
-
-    return ModelSpec(backbone=args.backbone, model_name=args.model_name, weights=args.weights)
+    g.add_argument("--backbone", default=UNSET,
+                   help="dinocell export .safetensors, or a run folder (export/ or checkpoints/last.ckpt + config.yaml)")
+    g.add_argument("--model-name", default=UNSET, help="timm DINOv3 name, e.g. vit_small_patch16_dinov3")
+    g.add_argument("--weights", default=UNSET, help="local official DINOv3 .pth for --model-name")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -62,26 +67,36 @@ def _model_spec(args: argparse.Namespace) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def extraction_configs(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(ExtractionConfig, ClusterOptions) of parsed ``extract-volumes`` arguments, through the one config
+    engine: dataclass defaults, then the flags given (typed, strict), then each one's ``validate()``."""
+    from dinocell.config import load
+    from dinocell.extract.runner import ClusterOptions
+    from dinocell.extract.volumes import ExtractionConfig
+
+    if getattr(args, "base_resolution", None):
+        args.base_resolution = _floats(args.base_resolution)
+    if getattr(args, "chunks", None):
+        args.chunks = [int(v) for v in _floats(args.chunks)]
+    options = _given(args, ("manifest", "base_resolution", "output_image_dim", "min_label_fraction",
+                            "min_unique_ids", "min_ground_truth_fraction", "max_tries", "seed", "axes", "store",
+                            "batch_size", "compression", "compression_level", "checksum", "chunks",
+                            "feature_dtype", "gpu"))
+    options["model"] = _given(args, ("backbone", "model_name", "weights"))
+    options["s3"] = _given(args, ("s3_endpoint", "s3_region", "s3_anonymous"),
+                           {"s3_endpoint": "endpoint", "s3_region": "region", "s3_anonymous": "anonymous"})
+    cfg = load(ExtractionConfig(output_dir=args.output_dir), data=options)
+    opts = load(ClusterOptions, data=_given(args, ("cluster", "num_processors", "memory_gb", "walltime", "queue",
+                                                   "project", "gpu", "max_jobs", "local_workers", "interface",
+                                                   "prologue")))
+    return cfg, opts
+
+
 def _cmd_extract_volumes(args: argparse.Namespace) -> int:
-    from dinocell.extract.runner import ClusterOptions, plan_indices, run_extraction
-    from dinocell.extract.volumes import ExtractionConfig, S3Options
+    from dinocell.extract.runner import plan_indices, run_extraction
 
     check_output_dir(args.output_dir)
-    cfg = ExtractionConfig(
-        output_dir=args.output_dir, manifest=args.manifest,
-        base_resolution=_floats(args.base_resolution) if args.base_resolution else None,
-        output_image_dim=args.output_image_dim, min_label_fraction=args.min_label_fraction,
-        min_unique_ids=args.min_unique_ids, min_ground_truth_fraction=args.min_ground_truth_fraction,
-        max_tries=args.max_tries, seed=args.seed, axes=args.axes, store=args.store, batch_size=args.batch_size,
-        compression=args.compression, compression_level=args.compression_level, checksum=args.checksum,
-        chunks=[int(v) for v in _floats(args.chunks)] if args.chunks else None,
-        feature_dtype=args.feature_dtype, gpu=args.gpu, model=_model_spec(args),
-        s3=S3Options(endpoint=args.s3_endpoint, region=args.s3_region, anonymous=args.s3_anonymous))
-    opts = ClusterOptions(
-        cluster=args.cluster, num_processors=args.num_processors, memory_gb=args.memory_gb,
-        walltime=args.walltime, queue=args.queue, project=args.project, gpu=args.gpu,
-        max_jobs=args.max_jobs, local_workers=args.local_workers, interface=args.interface,
-        prologue=list(args.prologue or []))
+    cfg, opts = extraction_configs(args)
     indices = plan_indices(args.num_volumes, args.start_index, _index_list(args.indices))
     summary = run_extraction(cfg, indices, opts, dry_run=args.dry_run, progress=not args.no_progress)
     if args.dry_run:
@@ -100,7 +115,7 @@ def _register_extract_volumes(sub: Any) -> None:
                                    "built-in synthetic volumes) into OUTPUT_DIR, resumably, locally or on "
                                    "LSF/SLURM via Dask.")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--manifest", help="YAML/CSV listing raw (+ label) arrays; default: synthetic volumes")
+    p.add_argument("--manifest", default=UNSET, help="YAML/CSV listing raw (+ label) arrays; default: synthetic volumes")
     sel = p.add_argument_group("which volumes")
     sel.add_argument("--num-volumes", type=int, help="number of volumes (indices START..START+N-1)")
     sel.add_argument("--start-index", type=int, default=0)
@@ -108,48 +123,48 @@ def _register_extract_volumes(sub: Any) -> None:
     sel.add_argument("--volume-index", dest="indices_single", type=int,
                      help="extract exactly this index (it is also the crop's seed)")
     crop = p.add_argument_group("crop sampling")
-    crop.add_argument("--base-resolution", help="output voxel size in nm: one value or 'z,y,x' "
+    crop.add_argument("--base-resolution", default=UNSET, help="output voxel size in nm: one value or 'z,y,x' "
                                                 "(default: the raw array's finest level)")
-    crop.add_argument("--output-image-dim", type=int, default=128, help="crop side in voxels (default 128)")
-    crop.add_argument("--min-label-fraction", type=float, default=0.0)
-    crop.add_argument("--min-unique-ids", type=int, default=0)
-    crop.add_argument("--min-ground-truth-fraction", type=float, default=0.0)
-    crop.add_argument("--max-tries", type=int, default=100)
-    crop.add_argument("--seed", type=int, default=0, help="combined with the volume index")
+    crop.add_argument("--output-image-dim", type=int, default=UNSET, help="crop side in voxels (default 128)")
+    crop.add_argument("--min-label-fraction", type=float, default=UNSET)
+    crop.add_argument("--min-unique-ids", type=int, default=UNSET)
+    crop.add_argument("--min-ground-truth-fraction", type=float, default=UNSET)
+    crop.add_argument("--max-tries", type=int, default=UNSET)
+    crop.add_argument("--seed", type=int, default=UNSET, help="combined with the volume index")
     feat = p.add_argument_group("features and storage")
-    feat.add_argument("--axes", choices=("z", "zyx"), default="z",
+    feat.add_argument("--axes", choices=("z", "zyx"), default=UNSET,
                       help="slice along z only, or along z, y and x and average (needs --store voxel)")
-    feat.add_argument("--store", choices=("patch", "voxel"), default="patch",
+    feat.add_argument("--store", choices=("patch", "voxel"), default=UNSET,
                       help="patch (default): features at the ViT's patch grid, ~256x smaller, upsample while "
                            "training; voxel: features upsampled to every voxel")
-    feat.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
-    feat.add_argument("--compression", choices=("none", "zstd", "blosc-lz4"), default="zstd")
-    feat.add_argument("--compression-level", type=int)
-    feat.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=True,
+    feat.add_argument("--batch-size", type=int, default=UNSET, help="slices per forward pass")
+    feat.add_argument("--compression", choices=("none", "zstd", "blosc-lz4"), default=UNSET)
+    feat.add_argument("--compression-level", type=int, default=UNSET)
+    feat.add_argument("--checksum", action=argparse.BooleanOptionalAction, default=UNSET,
                       help="per-chunk checksum so --verify detects corruption (zstd: free; none/blosc: crc32c)")
-    feat.add_argument("--chunks", help="feature chunk shape 'C,D,H,W' (default 16,64,64,64)")
-    feat.add_argument("--feature-dtype", choices=("float16", "float32"), default="float16")
+    feat.add_argument("--chunks", default=UNSET, help="feature chunk shape 'C,D,H,W' (default 16,64,64,64)")
+    feat.add_argument("--feature-dtype", choices=("float16", "float32"), default=UNSET)
     _add_model_args(p)
     cl = p.add_argument_group("cluster")
-    cl.add_argument("--cluster", choices=("local", "lsf", "slurm", "serial"), default="local")
-    cl.add_argument("--num-processors", type=int,
+    cl.add_argument("--cluster", choices=("local", "lsf", "slurm", "serial"), default=UNSET)
+    cl.add_argument("--num-processors", type=int, default=UNSET,
                     help="cores per worker/job (default: all local cores; 4 per cluster job)")
-    cl.add_argument("--memory-gb", type=float, default=16.0)
-    cl.add_argument("--walltime", default="04:00", help="HH:MM")
-    cl.add_argument("--queue")
-    cl.add_argument("--project", help="LSF project / SLURM account")
-    cl.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+    cl.add_argument("--memory-gb", type=float, default=UNSET)
+    cl.add_argument("--walltime", default=UNSET, help="HH:MM")
+    cl.add_argument("--queue", default=UNSET)
+    cl.add_argument("--project", default=UNSET, help="LSF project / SLURM account")
+    cl.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=UNSET,
                     help="request/use one GPU per job (default: use one if visible locally)")
-    cl.add_argument("--max-jobs", type=int, help="adaptive maximum of cluster jobs")
-    cl.add_argument("--local-workers", type=int, default=1, help="concurrent volumes on --cluster local")
-    cl.add_argument("--interface", help="network interface for the Dask scheduler/workers (e.g. ib0)")
-    cl.add_argument("--prologue", action="append", help="job-script line before the worker starts "
+    cl.add_argument("--max-jobs", type=int, default=UNSET, help="adaptive maximum of cluster jobs")
+    cl.add_argument("--local-workers", type=int, default=UNSET, help="concurrent volumes on --cluster local")
+    cl.add_argument("--interface", default=UNSET, help="network interface for the Dask scheduler/workers (e.g. ib0)")
+    cl.add_argument("--prologue", action="append", default=UNSET, help="job-script line before the worker starts "
                                                         "(repeatable), e.g. 'source venv/bin/activate'")
     cl.add_argument("--dry-run", action="store_true", help="print the plan / job script, extract nothing")
     s3 = p.add_argument_group("s3 inputs")
-    s3.add_argument("--s3-endpoint", help="S3 endpoint override (e.g. http://127.0.0.1:9000)")
-    s3.add_argument("--s3-region", default="us-east-1")
-    s3.add_argument("--s3-anonymous", action="store_true", help="unsigned requests (public buckets)")
+    s3.add_argument("--s3-endpoint", default=UNSET, help="S3 endpoint override (e.g. http://127.0.0.1:9000)")
+    s3.add_argument("--s3-region", default=UNSET)
+    s3.add_argument("--s3-anonymous", action="store_true", default=UNSET, help="unsigned requests (public buckets)")
     p.add_argument("--no-progress", action="store_true")
 
     def func(args: argparse.Namespace) -> int:

@@ -1,25 +1,18 @@
 """The ``dinocell segment`` configuration tree: defaults -> YAML -> ``key=value``, merged strictly.
 
 It reuses the pretraining sections where they mean the same thing (``data``, ``track``; the backbone
-architecture is a :class:`dinocell.config.ModelConfig`) and the generic strict-merge helpers of
-:mod:`dinocell.config`, so a typo fails with the closest valid key exactly as in ``dinocell pretrain``.
+architecture is a :class:`dinocell.config.ModelConfig`) and loads through the one config engine
+(:func:`dinocell.config.load`), so a typo fails with the closest valid key exactly as in ``dinocell
+pretrain`` and the ``data`` section is validated by the same rules.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from dinocell.config import (
-    DataConfig,
-    ModelConfig,
-    TrackConfig,
-    _merge,
-    _nest,
-    _parse_override,
-    load_yaml,
-)
+from dinocell.config import RETIRED_DATA_KEYS, DataConfig, ModelConfig, TrackConfig, load
 from dinocell.errors import ConfigError
 
 
@@ -35,10 +28,10 @@ class SegModelConfig:
     neck_dim: int = 96
     decoder_dim: int = 32  # channels of the last upsampling stage (doubling towards the neck)
     # resize factor before the backbone (outputs at input size); auto: from the training objects' median
-    # diameter (segment/scale.py), resolved by 'segment fit' and stored in the run's config
+    # diameter (segment/scale.py), resolved by 'segment fit' and stored in the run's config (the measured
+    # diameter itself is a run output: summary.json object_diameter_px)
     input_scale: float | str = "auto"
     object_patches: float = 2.5  # auto scale: target object diameter in backbone patches
-    object_diameter: float | None = None  # measured by 'segment fit' (median equivalent diameter, px)
     flow_head: bool = False  # extra 2-channel head: gradient of the distance map (Cellpose-style flows)
 
 
@@ -120,47 +113,40 @@ class SegmentConfig:
     track: TrackConfig = field(default_factory=lambda: TrackConfig(logger="csv"))
     output_dir: str | None = None
 
+    #: keys older versions wrote into a run's config.yaml (run outputs, now in summary.json); ignored on load
+    retired_keys: ClassVar[tuple[str, ...]] = (*RETIRED_DATA_KEYS, "model.object_diameter")
 
-def validate(cfg: SegmentConfig) -> None:
-    """Cross-field checks that types alone cannot express."""
-    if cfg.model.mode not in ("frozen", "finetune"):
-        raise ConfigError(f"config key 'model.mode' must be one of frozen, finetune; got '{cfg.model.mode}'")
-    if cfg.track.logger not in ("wandb", "tensorboard", "csv", "none"):
-        raise ConfigError(f"config key 'track.logger' must be one of wandb, tensorboard, csv, none; "
-                          f"got '{cfg.track.logger}'")
-    for key, value, low in (("model.blocks", cfg.model.blocks, 1), ("train.steps", cfg.train.steps, 1),
-                            ("train.batch_size", cfg.train.batch_size, 1), ("task.crop_size", cfg.task.crop_size, 8),
-                            ("infer.tile", cfg.infer.tile, 8), ("infer.batch_size", cfg.infer.batch_size, 1)):
-        if value < low:
-            raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
-    if not 0.0 <= cfg.infer.overlap < 1.0:
-        raise ConfigError(f"config key 'infer.overlap' must be in [0, 1), got {cfg.infer.overlap}")
-    scale = cfg.model.input_scale
-    if isinstance(scale, str):
-        if scale.strip().lower() != "auto":
-            raise ConfigError(f"config key 'model.input_scale' must be 'auto' or a number > 0, got '{scale}'")
-        cfg.model.input_scale = "auto"
-    elif scale <= 0:
-        raise ConfigError(f"config key 'model.input_scale' must be 'auto' or a number > 0, got {scale}")
-    if cfg.model.object_patches <= 0:
-        raise ConfigError(f"config key 'model.object_patches' must be > 0, got {cfg.model.object_patches}")
-    if cfg.model.feature_blocks is not None and not cfg.model.feature_blocks:
-        raise ConfigError("config key 'model.feature_blocks' must list at least one block index (or be null)")
+    def validate(self) -> None:
+        """Rules of the segment sections (``data`` and ``track`` check themselves, as for pretrain)."""
+        if self.model.mode not in ("frozen", "finetune"):
+            raise ConfigError(f"config key 'model.mode' must be one of frozen, finetune; got '{self.model.mode}'")
+        for key, value, low in (("model.blocks", self.model.blocks, 1), ("train.steps", self.train.steps, 1),
+                                ("train.batch_size", self.train.batch_size, 1),
+                                ("task.crop_size", self.task.crop_size, 8), ("infer.tile", self.infer.tile, 8),
+                                ("infer.batch_size", self.infer.batch_size, 1)):
+            if value < low:
+                raise ConfigError(f"config key '{key}' must be >= {low}, got {value}")
+        if not 0.0 <= self.infer.overlap < 1.0:
+            raise ConfigError(f"config key 'infer.overlap' must be in [0, 1), got {self.infer.overlap}")
+        scale = self.model.input_scale
+        if isinstance(scale, str):
+            if scale.strip().lower() != "auto":
+                raise ConfigError(f"config key 'model.input_scale' must be 'auto' or a number > 0, got '{scale}'")
+            self.model.input_scale = "auto"
+        elif scale <= 0:
+            raise ConfigError(f"config key 'model.input_scale' must be 'auto' or a number > 0, got {scale}")
+        if self.model.object_patches <= 0:
+            raise ConfigError(f"config key 'model.object_patches' must be > 0, got {self.model.object_patches}")
+        if self.model.feature_blocks is not None and not self.model.feature_blocks:
+            raise ConfigError("config key 'model.feature_blocks' must list at least one block index (or be null)")
 
 
 def segment_config_from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> SegmentConfig:
     """Defaults, then ``data`` (a YAML mapping or a run's config.yaml), then overrides; strict."""
-    cfg = SegmentConfig()
-    _merge(cfg, data, root=SegmentConfig)
-    for item in overrides:
-        key, value = _parse_override(item)
-        _merge(cfg, _nest(key, value), root=SegmentConfig)
-    validate(cfg)
-    return cfg
+    return load(SegmentConfig, None, overrides, data=data)
 
 
 def load_segment_config(path: str | os.PathLike[str] | None = None,
                         overrides: list[str] | tuple[str, ...] = ()) -> SegmentConfig:
     """Defaults, then the YAML file (if any), then ``key=value`` overrides, merged strictly."""
-    return segment_config_from_dict(load_yaml(path) if path is not None else {}, overrides)
-
+    return load(SegmentConfig, path, overrides)

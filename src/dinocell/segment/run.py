@@ -71,8 +71,7 @@ def split_training_source(cfg: SegmentConfig, run_dir: Path, resuming: bool) -> 
     if wells is None:
         wells = resolve_wells(source.records, cfg.data.holdout)
     train, held = split_source(source, wells)
-    write_holdout_file(run_dir, wells)
-    cfg.data.holdout.n_wells, cfg.data.holdout.n_fields = len(wells), len(held.records)
+    write_holdout_file(run_dir, wells)  # the counts go to summary.json, never into the input config
     return train, list(wells), len(held.records)
 
 
@@ -108,8 +107,7 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
     train_source, held_wells, held_fields = split_training_source(cfg, run_dir, ckpt_path is not None)
     inputs, targets, channels, diameter = training_fields(cfg, train_source)
     requested = cfg.model.input_scale
-    cfg.model.object_diameter = round(diameter, 3) if diameter is not None else None
-    cfg.model.input_scale = resolve_scale(cfg.model, diameter, bb.patch_size)  # predict reuses it
+    cfg.model.input_scale = resolve_scale(cfg.model, diameter, bb.patch_size)  # resolved input: predict reuses it
     net = SegmentationNet(bb, cfg.model)
     save_config(cfg, run_dir)  # type: ignore[arg-type]
     crop = field_px(cfg.task.crop_size, float(cfg.model.input_scale))
@@ -139,7 +137,8 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
     k = max(1, min(20, len(losses) // 10))
     summary = {"steps": trainer.global_step, "objects": cfg.task.objects, "channel": cfg.task.channel,
                "fields": len(inputs), "heldout_wells": len(held_wells), "heldout_fields": held_fields,
-               "object_diameter_px": cfg.model.object_diameter, "input_scale": cfg.model.input_scale,
+               "object_diameter_px": round(diameter, 3) if diameter is not None else None,
+               "input_scale": cfg.model.input_scale,
                "input_scale_from": "auto" if isinstance(requested, str) else "config",
                "crop_field_px": crop, "backbone": cfg.model.backbone, "mode": cfg.model.mode,
                "loss_first_mean": float(np.mean(losses[:k])) if losses else None,

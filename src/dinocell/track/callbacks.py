@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dinocell.config import Config
-from dinocell.errors import ConfigError, UserError
+from dinocell.errors import UserError
 from dinocell.evaluate import plots
 from dinocell.evaluate.heldout import FIGURES as EVAL_FIGURES
 from dinocell.evaluate.heldout import HeldoutFields, HeldoutResult, measure, primary, training_preprocess
@@ -246,11 +246,9 @@ def _runs_here(trainer: Any) -> bool:
 
 
 def reference_enabled(cfg: Config) -> bool:
-    """Whether the forgetting guard is on (``track.reference`` not ``none``/empty); checks its keys."""
+    """Whether the forgetting guard is on (``track.reference`` not ``none``/empty; its keys are checked
+    by ``TrackConfig.validate`` when the config loads)."""
     t = cfg.track
-    if t.reference_every < 0 or t.reference_fields < 0 or not t.reference_max_drop >= 0:
-        raise ConfigError("config keys 'track.reference_every', 'track.reference_fields' and "
-                          "'track.reference_max_drop' must be >= 0")
     return str(t.reference or "none").strip().lower() not in ("none", "", "off", "false") and t.reference_fields >= 2
 
 

@@ -6,7 +6,6 @@ import argparse
 from typing import Any
 
 from dinocell.config import add_config_arguments, config_from_args
-from dinocell.errors import ConfigError
 from dinocell.paths import check_output_dir, check_output_file, refuse_segmentation_run
 
 
@@ -35,8 +34,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
     from dinocell.train.run import pretrain
 
-    cfg = config_from_args(args)
-    check_train_settings(cfg)
+    cfg = config_from_args(args)  # validated: TrainConfig.validate refuses bad checkpoint settings
     refuse_segmentation_run(cfg.model.pretrained, "model.pretrained")
     out = args.output_dir if args.output_dir is None else str(check_output_dir(args.output_dir))
     if out is None and os.environ.get("WANDB_SWEEP_ID") and os.environ.get("WANDB_RUN_ID"):
@@ -47,18 +45,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     args.output_dir = out  # the CLI removes this run's temp files if the disk fills up
     pretrain(cfg, out, max_steps=args.max_steps, resume=not args.no_resume)
     return 0
-
-
-def check_train_settings(cfg: Any) -> None:
-    """Checkpoint settings that would silently misbehave (``keep_last_n=-1`` quietly kept one step
-    checkpoint, ``checkpoint_every_steps=0`` was turned into 1 without a word).  They belong in
-    ``dinocell.config.validate``; checked here so ``pretrain`` refuses them today."""
-    t = cfg.train
-    if t.keep_last_n < 1:
-        raise ConfigError(f"config key 'train.keep_last_n' must be >= 1 (step checkpoints kept besides last.ckpt), "
-                          f"got {t.keep_last_n}")
-    if t.checkpoint_every_steps < 1:
-        raise ConfigError(f"config key 'train.checkpoint_every_steps' must be >= 1, got {t.checkpoint_every_steps}")
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -74,10 +74,12 @@ def steps_per_epoch(cfg: Config, n_fields: int, world_size: int = 1) -> int:
 
 
 def build_loader(cfg: Config, source: FieldSource, total_steps: int, spe: int, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1, patch_size: int | None = None) -> StreamLoader:
+                 rank: int = 0, world_size: int = 1, patch_size: int | None = None,
+                 batch_size: int | None = None) -> StreamLoader:
     """The training loader from ``start_step`` to ``total_steps`` for this rank: the one sample stream
-    (:mod:`dinocell.data.stream`) for every kind of source."""
-    bs = cfg.data.batch_size
+    (:mod:`dinocell.data.stream`) for every kind of source (``batch_size``: the per-device batch,
+    :attr:`DinoCellDataModule.batch_size`; default ``data.batch_size``)."""
+    bs = batch_size or cfg.data.batch_size
     global_batch = bs * world_size
     samples_per_epoch = spe * global_batch
     transforms = [(0, build_views(cfg, list(source.fluorescent)))]
@@ -119,11 +121,14 @@ class DinoCellDataModule(L.LightningDataModule):
         if cfg.data.s3.shuffle_buffer != S3Config().shuffle_buffer:
             log.warning("data.s3.shuffle_buffer is no longer used: every source trains on one sample stream "
                         "whose sampler shuffles (docs/streaming.md)")
-        if cfg.data.views.scale_batch_to_crops:  # epochs keep the configured batch's step count
+        #: the per-device batch the loader yields: ``data.batch_size``, or with ``scale_batch_to_crops`` the
+        #: batch of the same global-crop count (epochs keep the configured batch's step count); the config
+        #: itself is never changed, so what it records and what the module logs is what the user set
+        self.batch_size = cfg.data.batch_size
+        if cfg.data.views.scale_batch_to_crops:
             n_global = build_views(cfg, list(source.fluorescent)).n_global_crops
-            bs = crop_scaled_batch_size(cfg.data.batch_size, n_global)
-            self.cfg = cfg = replace(cfg, data=replace(cfg.data, batch_size=bs))
-        self.global_batch = cfg.data.batch_size * self.world_size
+            self.batch_size = crop_scaled_batch_size(cfg.data.batch_size, n_global)
+        self.global_batch = self.batch_size * self.world_size
         #: the schedule horizon; ``train.max_steps`` stops the Trainer earlier without changing it
         self.total_steps = self.steps_per_epoch * max(1, cfg.train.epochs)
         #: where this invocation stops (the loader's length, so progress bars show it)
@@ -138,7 +143,7 @@ class DinoCellDataModule(L.LightningDataModule):
         rank = trainer.global_rank if trainer is not None else 0
         self._loader = build_loader(self.cfg, self.train_source, self.stop_step, self.steps_per_epoch,
                                     start_step=start, rank=rank, world_size=self.world_size,
-                                    patch_size=self.cfg.model.patch_size)
+                                    patch_size=self.cfg.model.patch_size, batch_size=self.batch_size)
         return self._loader
 
     def skipped_fields(self) -> int:

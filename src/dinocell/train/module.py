@@ -160,7 +160,7 @@ class DinoCellModule(L.LightningModule):
         norms = clip_grad_norm_per_module(self.meta.student, self.cfg.optim.clip_grad)
         if self._should_log(self.global_step):
             self.log_dict({f"gradients/{k}_norm": v.detach() for k, v in norms.items()}, on_step=True,
-                          on_epoch=False, batch_size=self.cfg.data.batch_size)
+                          on_epoch=False)
 
     def _apply_schedules(self, step: int) -> dict[str, float]:
         values = self.schedules.at(min(step, self.total_steps - 1))
@@ -278,13 +278,14 @@ class DinoCellModule(L.LightningModule):
         loader = getattr(self.trainer, "train_dataloader", None)
         if hasattr(loader, "metrics"):
             metrics.update({k: float(v) for k, v in loader.metrics().items()})
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=self.cfg.data.batch_size)
+        # step-only metrics: Lightning weighs by batch size only for epoch means, so none is passed (the
+        # per-device batch is the DataModule's, derived from data.batch_size; it is not logged twice)
+        self.log_dict(metrics, on_step=True, on_epoch=False)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._should_log(self.global_step):
             return
-        self.log_dict(diagnostics.grad_stats(self.meta.student.named_parameters()), on_step=True, on_epoch=False,
-                      batch_size=self.cfg.data.batch_size)
+        self.log_dict(diagnostics.grad_stats(self.meta.student.named_parameters()), on_step=True, on_epoch=False)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """Step, then EMA-update the teacher with this step's momentum.
@@ -301,7 +302,7 @@ class DinoCellModule(L.LightningModule):
         if self._t_last is not None and self._should_log(self.global_step - 1):
             dt = now - self._t_last
             self.log_dict({"perf/iteration_time": dt, "perf/images_per_second": self.global_batch / max(dt, 1e-9)},
-                          on_step=True, on_epoch=False, batch_size=self.cfg.data.batch_size)
+                          on_step=True, on_epoch=False)
         self._t_last = now
 
     # ------------------------------------------------------------------ checkpoints

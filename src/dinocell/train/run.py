@@ -121,9 +121,9 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
         log_every_n_steps=1, use_distributed_sampler=False, default_root_dir=str(run_dir),
         deterministic=False,
     )
-    # The held-out wells are decided once per run folder and kept (holdout.txt) for resumes.
+    # The held-out wells are decided once per run folder and kept (holdout.txt) for resumes; their counts
+    # go to summary.json, never into the input config.
     data = DinoCellDataModule(cfg, source, trainer.world_size, read_holdout_file(run_dir) if ckpt_path else None)
-    cfg.data.holdout.n_wells, cfg.data.holdout.n_fields = len(data.heldout_wells), len(data.heldout)
     record = run_record(source)
     if trainer.is_global_zero:
         write_holdout_file(run_dir, data.heldout_wells)
@@ -132,7 +132,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     if cfg.train.compile:
         module.meta.compile_blocks()  # in place: parameter names (lr decay, checkpoints) unchanged
 
-    evaluator = _Evaluator(cfg, run_dir, data.heldout, record)
+    evaluator = _Evaluator(cfg, run_dir, data.heldout, record, heldout_wells=len(data.heldout_wells))
     before = evaluator.before(module) if trainer.is_global_zero else None
     diagnostics = next((cb for cb in callbacks if hasattr(cb, "use_fields")), None)
     if diagnostics is not None and evaluator.fields() is not None:  # eval/* scores the summary's fields
@@ -179,8 +179,10 @@ class _Evaluator:
     come from :mod:`dinocell.evaluate.heldout`, as the ``eval/*`` callback's and ``dinocell evaluate``'s
     do, on ``train.eval_fields`` fields with the training's preprocessing."""
 
-    def __init__(self, cfg: Config, run_dir: Path, heldout: Any, record: dict[str, Any] | None = None) -> None:
+    def __init__(self, cfg: Config, run_dir: Path, heldout: Any, record: dict[str, Any] | None = None,
+                 heldout_wells: int = 0) -> None:
         self.record = dict(record or {})
+        self.heldout_wells = int(heldout_wells)
         self.cfg, self.run_dir, self.heldout = cfg, run_dir, heldout
         self._fields: Any = None
         self.measured: tuple[int, Any] | None = None  # (step, HeldoutResult) of the latest pass, shared with eval/*
@@ -234,6 +236,7 @@ class _Evaluator:
             summary["loss_first_mean"] = losses.first_mean(k)
             summary["loss_last_mean"] = losses.last_mean(k)
             summary["loss_mean"] = losses.mean
+        summary["heldout_wells"] = self.heldout_wells
         summary["heldout_fields"] = len(self.heldout) if self.heldout is not None else 0
         summary["skipped_fields"] = int(skipped)
         after = self._measure(module, step) if before is not None else None

@@ -106,10 +106,10 @@ class ExtractionConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExtractionConfig:
-        data = dict(data)
-        model = ModelSpec(**data.pop("model", {}) or {})
-        s3 = S3Options(**data.pop("s3", {}) or {})
-        return cls(model=model, s3=s3, **data)
+        """Rebuild (e.g. on a cluster worker) through the one config engine: typed, strict, validated."""
+        from dinocell.config import load
+
+        return load(cls(output_dir=str(data.get("output_dir", ""))), data=data)
 
     def validate(self) -> None:
         """One-line ConfigErrors for values that would only fail deep inside a cluster job."""

@@ -1,4 +1,4 @@
-"""Synthetic Cell Painting fields: the built-in dataset, so everything runs offline and is testable.
+"""Rendering one synthetic Cell Painting field (and its exact instance masks) from a phenotype.
 
 Each field is one layout of cells rendered in the five Cell Painting stains (channel order
 :data:`SYNTH_CHANNELS`): DNA (textured elliptical nuclei), ER (perinuclear reticulum fading outward),
@@ -7,16 +7,6 @@ plus actin fibres) and Mito (puncta and short tubules in the cytoplasm).  Becaus
 from the *same* cells, a phenotype that changes cell size, nuclear size, elongation, density or
 puncta density is visible in every single channel -- which is what lets a model trained on one
 channel transfer to another (design targets Q1/Q2).
-
-Determinism: field ``i`` is rendered from ``np.random.default_rng([seed, i])`` alone (random access,
-no state carried between fields); plate-level intensity effects come from ``(seed, plate)``.
-
-Plate layout: the nominal experiment is ``n_plates x wells_per_plate x sites_per_well``.  Index ``i``
-runs sites fastest, then plates, then wells (so any prefix of the dataset already has replicate plates);
-indices past the nominal layout continue into further groups of ``n_plates`` plates with the same well
-layout (``SYNTH-P03`` ...).  The phenotype is a function of the well only, ``well_index % n_classes``,
-so replicate wells share their label on every plate, and label 0 ("control") occupies every
-``n_classes``-th well.  Wells fill a 384-well plate row by row (``A01`` ... ``A24``, ``B01`` ...).
 
 Scale: cell sizes are defined for a nominal 128-px field and multiplied by ``sqrt(size / 128)``.  The
 square root is a compromise between two uses: a 64-px demo field keeps a countable number of cells
@@ -32,35 +22,17 @@ offset, clipped to uint16.
 
 from __future__ import annotations
 
-import csv
 import math
-import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
-from dinocell.data.field import FieldRecord
-from dinocell.errors import ConfigError
-
-if TYPE_CHECKING:
-    from dinocell.config import SyntheticConfig
-
 SYNTH_CHANNELS: tuple[str, ...] = ("DNA", "ER", "RNA", "AGP", "Mito")
 NOMINAL_SIZE = 128
-PLATE_ROWS, PLATE_COLS = 16, 24  # 384-well plate
-TIMESTAMP = "2024-01-01T00_00_00"
 #: Object classes of the instance masks, in the order files are written.
 MASK_OBJECTS: tuple[str, ...] = ("nuclei", "cells")
 
-
-def mask_file_name(field_stem: str, objects: str) -> str:
-    """Cellpose-style mask file name, one per object class: ``<field>_<objects>_masks.tif``."""
-    return f"{field_stem}_{objects.lower()}_masks.tif"
 
 # Imaging model (photo-electrons; gain 1 ADU/e-).
 _PEAK_PHOTONS = np.array([2600.0, 1300.0, 1500.0, 1400.0, 1700.0], dtype=np.float32)
@@ -110,20 +82,6 @@ PHENOTYPES: tuple[Phenotype, ...] = (
               0.08, 0.04),
 )
 MAX_CLASSES = len(PHENOTYPES)
-
-
-def label_name(label: int) -> str:
-    """Metadata_Label of a class: ``control``, ``pheno1``, ``pheno2`` ..."""
-    return "control" if label == 0 else f"pheno{label}"
-
-
-def well_position(well_index: int) -> tuple[int, int]:
-    """Well index (0-based, row by row on a 384-well plate) -> 1-based (row, column)."""
-    return well_index // PLATE_COLS + 1, well_index % PLATE_COLS + 1
-
-
-def _well_name(row: int, col: int) -> str:
-    return f"{chr(ord('A') + row - 1)}{col:02d}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -384,249 +342,3 @@ def instance_masks(owner: np.ndarray, cell: np.ndarray, nucleus: np.ndarray, n: 
     cells = lut[ids].astype(dtype)
     nuclei = np.where(nucleus, cells, 0).astype(dtype)
     return {"nuclei": nuclei, "cells": cells}
-
-
-# --------------------------------------------------------------------------------------------------
-# Dataset
-# --------------------------------------------------------------------------------------------------
-
-
-class SyntheticCellPainting:
-    """Random-access synthetic Cell Painting fields with plate/well/site metadata and phenotype labels.
-
-    ``field(i)`` renders on demand (a few ms at 128 px), ``metadata(i)`` is arithmetic only.
-    """
-
-    channels: tuple[str, ...] = SYNTH_CHANNELS
-
-    def __init__(self, n_fields: int = 256, size: int = 128, seed: int = 0, n_plates: int = 2,
-                 wells_per_plate: int = 8, sites_per_well: int = 4, n_classes: int = 4) -> None:
-        if n_fields < 1:
-            raise ConfigError(f"synthetic n_fields must be >= 1, got {n_fields}")
-        if size < 16:
-            raise ConfigError(f"synthetic size must be >= 16 px, got {size}")
-        if not 2 <= n_classes <= MAX_CLASSES:
-            raise ConfigError(f"synthetic n_classes must be in [2, {MAX_CLASSES}], got {n_classes}")
-        if n_plates < 1:
-            raise ConfigError(f"synthetic n_plates must be >= 1, got {n_plates}")
-        if not n_classes <= wells_per_plate <= PLATE_ROWS * PLATE_COLS:
-            raise ConfigError(f"synthetic wells_per_plate must be in [n_classes={n_classes}, "
-                              f"{PLATE_ROWS * PLATE_COLS}], got {wells_per_plate}")
-        if not 1 <= sites_per_well <= 99:
-            raise ConfigError(f"synthetic sites_per_well must be in [1, 99], got {sites_per_well}")
-        self.n_fields, self.size, self.seed = int(n_fields), int(size), int(seed)
-        self.n_plates, self.wells_per_plate = int(n_plates), int(wells_per_plate)
-        self.sites_per_well, self.n_classes = int(sites_per_well), int(n_classes)
-
-    @classmethod
-    def from_config(cls, cfg: SyntheticConfig) -> SyntheticCellPainting:
-        """Build from the ``data.synthetic`` config section."""
-        return cls(n_fields=cfg.n_fields, size=cfg.size, seed=cfg.seed, n_plates=cfg.n_plates,
-                   wells_per_plate=cfg.wells_per_plate, sites_per_well=cfg.sites_per_well,
-                   n_classes=cfg.n_classes)
-
-    def __len__(self) -> int:
-        return self.n_fields
-
-    def __repr__(self) -> str:
-        return (f"SyntheticCellPainting(n_fields={self.n_fields}, size={self.size}, seed={self.seed}, "
-                f"n_plates={self.n_plates}, wells_per_plate={self.wells_per_plate}, "
-                f"sites_per_well={self.sites_per_well}, n_classes={self.n_classes})")
-
-    def _check(self, i: int) -> int:
-        i = int(i)
-        if not 0 <= i < self.n_fields:
-            raise IndexError(f"field index {i} out of range [0, {self.n_fields})")
-        return i
-
-    def layout(self, i: int) -> tuple[int, int, int]:
-        """0-based (plate, well, site) of field ``i``: sites fastest, then plates, then wells."""
-        i = self._check(i)
-        site, j = i % self.sites_per_well, i // self.sites_per_well
-        plate_in_group, k = j % self.n_plates, j // self.n_plates
-        well, group = k % self.wells_per_plate, k // self.wells_per_plate
-        return group * self.n_plates + plate_in_group, well, site
-
-    def label(self, i: int) -> int:
-        """Phenotype class of field ``i`` (0 = control), without rendering."""
-        return self.layout(i)[1] % self.n_classes
-
-    def labels(self) -> np.ndarray:
-        """Labels of all fields, (n_fields,) int64."""
-        idx = np.arange(self.n_fields)
-        well = (idx // (self.sites_per_well * self.n_plates)) % self.wells_per_plate
-        return (well % self.n_classes).astype(np.int64)
-
-    def metadata(self, i: int) -> dict[str, Any]:
-        """Plate/well/site/label metadata of field ``i`` (no rendering)."""
-        plate, well, site = self.layout(i)
-        label = well % self.n_classes
-        row, col = well_position(well)
-        return {
-            "Metadata_Plate": f"SYNTH-P{plate + 1:02d}",
-            "Metadata_Well": _well_name(row, col),
-            "Metadata_Site": site + 1,
-            "Metadata_Label": label_name(label),
-            "Metadata_Phenotype": PHENOTYPES[label].name,
-            "Metadata_Control": label == 0,
-            "label": label,
-            "index": i,
-            "row": row,
-            "col": col,
-        }
-
-    def record(self, i: int) -> FieldRecord:
-        """A :class:`FieldRecord` for field ``i`` (no channel paths; ``synthetic_index`` in metadata)."""
-        md = self.metadata(i)
-        meta = {k: str(v) for k, v in md.items() if k.startswith("Metadata_")}
-        meta["synthetic_index"] = str(i)
-        return FieldRecord(plate=md["Metadata_Plate"], well=md["Metadata_Well"], site=md["Metadata_Site"],
-                           metadata=meta)
-
-    def records(self) -> list[FieldRecord]:
-        """Records of all fields."""
-        return [self.record(i) for i in range(self.n_fields)]
-
-    def plate_gain(self, plate: int) -> np.ndarray:
-        """Per-channel intensity factor of a plate (batch effect), from ``(seed, plate)`` only."""
-        rng = np.random.default_rng([self.seed, plate, 7])
-        return np.exp(rng.normal(0.0, 0.08, 5)).astype(np.float32)
-
-    def field(self, i: int) -> np.ndarray:
-        """Render field ``i``: (5, size, size) uint16 in :data:`SYNTH_CHANNELS` order."""
-        plate, well, _ = self.layout(i)
-        rng = np.random.default_rng([self.seed, int(i)])
-        return render_field(rng, self.size, PHENOTYPES[well % self.n_classes], self.plate_gain(plate))
-
-    def field_and_masks(self, i: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Field ``i`` (identical to :meth:`field`) plus its exact ``nuclei`` and ``cells`` instance labels."""
-        plate, well, _ = self.layout(i)
-        rng = np.random.default_rng([self.seed, int(i)])
-        out = render_field(rng, self.size, PHENOTYPES[well % self.n_classes], self.plate_gain(plate),
-                           with_masks=True)
-        assert isinstance(out, tuple)
-        return out
-
-
-# --------------------------------------------------------------------------------------------------
-# JUMP-layout export
-# --------------------------------------------------------------------------------------------------
-
-
-def _write_atomic_tiff(path: Path, image: np.ndarray) -> None:
-    import tifffile
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tifffile.imwrite(tmp, image, compression="lzw")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_jump_folder(out_dir: str | os.PathLike, n_fields: int, size: int = 1080, seed: int = 0,
-                      n_plates: int = 1, wells_per_plate: int = 8, sites_per_well: int = 4,
-                      n_classes: int = 4, progress: bool = False, workers: int = 1,
-                      source: str = "source_4", masks: bool = False) -> list[Path]:
-    """Write ``n_fields`` synthetic fields as a JUMP/Phenix export plus ``<out_dir>/load_data.csv``.
-
-    Layout: ``<out>/<plate>__<timestamp>-Measurement1/Images/rRRcCCfFFp01-chKsk1fk1fl1.tiff`` with the
-    channel numbers of ``source`` (source_4: ch1 Mito, ch2 AGP, ch3 RNA, ch4 ER, ch5 DNA), LZW-compressed
-    uint16, each file written atomically.  ``workers > 1`` renders/writes fields in threads (numpy, cv2
-    and the LZW codec release the GIL).  Returns the TIFF paths in field order, channels in
-    :data:`SYNTH_CHANNELS` order.
-
-    ``masks``: also write the exact instance labels of each field beside its images,
-    ``rRRcCCfFFp01_nuclei_masks.tif`` and ``..._cells_masks.tif`` (:func:`mask_file_name`; uint16,
-    0 = background), and name them in ``load_data.csv`` (``FileName_Mask<Objects>`` /
-    ``PathName_Mask<Objects>``).
-    """
-    from dinocell.data.jump import CHANNEL_MAPS, format_name
-
-    if source not in CHANNEL_MAPS:
-        raise ConfigError(f"unknown channel map '{source}' (known: {', '.join(sorted(CHANNEL_MAPS))})")
-    number = {name: ch for ch, name in CHANNEL_MAPS[source].items()}
-    missing = [c for c in SYNTH_CHANNELS if c not in number]
-    if missing:
-        raise ConfigError(f"channel map '{source}' has no channel for {', '.join(missing)}")
-    ds = SyntheticCellPainting(n_fields=n_fields, size=size, seed=seed, n_plates=n_plates,
-                               wells_per_plate=wells_per_plate, sites_per_well=sites_per_well,
-                               n_classes=n_classes)
-    out = Path(out_dir).absolute()
-
-    def plan(i: int) -> tuple[dict[str, Any], dict[str, Path]]:
-        md = ds.metadata(i)
-        folder = out / f"{md['Metadata_Plate']}__{TIMESTAMP}-Measurement1" / "Images"
-        paths = {c: folder / format_name(md["row"], md["col"], md["Metadata_Site"], number[c])
-                 for c in SYNTH_CHANNELS}
-        return md, paths
-
-    plans = [plan(i) for i in range(n_fields)]
-    for folder in sorted({p.parent for _, paths in plans for p in paths.values()}):
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def work(i: int) -> None:
-        if masks:
-            img, labels = ds.field_and_masks(i)
-            for objects in MASK_OBJECTS:
-                _write_atomic_tiff(_mask_path(plans[i][1], objects), labels[objects])
-        else:
-            img = ds.field(i)
-        for c, p in plans[i][1].items():
-            _write_atomic_tiff(p, img[SYNTH_CHANNELS.index(c)])
-
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n_fields, desc="synthetic fields", unit="field")
-    try:
-        if workers > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for _ in pool.map(work, range(n_fields)):
-                    if bar is not None:
-                        bar.update(1)
-        else:
-            for i in range(n_fields):
-                work(i)
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    _write_load_data(out / "load_data.csv", plans, masks)
-    return [p for _, paths in plans for p in paths.values()]
-
-
-def _mask_path(paths: dict[str, Path], objects: str) -> Path:
-    """``<folder>/rRRcCCfFFp01_<objects>_masks.tif`` of a field whose channel files are ``paths``."""
-    first = paths[SYNTH_CHANNELS[0]]
-    return first.parent / mask_file_name(first.name.split("-ch")[0], objects)
-
-
-def _write_load_data(path: Path, plans: Sequence[tuple[dict[str, Any], dict[str, Path]]],
-                     masks: bool = False) -> None:
-    """CellProfiler-style load_data table (absolute PathName folders), written atomically."""
-    meta = ["Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label", "Metadata_Control"]
-    cols = meta + [f"{kind}_Orig{c}" for c in SYNTH_CHANNELS for kind in ("FileName", "PathName")]
-    objects = MASK_OBJECTS if masks else ()
-    cols += [f"{kind}_Mask{o.capitalize()}" for o in objects for kind in ("FileName", "PathName")]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(cols)
-            for md, paths in plans:
-                row = [md[m] for m in meta]
-                for c in SYNTH_CHANNELS:
-                    row += [paths[c].name, str(paths[c].parent)]
-                for o in objects:
-                    mp = _mask_path(paths, o)
-                    row += [mp.name, str(mp.parent)]
-                w.writerow(row)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
