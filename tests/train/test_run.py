@@ -277,3 +277,19 @@ def test_every_field_unreadable_is_one_line(tmp_path: Path, capsys: pytest.Captu
                  f"data.source={data}"]) == 2
     err = capsys.readouterr().err
     assert "no readable field" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_later_max_steps_continues_a_stopped_run(tmp_path: Path) -> None:
+    """``--max-steps 2`` then ``--max-steps 4`` trains steps 3-4 (it used to find the fit finished and train
+    nothing) and equals one invocation stopped at step 4; a rerun without a limit finishes the schedule."""
+    over = TINY + ["train.eval_fields=0", "track.reference=none", "train.checkpoint_every_steps=1"]
+    pretrain(load_config(None, over), tmp_path / "a", max_steps=2)
+    pretrain(load_config(None, over), tmp_path / "a", max_steps=4)
+    pretrain(load_config(None, over), tmp_path / "b", max_steps=4)
+    a, b = (load_checkpoint_file(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("a", "b"))
+    assert a["global_step"] == b["global_step"] == 4
+    for k, v in b["state_dict"].items():
+        assert torch.equal(a["state_dict"][k], v), k
+    summary = pretrain(load_config(None, over), tmp_path / "a")
+    last = load_checkpoint_file(tmp_path / "a" / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == summary["steps"] > 4

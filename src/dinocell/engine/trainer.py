@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 #: Lightning warnings that say nothing to a dinocell user (the sample stream is resumed by step, the
 #: run folder is meant to be reused, single-process loaders are a choice).
 _FIT_NOISE = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning's pytree helper, every fit
     ".*does not have many workers.*",
     ".*dataloader is not resumable.*",
     ".*ended before the epoch ended.*",

@@ -112,9 +112,11 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     trainer = build_trainer(
         accelerator=cfg.train.accelerator, devices=parse_devices(cfg.train.devices), num_nodes=cfg.train.num_nodes,
         strategy=_strategy(cfg), precision=resolve_precision(cfg.train.precision),
-        # one Lightning epoch = the whole run (the loader's length is the schedule horizon);
-        # --max-steps only stops it earlier
-        max_steps=cfg.train.max_steps or -1, max_epochs=1, logger=logger if logger is not None else False,
+        # the loader holds the whole run from the restored step (its length: to the stop step); max_epochs=-1
+        # because a run stopped by --max-steps ends its Lightning epoch, and with max_epochs=1 a rerun with a
+        # later --max-steps would find the fit finished and train nothing. max_steps is set from the
+        # DataModule's stop step below (the horizon needs the world size, which needs the Trainer)
+        max_steps=-1, max_epochs=-1, logger=logger if logger is not None else False,
         callbacks=callbacks, plugins=[AtomicCheckpointIO(cfg.train.keep_last_n)],
         enable_progress_bar=cfg.train.progress_bar,  # clipping: per module, in the LightningModule
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
@@ -124,6 +126,7 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     # The held-out wells are decided once per run folder and kept (holdout.txt) for resumes; their counts
     # go to summary.json, never into the input config.
     data = DinoCellDataModule(cfg, source, trainer.world_size, read_holdout_file(run_dir) if ckpt_path else None)
+    trainer.fit_loop.epoch_loop.max_steps = data.stop_step  # Lightning reads it when fitting starts
     record = run_record(source)
     if trainer.is_global_zero:
         write_holdout_file(run_dir, data.heldout_wells)
