@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import threading
 import uuid
@@ -521,7 +522,7 @@ def test_field_index_with_junk_header_is_rebuilt(jump_bucket: JumpBucket, proxy:
 
 
 def test_published_load_data_tables_replace_listing(jump_bucket: JumpBucket, proxy: FaultProxy,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Issue 24: a prefix whose per-plate load_data tables the gallery publishes is not listed."""
     import urllib.parse
 
@@ -543,7 +544,7 @@ def test_published_load_data_tables_replace_listing(jump_bucket: JumpBucket, pro
                 decoy[col] = f"s3://{jump_bucket.bucket}/elsewhere/"
             put(Bucket=jump_bucket.bucket, Key=f"{tables}{plate}/load_data.csv.gz",
                 Body=_gzip_csv(pd.concat([rows, decoy])))
-        else:  # Parquet is preferred over the table with illumination columns next to it
+        else:  # data.illum=off takes the plain table, not the one with illumination columns next to it
             path = tmp_path / "p2.parquet"
             rows.to_parquet(path, index=False)
             put(Bucket=jump_bucket.bucket, Key=f"{tables}{plate}/load_data.parquet", Body=path.read_bytes())
@@ -557,21 +558,25 @@ def test_published_load_data_tables_replace_listing(jump_bucket: JumpBucket, pro
         return [urllib.parse.unquote(p) for m, p in proxy.log if m == "GET" and "list-type" in p]
 
     proxy.reset_counts()
-    src = S3FieldSource(f"s3://{jump_bucket.bucket}/{images}", data_cfg(proxy.url, tmp_path / "b"))
+    src = S3FieldSource(f"s3://{jump_bucket.bucket}/{images}", data_cfg(proxy.url, tmp_path / "b", "data.illum=off"))
     assert src.channel_map_origin == "load_data" and {r.key: r.channels for r in src.records} == want
     assert lists() and all("workspace/load_data_csv/2021_04_26_Batch1/" in p for p in lists())
     assert src.load(src.records[0]).shape == (5, 64, 64)
     proxy.reset_counts()  # a warm start lists nothing (it reads the two tables again)
-    again = S3FieldSource(f"s3://{jump_bucket.bucket}/{images}", data_cfg(proxy.url, tmp_path / "b"))
+    again = S3FieldSource(f"s3://{jump_bucket.bucket}/{images}", data_cfg(proxy.url, tmp_path / "b", "data.illum=off"))
     assert not lists() and [r.key for r in again.records] == [r.key for r in src.records]
     one = S3FieldSource(f"s3://{jump_bucket.bucket}/{root}",
-                        data_cfg(proxy.url, tmp_path / "c", "data.s3.filters={plate: SYNTH-P01}"))
+                        data_cfg(proxy.url, tmp_path / "c", "data.s3.filters={plate: SYNTH-P01}", "data.illum=off"))
     assert {r.plate for r in one.records} == {"SYNTH-P01"} and one.channel_map_origin == "load_data"
     assert {r.key for r in one.records} == {k for k in want if k.startswith("SYNTH-P01/")}
     listed_tables = [f"{tables}SYNTH-P01/load_data.csv.gz", f"{tables}SYNTH-P02/load_data.parquet",
                      f"{tables}SYNTH-P02/load_data_with_illum.csv"]
     assert pick_tables(listed_tables, None) == listed_tables[:2]
     assert pick_tables(listed_tables, ["SYNTH-P02"], illum=True) == listed_tables[2:]
+    with caplog.at_level(logging.WARNING):  # the default (illum=auto) takes the table with illumination columns
+        auto = S3FieldSource(f"s3://{jump_bucket.bucket}/{images}", data_cfg(proxy.url, tmp_path / "d"))
+    assert {r.plate for r in auto.records} == {"SYNTH-P01"}  # SYNTH-P02's is junk: left out, and said so
+    assert "SYNTH-P02/load_data_with_illum.csv names no image" in caplog.text
 
 
 def _gzip_csv(df: object) -> bytes:

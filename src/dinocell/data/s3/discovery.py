@@ -345,7 +345,7 @@ def index_from_load_data(df: pd.DataFrame, base: str, load_data: str) -> FieldIn
 
 
 #: Table names JUMP publishes per plate, in order of preference (the plain table names the same
-#: images as the one with illumination columns, which ``data.illum=required`` prefers; Parquet
+#: images as the one with illumination columns, which ``data.illum`` auto and required prefer; Parquet
 #: reads fastest).
 LOAD_DATA_NAMES = tuple(f"{stem}{suffix}" for stem in ("load_data", "load_data_with_illum")
                         for suffix in (".parquet", ".csv.gz", ".csv"))
@@ -426,16 +426,26 @@ def read_load_data_tables(bucket: str, keys: list[str], get_bytes: Callable[[str
         return read_load_data_anywhere(f"s3://{bucket}/{key}", get_bytes)
 
     with ThreadPoolExecutor(max(1, min(workers, len(keys))), thread_name_prefix="s3-load-data") as pool:
-        df = normalise_columns(pd.concat(list(pool.map(read, keys)), ignore_index=True))
+        tables = [normalise_columns(t) for t in pool.map(read, keys)]
+    kept = [_rows_within(t, within) for t in tables]
+    if not any(n for _, n in kept):
+        return None
+    for key, (_, n) in zip(keys, kept, strict=True):
+        if not n:  # a broken or foreign table must not drop its plate silently
+            log.warning("load_data table s3://%s/%s names no image under %s: its plate is left out", bucket, key,
+                        within)
+    df = pd.concat([t for t, n in kept if n], ignore_index=True)
+    log.info("using %d load_data table(s) instead of listing %s (%d fields)", len(keys), within, len(df))
+    return df
+
+
+def _rows_within(df: pd.DataFrame, within: str) -> tuple[pd.DataFrame, int]:
+    """The rows of one table whose images lie under ``within`` (none when it has no ``PathName_`` column)."""
     paths = [c for c in df.columns if c.startswith("PathName_")]
     if not paths:
-        return None
+        return df.iloc[:0], 0
     inside = df[paths[0]].astype(str).str.startswith(within).to_numpy()
-    if not inside.any():
-        return None
-    log.info("using %d load_data table(s) instead of listing %s (%d fields)", len(keys), within,
-             int(inside.sum()))
-    return df[inside].reset_index(drop=True)
+    return df[inside].reset_index(drop=True), int(inside.sum())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ class S3FieldSource(FieldSource, SupportsPrefetch):
         if load_data:
             df = normalise_columns(read_load_data_anywhere(str(load_data), self._get_bytes))
         else:  # the gallery's per-plate tables, when the prefix has them: no listing of the images
-            df, load_data = self._published_load_data(plates, getattr(data_cfg, "illum", "auto") == "required")
+            df, load_data = self._published_load_data(plates, getattr(data_cfg, "illum", "auto") != "off")
         if df is not None:
             self.channel_map, self.channel_map_origin = channel_map_from_load_data(df), "load_data"
         else:
