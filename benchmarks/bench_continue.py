@@ -2,7 +2,7 @@
 
 Released DINOv3 weights cannot be downloaded here, so the benchmark makes its own "release": it pretrains
 a tiny ViT on one domain (synthetic Cell Painting, seed A), exports the teacher backbone *without heads*
-(``dinocell export``), then continues from that file on a shifted domain (seed B: other plates and cells,
+(``dinocell export``, a model folder), then continues from it on a shifted domain (seed B: other plates and cells,
 two more phenotypes, different intensity scaling) twice, with the same budget and lr:
 
 * two-stage: ``train.head_warmup_steps`` (backbone frozen, fresh heads learn the released features), then
@@ -188,8 +188,8 @@ def run(out: Path, mode: str, lr: float = 2e-4, gram_weight: float = 1.0, reuse_
     out.mkdir(parents=True, exist_ok=True)
     # 1. the "release": pretrained on domain A, exported without heads
     cfg_a = _config(budget, DOMAIN_A, budget.steps_a, ["optim.lr=1e-3", "optim.min_lr=1e-5"])
-    release = out / "release.safetensors"
-    if not (reuse_release and release.is_file()):
+    release = out / "release"
+    if not (reuse_release and (release / "config.json").is_file()):
         pretrain(cfg_a, out / "release_run", resume=False)
         release = export_run(out / "release_run", release)
     print(f"release: {budget.steps_a} steps on domain A, exported backbone only -> {release} "
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--quick", action="store_true", help="< 10 min on 2 CPU cores")
     ap.add_argument("--lr", type=float, default=2e-4, help="peak lr of both continuations (the release used 1e-3)")
     ap.add_argument("--gram-weight", type=float, default=1.0, help="Gram anchoring to the release (0: off)")
-    ap.add_argument("--reuse-release", action="store_true", help="keep OUT/release.safetensors of an earlier run")
+    ap.add_argument("--reuse-release", action="store_true", help="keep the OUT/release export of an earlier run")
     args = ap.parse_args(argv)
     run(args.out, "smoke" if args.smoke else "quick" if args.quick else "full", args.lr, args.gram_weight,
         args.reuse_release)

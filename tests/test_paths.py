@@ -63,8 +63,7 @@ def _commands(out: str) -> dict[str, list[str]]:
     }
 
 
-# only export writes a single file (--out FILE): an existing folder there is the user's mistake
-_CASES = [(c, k) for c in _commands("x") for k in ("file", "read-only")] + [("export", "folder-for-file")]
+_CASES = [(c, k) for c in _commands("x") for k in ("file", "read-only")]
 
 
 @pytest.mark.parametrize("command, kind", _CASES)
@@ -73,13 +72,8 @@ def test_bad_output_location_is_one_line_exit_2(command: str, kind: str, tmp_pat
     if kind == "file":
         target = tmp_path / "taken"
         target.write_text("x")
-        if command == "export":  # a file is a fine --out FILE; one *under* a file is not
-            target = target / "model.safetensors"
-    elif kind == "read-only":
-        target = _read_only_dir(tmp_path) / "out"
     else:
-        target = tmp_path / "a_folder"
-        target.mkdir()
+        target = _read_only_dir(tmp_path) / "out"
     before = sorted(os.listdir(tmp_path))
     assert main(_commands(str(target))[command]) == 2
     err = capsys.readouterr().err
@@ -249,14 +243,13 @@ def _fake_run(root: Path) -> Path:
     return mod.fake_run(root)[0]
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "timm"])
 def test_cli_export_disk_full_one_line_and_no_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str], fmt: str) -> None:
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     import safetensors.torch
 
     run = _fake_run(tmp_path)
-    out = tmp_path / ("exp" if fmt == "timm" else "exp.safetensors")
-    assert main(["export", str(run), "--out", str(out), "--format", fmt]) == 0
+    out = tmp_path / "exp"
+    assert main(["export", str(run), "--out", str(out)]) == 0
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "exp" in p.name}
 
     def full_disk(tensors, filename, metadata=None):  # noqa: ANN001, ANN202
@@ -264,7 +257,7 @@ def test_cli_export_disk_full_one_line_and_no_temp(tmp_path: Path, monkeypatch: 
         raise Exception(SAFETENSORS_FULL)
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    assert main(["export", str(run), "--out", str(out), "--format", fmt]) == 2
+    assert main(["export", str(run), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "no space left on the disk" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "exp" in p.name}
@@ -277,10 +270,10 @@ def test_export_refuses_when_the_weights_cannot_fit(tmp_path: Path, monkeypatch:
 
     run = _fake_run(tmp_path)
     monkeypatch.setattr(paths, "free_bytes", lambda path: 1000)
-    assert main(["export", str(run), "--out", str(tmp_path / "e.safetensors")]) == 2
+    assert main(["export", str(run), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
-    assert "e.safetensors: it needs" in err and "1.0 kB free there" in err
-    assert not (tmp_path / "e.safetensors").exists()
+    assert "model.safetensors: it needs" in err and "1.0 kB free there" in err
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.fixture

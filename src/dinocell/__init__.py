@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 
 def load_backbone(path: str | os.PathLike[str]) -> Any:
-    """The backbone of any saved model (export, timm folder, run folder, ``.ckpt``, official ``.pth``), eval mode."""
+    """The backbone of any saved model (export folder or old ``.safetensors``, run folder, ``.ckpt``, official ``.pth``), eval mode."""
     return load_model(path).backbone
 
 

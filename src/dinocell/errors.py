@@ -19,6 +19,13 @@ class DataError(UserError):
     """Bad data: missing path, no matching files, unreadable image, unknown channel."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of ``err``'s message (its type name when empty): library errors (torch, safetensors,
+    timm) span many lines, a :class:`UserError` quoting one must not."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def require_extra(extra: str, modules: tuple[str, ...] | list[str], what: str) -> None:
     """Raise a one-line :class:`UserError` naming ``pip install 'dinocell[<extra>]'`` when one of
     ``modules`` cannot be found.

@@ -94,7 +94,7 @@ def refuse_segmentation_run(path: str | os.PathLike[str] | None, command: str) -
             return
         if isinstance(top, dict) and {"task", "infer", "post"} <= set(top):
             raise UserError(f"{path} is a segmentation run ('dinocell segment fit'), not a pretrained model; "
-                            f"{command} needs a pretraining run folder, .ckpt, .safetensors export, timm folder "
+                            f"{command} needs a pretraining run folder, .ckpt, export folder "
                             f"or DINOv3 .pth (to use the segmenter: dinocell segment predict {folder} INPUT --out DIR)")
         return
 

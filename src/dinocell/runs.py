@@ -11,7 +11,7 @@ instead of spelling ``checkpoints/last.ckpt`` themselves, so the layout can chan
       eval_before.json       pretrain's before-training figures (cache)     RunDir.eval_before
       reference.json         the forgetting guard's figures                 RunDir.reference
       checkpoints/           last.ckpt + stepNNNNNNNN.ckpt (keep-last-N)     RunDir.checkpoints
-      export/                *.safetensors (+ .json sidecars)               RunDir.export_dir
+      export/NAME/           export folders (old *.safetensors: read too)   RunDir.exports()
       eval/                  ``dinocell evaluate`` output                   RunDir.eval_dir
       figures/               diagnostic figures                             RunDir.figures
       wandb_id.txt, wandb/, tensorboard/, csv/                               logger files
@@ -38,11 +38,14 @@ STEP_TEMPLATE = "step{step:08d}"
 #: A periodic checkpoint's file name; group 1 is the step.
 STEP_NAME = re.compile(r"step(\d+)\.ckpt")
 EXPORT = "export"
-EXPORT_SUFFIX = ".safetensors"
+#: An export folder's completion marker (written last, :mod:`dinocell.models.timm_export`).
+EXPORT_MARKER = "config.json"
+#: Exports written before the folder format: ``export/NAME.safetensors`` + ``.json`` sidecar (read only).
+OLD_EXPORT_SUFFIX = ".safetensors"
 EVAL = "eval"
 FIGURES = "figures"
 WANDB_ID = "wandb_id.txt"
-#: Sub-folders a file may sit in inside a run folder (``RUN/checkpoints/last.ckpt``, ``RUN/export/x.safetensors``).
+#: Sub-folders a file may sit in inside a run folder (``RUN/checkpoints/last.ckpt``, ``RUN/export/NAME``).
 _FILE_FOLDERS = (CHECKPOINTS, EXPORT)
 
 
@@ -57,7 +60,8 @@ class RunDir:
 
     @classmethod
     def of_file(cls, path: str | os.PathLike[str]) -> RunDir | None:
-        """The run folder owning ``path`` when it sits in a run's ``checkpoints/`` or ``export/``, else None."""
+        """The run folder owning ``path`` (a file or export folder) when it sits in a run's ``checkpoints/`` or
+        ``export/``, else None."""
         p = Path(path)
         return cls(p.parent.parent) if p.parent.name in _FILE_FOLDERS else None
 
@@ -104,8 +108,12 @@ class RunDir:
         return self.root / EXPORT
 
     def exports(self) -> list[Path]:
-        """``export/*.safetensors``, oldest first (the newest is what a run folder loads as)."""
-        return sorted(self.export_dir.glob(f"*{EXPORT_SUFFIX}"), key=lambda q: q.stat().st_mtime)
+        """Complete export folders ``export/NAME/`` and old ``export/*.safetensors`` files, oldest first
+        (the newest is what a run folder loads as; a folder's age is its ``config.json``'s)."""
+        folders = list(self.export_dir.glob(f"*/{EXPORT_MARKER}"))
+        old = list(self.export_dir.glob(f"*{OLD_EXPORT_SUFFIX}"))
+        found = [(q.stat().st_mtime, q.parent) for q in folders] + [(q.stat().st_mtime, q) for q in old if q.is_file()]
+        return [q for _, q in sorted(found, key=lambda t: t[0])]
 
     @property
     def eval_dir(self) -> Path:

@@ -29,8 +29,8 @@ def test_bench_continue_smoke_prints_c1_c2_c3_and_writes_the_curves(tmp_path: Pa
     # the release really is backbone-only, and both continuations started from it
     import safetensors.torch
 
-    keys = safetensors.torch.load_file(str(tmp_path / "release.safetensors")).keys()
+    keys = safetensors.torch.load_file(str(tmp_path / "release" / "model.safetensors")).keys()
     assert keys and not any("head" in k for k in keys)
     for run in ("two_stage", "one_stage"):
         cfg = (tmp_path / run / "config.yaml").read_text()
-        assert "release.safetensors" in cfg
+        assert f"pretrained: {tmp_path / 'release'}" in cfg

@@ -163,7 +163,7 @@ CASES: list[tuple[str, Callable[[dict[str, Path]], list[str]], int, str]] = [
      lambda w: ["embed", str(w["seg"]), "--data", str(w["plate"]), "--out", str(w["root"] / "m3")], 2,
      "is a segmentation run"),
     ("export: a segmentation run",
-     lambda w: ["export", str(w["seg"]), "--out", str(w["root"] / "x.safetensors")], 2, "is a segmentation run"),
+     lambda w: ["export", str(w["seg"]), "--out", str(w["root"] / "x")], 2, "is a segmentation run"),
     ("embed: an assumed channel map",
      lambda w: ["embed", str(w["run"]), "--data", _folder(w, "bare", {1: OK, 5: OK}), "--out", str(w["root"] / "m4")],
      2, "data.channel_map=source_4 to accept"),

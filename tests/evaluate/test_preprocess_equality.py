@@ -5,7 +5,7 @@ functions and ``data.scaling.mode=fixed``.  The tensors every consumer feeds the
 exactly, with the training source's finished field (``source.load(rec)``): ``embed`` (= ``extract-fields``),
 ``evaluate --data``, ``segment predict`` (through ``segment.model.segmentation_model``), a bare array
 through ``Preprocess.scale`` (``evaluate --labelled``), a volume through ``Preprocess.scale_volume``, and the
-export / timm sidecars that carry the settings.  A field-scaled, uncorrected read differs (the check has teeth).
+export folder that carries the settings (and an old ``.safetensors`` sidecar, still read).  A field-scaled, uncorrected read differs (the check has teeth).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tifffile
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from loading_fixtures import fake_run  # noqa: E402
+from loading_fixtures import fake_run, write_old_export  # noqa: E402
 
 from dinocell.config import load_config  # noqa: E402
 from dinocell.data.sources import open_source  # noqa: E402
@@ -112,15 +112,13 @@ def test_embed_feeds_the_training_tensors(trained, tmp_path: Path, monkeypatch: 
     _fed_exactly(seen, want)
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "timm"])
-def test_an_export_alone_embeds_like_training(trained, fmt: str, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """No run folder, no config: the sidecar alone configures the source (illum, fixed ranges, stain)."""
+def test_an_export_alone_embeds_like_training(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No run folder, no config: the export's notes alone configure the source (illum, fixed ranges, stain)."""
     from dinocell.evaluate.embed import run_embed
     from dinocell.train.export import export_run
 
     table, m, _, want = trained
-    exported = load_model(export_run(m.run_dir, tmp_path / ("b.safetensors" if fmt == "safetensors" else "t"), fmt=fmt))
+    exported = load_model(export_run(m.run_dir, tmp_path / "t"))
     assert exported.cfg is None and exported.run_dir is None
     seen = _record_inputs(exported, monkeypatch)
     run_embed(exported, tmp_path / "emb", data=str(table), geometry="full")
@@ -227,19 +225,20 @@ def test_plate_scaling_on_a_bare_array_is_one_clear_error(trained) -> None:
 
 
 def test_exports_carry_the_settings(trained, tmp_path: Path) -> None:
-    """The safetensors sidecar and the timm folder give back the checkpoint's Preprocess (fixed ranges,
-    stain, illum); an old sidecar without them reads as the defaults."""
+    """The export folder and an old ``.safetensors`` sidecar give back the checkpoint's Preprocess (fixed
+    ranges, stain, illum); an older sidecar without them reads as the defaults."""
     import json
 
     from dinocell.models.loading import Preprocess
     from dinocell.train.export import export_run
 
     _, m, _, _ = trained
-    for fmt, out in (("safetensors", tmp_path / "b.safetensors"), ("timm", tmp_path / "timm")):
-        path = export_run(m.run_dir, out, fmt=fmt)
+    folder = export_run(m.run_dir, tmp_path / "timm")
+    old_file = write_old_export(m.backbone, tmp_path / "b.safetensors", {"preprocess": m.preprocess.to_dict()})
+    for path in (folder, old_file):
         back = load_model(path).preprocess
         assert back == m.preprocess and back.scaling.fixed["DNA"] == [150.0, 2500.0] and back.illum == "required"
-    side = json.loads(Path(f"{tmp_path / 'b.safetensors'}.json").read_text())
+    side = json.loads(Path(f"{old_file}.json").read_text())
     old = {k: v for k, v in side["preprocess"].items() if k not in ("stain", "illum")}
     old["scaling"] = {k: v for k, v in old["scaling"].items() if k not in ("mode", "fixed")}
     assert Preprocess.from_dict(old).scaling.mode == "field" and Preprocess.from_dict(old).illum == "auto"

@@ -106,11 +106,11 @@ def test_patch_maps_per_plate(tmp_path):
 def test_extract_fields_alias_on_synthetic_source(tmp_path, capsys):
     from dinocell.cli import main
     from dinocell.config import ModelConfig
-    from dinocell.models.backbone import build_backbone, save_backbone
+    from dinocell.models.backbone import build_backbone
+    from dinocell.models.timm_export import save_timm
 
-    model = tmp_path / "m.safetensors"
-    save_backbone(build_backbone(ModelConfig(embed_dim=32, depth=2, num_heads=2, patch_size=8), img_size=32),
-                  model, {"preprocess": Preprocess(patch_size=8, crop_size=32).to_dict()})
+    model = save_timm(build_backbone(ModelConfig(embed_dim=32, depth=2, num_heads=2, patch_size=8), img_size=32),
+                      tmp_path / "m", Preprocess(patch_size=8, crop_size=32))
     out = tmp_path / "emb"
     rc = main(["extract-fields", "--output-dir", str(out), "--backbone", str(model), "--chunk-size", "4",
                "--view", "channel_mean", "--no-progress", "data.synthetic.n_fields=6", "data.synthetic.size=32"])

@@ -324,12 +324,14 @@ def test_random_init_warns_and_is_seeded(monkeypatch):
 
 def test_backbone_from_export_and_run_folder(tmp_path, monkeypatch):
     from dinocell.config import Config, ModelConfig, save_config
-    from dinocell.models.backbone import build_backbone, save_backbone
+    from dinocell.models.backbone import build_backbone
+    from dinocell.models.loading import Preprocess
+    from dinocell.models.timm_export import save_timm
 
     mcfg = ModelConfig(**V.TINY_MODEL)
     torch.manual_seed(7)
     bb = build_backbone(mcfg, 16)
-    export = save_backbone(bb, tmp_path / "export" / "backbone.safetensors")
+    export = save_timm(bb, tmp_path / "export" / "backbone", Preprocess(patch_size=bb.patch_size, crop_size=16))
     monkeypatch.setattr(VF, "_MODEL_CACHE", {})
     loaded, info = extraction_model(ModelSpec(backbone=str(export)), 16)
     assert info["source"] == "export"

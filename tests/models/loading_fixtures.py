@@ -40,3 +40,21 @@ def fake_run(root: Path, seed: int = 3, extra: list[str] | tuple[str, ...] = ())
     torch.save({"state_dict": state, "dinocell": {"config": to_dict(cfg), "channel_names": CHANNELS}},
                run / "checkpoints" / "last.ckpt")
     return run, cfg, teacher
+
+
+def write_old_export(backbone: torch.nn.Module, path: Path, sidecar: dict | None = None) -> Path:
+    """An export in the retired single-file format (``FILE.safetensors`` + ``FILE.safetensors.json``), written
+    here byte for byte as dinocell wrote it before the folder became the one format: dinocell still reads
+    these, and no code in ``src`` writes them any more."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().clone() for k, v in backbone.state_dict().items()}
+    if backbone.model.rope is not None:
+        tensors["rope_periods"] = backbone.model.rope.periods.detach().float().clone()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "dinocell-backbone"})
+    meta = {"format": "dinocell-backbone", "format_version": 1, "model": dict(backbone.arch), **(sidecar or {})}
+    Path(f"{path}.json").write_text(json.dumps(meta, indent=2))
+    return path

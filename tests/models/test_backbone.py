@@ -1,4 +1,4 @@
-"""Tests for the DINOv3 backbone wrapper: forward, masking, official-weight loading, export."""
+"""Tests for the DINOv3 backbone wrapper: forward, masking, official-weight loading, export folders, old exports."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from dinocell.models.backbone import (
     build_backbone,
     load_export_backbone,
     load_official_weights,
-    save_backbone,
 )
 
 D, DEPTH, HEADS = 64, 2, 2
@@ -297,40 +296,59 @@ def test_missing_and_malicious_files(tmp_path):
 # ----------------------------------------------------------------------------------------- export
 
 
-def test_export_roundtrip(tmp_path, images):
+def test_export_folder_roundtrip(tmp_path, images):
+    """The one export writer: timm's files plus the mask token and RoPE periods timm does not load, so
+    dinocell gets back exactly the backbone it wrote (and a config can continue from the folder)."""
+    from dinocell.models.loading import Preprocess, load_model
+    from dinocell.models.timm_export import save_timm
+
     src = randomised(build_backbone(tiny_cfg(), img_size=32))
     with torch.no_grad():
         src.model.rope.periods.mul_(1.01)  # e.g. official bf16 periods: must survive the export
-    out = tmp_path / "export" / "backbone.safetensors"
-    side = {"channels": ["DNA", "ER"], "scaling": {"low_percentile": 0.1}}
-    assert save_backbone(src, out, side) == out
-    meta = json.loads(Path(f"{out}.json").read_text())
-    assert meta["model"] == {"timm_name": "vit_small_patch16_dinov3", "in_chans": 1, "patch_size": 8,
-                             "embed_dim": D, "depth": DEPTH, "num_heads": HEADS, "img_size": 32}
-    assert meta["channels"] == ["DNA", "ER"] and meta["format"] == "dinocell-backbone"
-    assert sorted(p.name for p in out.parent.iterdir()) == ["backbone.safetensors", "backbone.safetensors.json"]
-    loaded = load_export_backbone(out)
-    assert not loaded.training and loaded.sidecar["channels"] == ["DNA", "ER"]
+    out = tmp_path / "export" / "backbone"
+    assert save_timm(src, out, Preprocess(patch_size=8, crop_size=32, channel_names=["DNA", "ER"])) == out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "dinocell.safetensors", "model.safetensors"]
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architecture"] == "vit_small_patch16_dinov3" and conf["model_args"]["embed_dim"] == D
+    loaded = load_model(out)
+    assert not loaded.backbone.training and loaded.channel_names == ["DNA", "ER"] and loaded.kind == "export"
+    assert torch.equal(loaded.backbone.mask_token, src.mask_token)
+    assert torch.equal(loaded.backbone.model.rope.periods, src.model.rope.periods)
     m = torch.zeros(2, 16, dtype=torch.bool)
     m[:, :4] = True
-    torch.testing.assert_close(loaded.forward_features(images, m)["x_prenorm"],
+    torch.testing.assert_close(loaded.backbone.forward_features(images, m)["x_prenorm"],
                                src.forward_features(images, m)["x_prenorm"])
-    # a config pointing at the export loads it as well
+    # a config pointing at the folder loads it as well (continued pretraining), mask token included
     via_cfg = build_backbone(tiny_cfg(pretrained=str(out)), img_size=32).eval()
     torch.testing.assert_close(via_cfg(images), src(images))
+    assert torch.equal(via_cfg.mask_token, src.mask_token)
     with pytest.raises(UserError, match="do not fit"):
         build_backbone(tiny_cfg(depth=3, pretrained=str(out)), img_size=32)
-    with pytest.raises(ValueError, match="reserved"):
-        save_backbone(src, tmp_path / "x.safetensors", {"model": 1})
+    # a folder of an older `--format timm` export (no dinocell.safetensors) still loads: zero mask token
+    (out / "dinocell.safetensors").unlink()
+    assert not load_model(out).backbone.mask_token.any()
+    torch.testing.assert_close(build_backbone(tiny_cfg(pretrained=str(out)), img_size=32).eval()(images),
+                               load_model(out).backbone(images))
 
 
-def test_load_export_backbone_errors(tmp_path):
+def test_old_export_still_loads_and_its_errors(tmp_path, images):
+    """Old ``.safetensors`` + JSON sidecar exports are read (never written): rebuilt, or loaded by a config."""
+    from loading_fixtures import write_old_export
+
+    src = randomised(build_backbone(tiny_cfg(), img_size=32))
+    with torch.no_grad():
+        src.model.rope.periods.mul_(1.01)
+    out = write_old_export(src, tmp_path / "export" / "backbone.safetensors", {"channels": ["DNA", "ER"]})
+    loaded = load_export_backbone(out)
+    assert not loaded.training and loaded.sidecar["channels"] == ["DNA", "ER"]
+    torch.testing.assert_close(loaded(images), src(images))
+    torch.testing.assert_close(build_backbone(tiny_cfg(pretrained=str(out)), img_size=32).eval()(images), src(images))
+    with pytest.raises(UserError, match="do not fit"):
+        build_backbone(tiny_cfg(depth=3, pretrained=str(out)), img_size=32)
     with pytest.raises(UserError, match="exported backbone not found"):
         load_export_backbone(tmp_path / "none.safetensors")
-    bb = build_backbone(tiny_cfg(), img_size=32)
-    out = save_backbone(bb, tmp_path / "b.safetensors")
     Path(f"{out}.json").unlink()
-    with pytest.raises(UserError, match="has no sidecar b.safetensors.json"):
+    with pytest.raises(UserError, match="has no sidecar backbone.safetensors.json"):
         load_export_backbone(out)
 
 

@@ -9,8 +9,9 @@ import torch
 
 from dinocell.config import ModelConfig
 from dinocell.errors import ConfigError, UserError
-from dinocell.models.backbone import build_backbone, save_backbone
-from dinocell.models.loading import load_model
+from dinocell.models.backbone import build_backbone
+from dinocell.models.loading import Preprocess, load_model
+from dinocell.models.timm_export import save_timm
 from dinocell.segment.config import SegModelConfig, load_segment_config
 from dinocell.segment.model import SegmentationNet
 from dinocell.segment.module import param_groups, segmentation_loss
@@ -26,7 +27,7 @@ def _net(**kw: object) -> SegmentationNet:
 
 def test_backbone_sources(tmp_path: Path) -> None:
     bb = build_backbone(ARCH)
-    path = save_backbone(bb, tmp_path / "bb.safetensors", {})
+    path = save_timm(bb, tmp_path / "bb", Preprocess(patch_size=bb.patch_size, crop_size=32))
     loaded = load_model(str(path), arch=ModelConfig()).backbone  # the export carries its own arch
     assert loaded.embed_dim == 32
     for k, v in bb.state_dict().items():

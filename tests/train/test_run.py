@@ -101,12 +101,14 @@ def test_export_and_load_backbone(tiny_run: tuple[Path, dict], tmp_path: Path,
     import dinocell
 
     run, _ = tiny_run
-    out = tmp_path / "teacher.safetensors"
+    out = tmp_path / "teacher"
     assert main(["export", str(run), "--out", str(out)]) == 0
-    side = json.loads(Path(str(out) + ".json").read_text())
-    assert side["channel_names"] == ["DNA", "ER", "RNA", "AGP", "Mito"]
-    assert side["model"]["patch_size"] == 8 and side["model"]["in_chans"] == 1
-    assert side["dinocell_version"] == dinocell.__version__ and side["git_commit"]  # the code that made it
+    conf = json.loads((out / "config.json").read_text())
+    notes = dict(n.split("=", 1) for n in conf["pretrained_cfg"]["notes"])
+    assert json.loads(notes["dinocell_preprocess"])["channel_names"] == ["DNA", "ER", "RNA", "AGP", "Mito"]
+    assert conf["model_args"]["patch_size"] == 8 and conf["model_args"]["in_chans"] == 1
+    made = json.loads(notes["dinocell_provenance"])
+    assert made["dinocell_version"] == dinocell.__version__ and made["git_commit"]  # the code that made it
     model = dinocell.load_backbone(str(out))
     state = load_checkpoint_file(run / "checkpoints" / "last.ckpt")["state_dict"]
     teacher = {k[len("meta.teacher.backbone."):]: v for k, v in state.items()

@@ -26,7 +26,7 @@ class ModelConfig:
     name: str = "vit_small_patch16_dinov3"
     in_chans: int = 1
     patch_size: int = 16
-    pretrained: str | None = None  # local official DINOv3 .pth / dinocell .safetensors
+    pretrained: str | None = None  # local official DINOv3 .pth / dinocell export folder (or old .safetensors)
     embed_dim: int | None = None  # overrides for tiny test/demo models
     depth: int | None = None
     num_heads: int | None = None

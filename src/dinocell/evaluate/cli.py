@@ -20,7 +20,7 @@ def register(sub: Any) -> None:
     """Add ``evaluate``, ``embed`` and ``preview``."""
     ev = sub.add_parser("evaluate", help="channel consistency, retrieval, kNN/linear probes, transfer, copairs mAP")
     ev.add_argument("model", nargs="?", default=None,
-                    help="run folder (export/*.safetensors or checkpoints/last.ckpt), .ckpt or .safetensors")
+                    help="run folder (its newest export/ or checkpoints/last.ckpt), .ckpt or export folder")
     ev.add_argument("--data", default=None, help=DATA_HELP)
     ev.add_argument("--labelled", default=None, metavar="DIR", help="labelled images as DIR/<class>/*.tif")
     ev.add_argument("--labels-csv", default=None, metavar="CSV", help="labelled images: CSV with path,label")
@@ -45,7 +45,7 @@ def register(sub: Any) -> None:
                                     "magnification (or the whole field), each stain as its own image; "
                                     "resumable in chunks. 'extract-fields' is the same command.")
     em.add_argument("model", nargs="?", default=None,
-                    help="run folder, .ckpt, .safetensors export, timm export folder or official DINOv3 .pth")
+                    help="run folder, .ckpt, export folder (or old .safetensors export) or official DINOv3 .pth")
     em.add_argument("--backbone", default=None, help="same as MODEL (the extract-fields spelling)")
     em.add_argument("--model-name", default=None, help="timm architecture of an official .pth with a custom name")
     em.add_argument("--data", "--source", dest="data", default=None, help=DATA_HELP)
@@ -116,7 +116,7 @@ def _embed(args: argparse.Namespace) -> int:
         args.model = None
     model = args.model or args.backbone
     if model is None:
-        raise UserError("give a model: a run folder, .ckpt, .safetensors, timm folder or DINOv3 .pth")
+        raise UserError("give a model: a run folder, .ckpt, export folder or DINOv3 .pth")
     refuse_segmentation_run(model, "dinocell embed")
     base = None
     if args.config:

@@ -365,12 +365,15 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 
 def default_out_dir(model: str | os.PathLike[str] | LoadedModel | None, profiles: str | None) -> Path:
-    """``<run>/eval`` for run-folder models, else an ``eval`` folder next to the model or profiles file."""
+    """``<run>/eval`` for run-folder models (and their exports), else an ``eval`` folder next to the model
+    (file or export folder) or profiles file."""
+    from dinocell.models.timm_export import is_export_folder
+
     if isinstance(model, LoadedModel):
         return RunDir(model.run_dir or Path(".")).eval_dir
     if model is not None:
         p = Path(model)
-        if p.is_dir():
+        if p.is_dir() and not is_export_folder(p):
             return RunDir(p).eval_dir
         return (RunDir.of_file(p) or RunDir(p.parent)).eval_dir
     if profiles is not None:
@@ -398,7 +401,7 @@ def evaluate(
     from dinocell.evaluate.plots import matrix_figure, save_figure
 
     if model is None and profiles is None:
-        raise UserError("nothing to evaluate: give a model (run folder, .ckpt, .safetensors) and/or --profiles")
+        raise UserError("nothing to evaluate: give a model (run folder, .ckpt, export folder) and/or --profiles")
     out = Path(out_dir) if out_dir is not None else default_out_dir(model, str(profiles) if profiles else None)
     res: dict[str, Any] = {}
     figures: list[str] = []

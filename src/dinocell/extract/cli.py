@@ -57,7 +57,7 @@ def _given(args: argparse.Namespace, names: Any, rename: dict[str, str] | None =
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: a tiny random-initialised ViT, with a warning)")
     g.add_argument("--backbone", default=UNSET,
-                   help="dinocell export .safetensors, or a run folder (export/ or checkpoints/last.ckpt + config.yaml)")
+                   help="dinocell export folder (or old .safetensors export), or a run folder (export/ or checkpoints/last.ckpt + config.yaml)")
     g.add_argument("--model-name", default=UNSET, help="timm DINOv3 name, e.g. vit_small_patch16_dinov3")
     g.add_argument("--weights", default=UNSET, help="local official DINOv3 .pth for --model-name")
 

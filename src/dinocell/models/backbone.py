@@ -26,9 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dinocell.errors import ConfigError, DataError, UserError
+from dinocell.errors import ConfigError, DataError, UserError, first_line
 from dinocell.models.weights import load_state_checked, load_weights_file
-from dinocell.paths import payload_bytes, write_atomic, write_text_atomic
 
 EXPORT_FORMAT = "dinocell-backbone"
 EXPORT_VERSION = 1
@@ -40,7 +39,7 @@ class DinoBackbone(nn.Module):
 
     Attributes: ``model`` (the timm Eva), ``mask_token`` (1, D), ``embed_dim``, ``patch_size``,
     ``in_chans``, ``num_prefix_tokens`` (1 + registers), ``n_register_tokens``, ``n_blocks``,
-    ``timm_name`` and ``arch`` (everything needed to rebuild the module; written to export sidecars).
+    ``timm_name`` and ``arch`` (everything needed to rebuild the module).
     """
 
     def __init__(self, model: nn.Module, timm_name: str, arch: dict[str, Any]) -> None:
@@ -57,7 +56,7 @@ class DinoBackbone(nn.Module):
         # dinov3 keeps the mask token as (1, D) and initialises it to zero; same here so that the
         # official tensor loads as is.
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
-        self.sidecar: dict[str, Any] = {}  # filled by load_export_backbone (channel names, scaling, ...)
+        self.sidecar: dict[str, Any] = {}  # an old export's JSON sidecar (load_export_backbone)
 
     def set_rope_rescale(self, factor: float | None) -> None:
         """Train-mode RoPE coordinate rescaling by one log-uniform factor in ``[1/factor, factor]`` per forward
@@ -74,6 +73,22 @@ class DinoBackbone(nn.Module):
             raise ConfigError(f"config key 'model.rope_rescale_coords' must be >= 1 or null, got {factor}")
         rope.rescale_coords = None if factor is None else float(factor)
         rope.aug_active = any(v is not None for v in (rope.shift_coords, rope.jitter_coords, rope.rescale_coords))
+
+    # ------------------------------------------------------------------ weights
+    def load_checked(self, state: Mapping[str, torch.Tensor], source: str,
+                     rope_periods: torch.Tensor | None = None) -> None:
+        """Strict load with a one-line ``UserError`` naming the first few missing/unexpected/mis-shaped keys,
+        then ``rope_periods`` if given (a non-persistent buffer no state dict carries; official values are
+        bf16-rounded, timm recomputes its own)."""
+        arch = self.arch
+        load_state_checked(self, state, source, f"{self.timm_name} (embed_dim={arch['embed_dim']}, "
+                                                f"depth={arch['depth']}, num_heads={arch['num_heads']}, "
+                                                f"patch_size={arch['patch_size']})")
+        rope = self.model.rope
+        if rope_periods is None or rope is None or rope_periods.shape != rope.periods.shape:
+            return
+        with torch.no_grad():
+            rope.periods.copy_(rope_periods.to(rope.periods.dtype))
 
     # ------------------------------------------------------------------ forward
     def _check_input(self, x: torch.Tensor) -> tuple[int, int]:
@@ -267,8 +282,9 @@ def _create(
 def build_backbone(cfg: Any, img_size: int = 224) -> DinoBackbone:
     """Build the backbone from a ``ModelConfig`` (and load ``cfg.pretrained`` if set).
 
-    ``pretrained`` ending in ``.safetensors`` is a dinocell export (:func:`save_backbone`); anything
-    else is an official DINOv3 ``.pth`` (:func:`load_official_weights`).
+    ``pretrained`` is a dinocell export folder (:mod:`dinocell.models.timm_export`), an old dinocell
+    ``.safetensors`` export (with its JSON sidecar), or else an official DINOv3 ``.pth``
+    (:func:`load_official_weights`).
     """
     bb = _create(
         cfg.name,
@@ -284,7 +300,11 @@ def build_backbone(cfg: Any, img_size: int = 224) -> DinoBackbone:
     if cfg.act_checkpointing:
         bb.model.set_grad_checkpointing(True)
     if cfg.pretrained:
-        if str(cfg.pretrained).endswith(".safetensors"):
+        from dinocell.models.timm_export import is_export_folder, load_folder_weights
+
+        if is_export_folder(cfg.pretrained):
+            load_folder_weights(bb, cfg.pretrained)
+        elif str(cfg.pretrained).endswith(".safetensors"):
             load_export_weights(bb, cfg.pretrained)
         else:
             load_official_weights(bb, cfg.pretrained)
@@ -292,26 +312,6 @@ def build_backbone(cfg: Any, img_size: int = 224) -> DinoBackbone:
 
 
 # ---------------------------------------------------------------------------------------- weights
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def _check_and_load(bb: DinoBackbone, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strict load with a one-line ``UserError`` naming the first few missing/unexpected/mis-shaped keys."""
-    arch = bb.arch
-    load_state_checked(bb, state, source, f"{bb.timm_name} (embed_dim={arch['embed_dim']}, depth={arch['depth']}, "
-                                          f"num_heads={arch['num_heads']}, patch_size={arch['patch_size']})")
-
-
-def _set_rope_periods(bb: DinoBackbone, periods: torch.Tensor | None) -> None:
-    rope = bb.model.rope
-    if periods is None or rope is None or periods.shape != rope.periods.shape:
-        return
-    with torch.no_grad():
-        rope.periods.copy_(periods.to(rope.periods.dtype))
 
 
 def _unwrap(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -381,41 +381,13 @@ def load_official_weights(backbone: DinoBackbone, path: str | os.PathLike[str]) 
     else:
         state["mask_token"] = backbone.mask_token.detach().clone()  # e.g. a fine-tuned release without it
         report["mask_token"] = "initialised (not in checkpoint)"
-    _check_and_load(backbone, state, source)
-    _set_rope_periods(backbone, periods)
+    backbone.load_checked(state, source, periods)
     return report
 
 
-# ---------------------------------------------------------------------------------------- export
-
-
-def save_backbone(
-    backbone: DinoBackbone, path: str | os.PathLike[str], sidecar: Mapping[str, Any] | None = None
-) -> Path:
-    """Export weights to ``path`` (safetensors) and ``<path>.json`` (architecture + ``sidecar``).
-
-    The JSON holds ``format``, ``format_version``, ``model`` (the architecture: timm name, in_chans,
-    patch_size, embed_dim, depth, num_heads, img_size) and the caller's ``sidecar`` entries at the
-    top level (e.g. channel names, scaling); the keys ``format``/``format_version``/``model`` are
-    reserved.  Both files are written to a temp name and then renamed.
-    """
-    from safetensors.torch import save_file
-
-    out = Path(path)
-    extra = dict(sidecar or {})
-    clash = {"format", "format_version", "model"} & set(extra)
-    if clash:
-        raise ValueError(f"sidecar keys {sorted(clash)} are reserved")
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in backbone.state_dict().items()}
-    if backbone.model.rope is not None:
-        tensors[_ROPE_PERIODS_KEY] = backbone.model.rope.periods.detach().to("cpu").float().clone()
-    meta = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "model": dict(backbone.arch), **extra}
-    text = json.dumps(meta, indent=2, default=str)  # fail before writing anything if not serialisable
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": EXPORT_FORMAT}),
-                 needed=payload_bytes(tensors))
-    write_text_atomic(Path(f"{out}.json"), text)
-    return out
+# ------------------------------------------------------------------- old exports (read only)
+# ``.safetensors`` + ``<file>.json`` sidecar, written by dinocell before the timm folder became the one
+# export format (:mod:`dinocell.models.timm_export`); still read, never written.
 
 
 def _read_export(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -430,27 +402,26 @@ def _read_export(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str
     try:
         meta = json.loads(side.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"sidecar {side} is not valid JSON ({_first_line(e)})") from None
+        raise UserError(f"sidecar {side} is not valid JSON ({first_line(e)})") from None
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT or not isinstance(meta.get("model"), dict):
         raise UserError(f"sidecar {side} is not a {EXPORT_FORMAT} description")
     try:
         tensors = load_file(str(p), device="cpu")
     except Exception as e:
-        raise UserError(f"cannot read {p} as safetensors: {_first_line(e)}") from None
+        raise UserError(f"cannot read {p} as safetensors: {first_line(e)}") from None
     return meta, tensors
 
 
 def load_export_weights(backbone: DinoBackbone, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Load a dinocell export's weights into an existing ``backbone`` (architectures must match)."""
+    """Load an old ``.safetensors`` export's weights into an existing ``backbone`` (architectures must match)."""
     meta, tensors = _read_export(path)
     periods = tensors.pop(_ROPE_PERIODS_KEY, None)
-    _check_and_load(backbone, tensors, str(path))
-    _set_rope_periods(backbone, periods)
+    backbone.load_checked(tensors, str(path), periods)
     return meta
 
 
 def load_export_backbone(path: str | os.PathLike[str]) -> DinoBackbone:
-    """Rebuild an exported backbone in eval mode; its sidecar dict is kept as ``.sidecar``.
+    """Rebuild an old ``.safetensors`` export in eval mode; its sidecar dict is kept as ``.sidecar``.
 
     The reader of one format: callers load models through :func:`dinocell.models.loading.load_model`."""
     meta, tensors = _read_export(path)
@@ -468,8 +439,7 @@ def load_export_backbone(path: str | os.PathLike[str]) -> DinoBackbone:
     except KeyError as e:
         raise UserError(f"sidecar of {path} lacks model key {e}") from None
     periods = tensors.pop(_ROPE_PERIODS_KEY, None)
-    _check_and_load(bb, tensors, str(path))
-    _set_rope_periods(bb, periods)
+    bb.load_checked(tensors, str(path), periods)
     bb.sidecar = meta
     return bb.eval()
 
@@ -486,5 +456,4 @@ __all__ = [
     "load_export_backbone",
     "load_export_weights",
     "load_official_weights",
-    "save_backbone",
 ]

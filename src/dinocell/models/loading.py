@@ -2,10 +2,11 @@
 
 Accepted, by what the path is:
 
-* a run folder: its newest ``export/*.safetensors``, else ``checkpoints/last.ckpt``;
+* a run folder: its newest export under ``export/``, else ``checkpoints/last.ckpt``;
 * a training checkpoint ``.ckpt`` (Lightning; the EMA teacher backbone by default);
-* a dinocell export ``.safetensors`` + its JSON sidecar (:func:`dinocell.models.backbone.save_backbone`);
-* a timm export folder (``config.json`` + ``model.safetensors``, :mod:`dinocell.models.timm_export`);
+* a dinocell export: a timm folder (``config.json`` + ``model.safetensors``,
+  :mod:`dinocell.models.timm_export`, what ``dinocell export`` writes), or an old ``.safetensors`` +
+  JSON sidecar (read only);
 * an official DINOv3 ``.pth`` (the architecture comes from the released file name, ``model_name``,
   or ``arch``);
 * nothing, with ``arch``: a randomly initialised backbone of that architecture.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -47,21 +47,19 @@ from dinocell.config import (
     config_from_dict,
     load_config,
 )
-from dinocell.errors import DataError, UserError
+from dinocell.errors import DataError, UserError, first_line
 from dinocell.models.backbone import (
     DinoBackbone,
-    _check_and_load,
-    _first_line,
     build_backbone,
     load_export_backbone,
 )
+from dinocell.models.timm_export import is_export_folder
 from dinocell.models.weights import load_weights_file
 from dinocell.runs import RunDir
 from dinocell.scaling import finish_field, fixed_ranges
 
 #: Where a training checkpoint keeps the EMA teacher's backbone (``meta.<which>.backbone.*``).
 TEACHER_PREFIX = "meta.teacher.backbone."
-TIMM_CONFIG = "config.json"
 
 #: Official DINOv3 release file stems -> timm architecture (``dinov3_vits16_pretrain_lvd1689m-....pth``).
 OFFICIAL_NAMES = {
@@ -177,7 +175,7 @@ class Preprocess:
                                    stain=copy.deepcopy(self.stain))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (export sidecars, timm ``pretrained_cfg``)."""
+        """JSON-ready (the export's ``pretrained_cfg`` notes)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -213,7 +211,7 @@ class LoadedModel:
     cfg: Config | None = None  # the training config when known (run folder, checkpoint)
     description: str = ""
     run_dir: Path | None = None
-    #: checkpoint | export | timm | official | random | given (built by the caller): whether
+    #: checkpoint | export | official | random | given (built by the caller): whether
     #: ``preprocess`` is what the weights were trained with, or a default (official release, random weights)
     kind: str = "given"
 
@@ -271,7 +269,7 @@ def load_checkpoint_model(path: str | os.PathLike[str], which: str = "teacher") 
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise UserError(f"{p} holds no {which} backbone weights ({prefix}*)")
-    _check_and_load(backbone, state, str(p))
+    backbone.load_checked(state, str(p))
     meta = ckpt.get("dinocell") or {}
     pre = preprocess_from_config(cfg, list(meta.get("channel_names") or cfg.data.channels or []))
     run = RunDir.of_file(p)
@@ -287,54 +285,64 @@ def _export_preprocess(side: dict[str, Any], bb: DinoBackbone) -> Preprocess:
                                  "scaling": side.get("scaling"), "channel_names": side.get("channel_names")})
 
 
-def load_export_model(path: str | os.PathLike[str]) -> LoadedModel:
-    """A dinocell export (``.safetensors`` + JSON sidecar); the run's config too when it sits in ``<run>/export``.
-
-    A sidecar older than the ``stain`` / ``illum`` entries takes them from that config when there is one."""
-    bb = load_export_backbone(path)
-    side = dict(bb.sidecar or {})
-    pre = _export_preprocess(side, bb)
-    p = Path(path)
-    run = RunDir.of_file(p)
-    run_dir = run.root if run is not None else None
+def _with_run(pre: Preprocess, written: dict[str, Any], path: Path) -> tuple[Config | None, Path | None]:
+    """The run's config and folder when the export sits in ``<run>/export``; an export written before the
+    ``stain`` / ``illum`` entries takes them from that config."""
+    run = RunDir.of_file(path)
+    if run is None:
+        return None, None
     cfg = None
-    if run is not None and run.config.is_file():
+    if run.config.is_file():
         cfg = load_config(run.config)
         cfg.model.pretrained = None
-        written = side.get("preprocess") if isinstance(side.get("preprocess"), dict) else {}
         if "stain" not in written:
             pre.stain = copy.deepcopy(cfg.data.stain)
         if "illum" not in written:
             pre.illum = str(cfg.data.illum)
+    return cfg, run.root
+
+
+def load_export_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """An old dinocell export (``.safetensors`` + JSON sidecar; read only); the run's config too when it
+    sits in ``<run>/export``."""
+    bb = load_export_backbone(path)
+    side = dict(bb.sidecar or {})
+    pre = _export_preprocess(side, bb)
+    p = Path(path)
+    written = side.get("preprocess") if isinstance(side.get("preprocess"), dict) else {}
+    cfg, run_dir = _with_run(pre, written, p)
     return LoadedModel(bb, pre, cfg, f"export {p}", run_dir, kind="export")
 
 
 def load_timm_folder(path: str | os.PathLike[str]) -> LoadedModel:
-    """A folder written by ``dinocell export --format timm``, rebuilt by timm's own ``local-dir:`` loader."""
+    """An export folder (``dinocell export``), rebuilt by timm's own ``local-dir:`` loader, plus the mask
+    token and RoPE periods of ``dinocell.safetensors``; the run's config too when it sits in ``<run>/export``."""
     import timm
 
-    from dinocell.models.timm_export import read_preprocess_note
+    from dinocell.models.timm_export import CONFIG, load_into, read_config, read_extra, read_preprocess_note
 
     p = Path(path)
-    try:
-        conf = json.loads((p / TIMM_CONFIG).read_text())
-        name, args = str(conf["architecture"]), dict(conf.get("model_args") or {})
-        pre_d = read_preprocess_note(conf.get("pretrained_cfg") or {})
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise UserError(f"{p / TIMM_CONFIG} is not a timm model config ({type(e).__name__}: {e})") from None
+    conf = read_config(p)
+    name, args = str(conf["architecture"]), dict(conf.get("model_args") or {})
+    pre_d = read_preprocess_note(conf.get("pretrained_cfg") or {})
     if pre_d is None:
-        raise UserError(f"{p / TIMM_CONFIG} carries no dinocell preprocessing (not written by dinocell export)")
+        raise UserError(f"{p / CONFIG} carries no dinocell preprocessing (not written by dinocell export)")
     try:
         model = timm.create_model(f"local-dir:{p}", pretrained=True)
     except (RuntimeError, OSError, ValueError) as e:
-        raise UserError(f"timm cannot load {p}: {_first_line(e)}") from None
+        raise UserError(f"timm cannot load {p}: {first_line(e)}") from None
     img = args.get("img_size", 224)
     arch = {"timm_name": name, "in_chans": int(model.patch_embed.proj.in_channels),
             "patch_size": int(model.patch_embed.patch_size[0]), "embed_dim": int(model.embed_dim),
             "depth": len(model.blocks), "num_heads": int(model.blocks[0].attn.num_heads),
             "img_size": int(img[0] if isinstance(img, (list, tuple)) else img)}
-    bb = DinoBackbone(model, name, arch)  # inference-only export: the mask token stays at its zero init
-    return LoadedModel(bb.eval(), Preprocess.from_dict(pre_d), None, f"timm export {p}", None, kind="timm")
+    bb = DinoBackbone(model, name, arch)
+    # timm loaded the weights; the mask token and RoPE periods it does not know come from dinocell.safetensors
+    # (a folder without it: zero mask token, timm's periods)
+    load_into(bb, dict(model.state_dict()), read_extra(p), str(p))
+    pre = Preprocess.from_dict(pre_d)
+    cfg, run_dir = _with_run(pre, pre_d, p)
+    return LoadedModel(bb.eval(), pre, cfg, f"export {p}", run_dir, kind="export")
 
 
 def official_model_name(path: str | os.PathLike[str]) -> str | None:
@@ -403,17 +411,17 @@ def load_model(path: str | os.PathLike[str] | None, model_name: str | None = Non
         return m
     p = Path(path)
     if p.is_dir():
-        if (p / TIMM_CONFIG).is_file():
+        if is_export_folder(p):
             m = load_timm_folder(p)
         else:
             run = RunDir(p)
             exports = run.exports()
             if exports and which == "teacher":
-                m = load_export_model(exports[-1])
+                m = load_timm_folder(exports[-1]) if exports[-1].is_dir() else load_export_model(exports[-1])
             elif run.last_checkpoint.is_file():
                 m = load_checkpoint_model(run.last_checkpoint, which)
             else:
-                raise UserError(f"{p} has neither {run.export_dir.name}/*.safetensors nor "
+                raise UserError(f"{p} has neither an export in {run.export_dir.name}/ nor "
                                 f"{run.last_checkpoint.relative_to(p)}")
     elif not p.exists():
         raise UserError(f"model not found: {p}")
@@ -425,8 +433,8 @@ def load_model(path: str | os.PathLike[str] | None, model_name: str | None = Non
         official_arch = arch_config(arch)[0] if arch is not None else None
         m = load_official_model(p, model_name, arch=official_arch, img_size=int(img_size or 224))
     else:
-        raise UserError(f"cannot tell what {p} is: give a run folder, a .ckpt, a .safetensors export, "
-                        "a timm export folder or an official DINOv3 .pth")
+        raise UserError(f"cannot tell what {p} is: give a run folder, a .ckpt, an export folder (or an old "
+                        ".safetensors export) or an official DINOv3 .pth")
     if device is not None:
         m.backbone.to(device)
     return m

@@ -19,7 +19,7 @@ def register(sub: Any) -> None:
     fit.add_argument("--config", default=None, help="segmentation YAML (configs/segment_synthetic.yaml)")
     fit.add_argument("--output-dir", required=True, help="run folder")
     fit.add_argument("--backbone", default=None,
-                     help="exported .safetensors, official DINOv3 .pth or pretraining run folder (default: "
+                     help="export folder (dinocell export), official DINOv3 .pth or pretraining run folder (default: "
                           "model.backbone; none = random init)")
     fit.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     fit.add_argument("--max-steps", type=int, default=None,

@@ -20,7 +20,7 @@ from dinocell.errors import ConfigError
 class SegModelConfig:
     """Backbone source and the decoder on top of it."""
 
-    backbone: str | None = None  # exported .safetensors | official DINOv3 .pth | pretraining run folder | None
+    backbone: str | None = None  # export folder | official DINOv3 .pth | pretraining run folder | None
     arch: ModelConfig = field(default_factory=ModelConfig)  # random init / official .pth architecture
     mode: str = "frozen"  # frozen | finetune
     blocks: int = 1  # the last N backbone blocks feed the neck (timm forward_intermediates)

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from dinocell.config import add_config_arguments, config_from_args
-from dinocell.paths import check_output_dir, check_output_file, refuse_segmentation_run
+from dinocell.paths import check_output_dir, refuse_segmentation_run
 
 
 def register(sub: Any) -> None:
@@ -18,13 +18,13 @@ def register(sub: Any) -> None:
     add_config_arguments(p)
     p.set_defaults(func=_pretrain)
 
-    e = sub.add_parser("export", help="write the teacher backbone as .safetensors + JSON sidecar, or a timm folder")
+    e = sub.add_parser("export", help="write the teacher backbone as a model folder (config.json + model.safetensors) "
+                                      "that dinocell.load_model and timm.create_model('local-dir:OUT', pretrained=True) load")
     e.add_argument("run_dir", help="run folder (or a .ckpt file)")
-    e.add_argument("--out", required=True,
-                   help="output .safetensors path (--format safetensors) or folder (--format timm)")
-    e.add_argument("--format", default="safetensors", choices=("safetensors", "timm"),
-                   help="safetensors + JSON sidecar for dinocell.load_backbone (default), or config.json + "
-                        "model.safetensors for timm.create_model('local-dir:OUT', pretrained=True)")
+    e.add_argument("--out", required=True, help="output folder (created; an earlier export there is replaced)")
+    # the one format since the .safetensors + sidecar export was retired: `--format timm` of older
+    # scripts still works, `--format safetensors` is one line
+    e.add_argument("--format", default="timm", help=argparse.SUPPRESS)
     e.set_defaults(func=_export)
 
 
@@ -48,17 +48,14 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from dinocell.train.export import export_run
+    from dinocell.errors import UserError
+    from dinocell.train.export import check_export_out, export_run
 
+    if args.format != "timm":
+        raise UserError(f"--format {args.format}: dinocell export writes one format now, a timm model folder "
+                        "(config.json + model.safetensors); drop --format")
     refuse_segmentation_run(args.run_dir, "dinocell export")
-
-    if args.format == "timm":
-        check_output_dir(args.out)
-    else:
-        check_output_file(args.out)
-    path = export_run(args.run_dir, args.out, fmt=args.format)
-    if args.format == "timm":
-        print(f"wrote {path}/config.json and {path}/model.safetensors")
-    else:
-        print(f"wrote {path} and {path}.json")
+    check_output_dir(check_export_out(args.out))
+    path = export_run(args.run_dir, args.out)
+    print(f"wrote {path}/ (config.json, model.safetensors, dinocell.safetensors)")
     return 0

@@ -1,10 +1,11 @@
-"""``dinocell export``: a run's teacher backbone as a standalone model.
+"""``dinocell export``: a run's teacher backbone as a standalone model folder.
 
-Two formats: ``safetensors`` (default) writes ``FILE.safetensors`` + ``FILE.safetensors.json`` for
-:func:`dinocell.load_backbone` / :func:`dinocell.load_model`; ``timm`` writes a folder with
-``config.json`` + ``model.safetensors`` that ``timm.create_model("local-dir:DIR", pretrained=True)``
-loads without dinocell (and that can be pushed to the Hugging Face Hub as is).  Both carry the
-preprocessing the backbone was trained with.
+One format (:mod:`dinocell.models.timm_export`): ``OUT/config.json`` + ``OUT/model.safetensors`` (+
+``OUT/dinocell.safetensors``), which ``dinocell.load_model(OUT)`` and, without dinocell,
+``timm.create_model("local-dir:OUT", pretrained=True)`` load (and which can be pushed to the Hugging Face
+Hub as is).  It carries the preprocessing the backbone was trained with and the code that made it.
+Old ``.safetensors`` + JSON sidecar exports are still read, no longer written: an ``OUT`` ending in
+``.safetensors`` is refused with one line rather than quietly becoming a folder of that name.
 """
 
 from __future__ import annotations
@@ -14,20 +15,24 @@ from pathlib import Path
 
 from dinocell.errors import UserError
 from dinocell.paths import ensure_free_space, payload_bytes
-from dinocell.provenance import provenance
 from dinocell.runs import RunDir
 
-FORMATS = ("safetensors", "timm")
+
+def check_export_out(out: str | os.PathLike[str]) -> Path:
+    """``out`` as an export folder: one line for a path in the old single-file format (``.safetensors``)."""
+    target = Path(out)
+    if target.suffix == ".safetensors":
+        raise UserError(f"--out {target}: dinocell export writes a folder now (config.json + model.safetensors, "
+                        f"loadable by timm); give a folder, e.g. --out {target.with_suffix('')}")
+    return target
 
 
-def export_run(run_or_ckpt: str | os.PathLike[str], out: str | os.PathLike[str], fmt: str = "safetensors") -> Path:
-    """Write the teacher backbone of a run folder or ``.ckpt`` to ``out`` in format ``fmt``."""
-    from dinocell.models.backbone import save_backbone
+def export_run(run_or_ckpt: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
+    """Write the teacher backbone of a run folder or ``.ckpt`` to the export folder ``out``."""
     from dinocell.models.loading import load_checkpoint_model
-    from dinocell.models.timm_export import save_timm
+    from dinocell.models.timm_export import WEIGHTS, save_timm
 
-    if fmt not in FORMATS:
-        raise UserError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    target = check_export_out(out)  # before loading anything
     p = Path(run_or_ckpt)
     ckpt = RunDir(p).last_checkpoint if p.is_dir() else p
     if p.is_dir() and not ckpt.is_file():
@@ -35,11 +40,5 @@ def export_run(run_or_ckpt: str | os.PathLike[str], out: str | os.PathLike[str],
     m = load_checkpoint_model(ckpt)
     # a full disk found before writing: one line, nothing half-written (failures later are caught by
     # the CLI, whose message names the file)
-    target = Path(out) / "model.safetensors" if fmt == "timm" else Path(out)
-    ensure_free_space(target, payload_bytes(m.backbone.state_dict()))
-    if fmt == "timm":
-        return save_timm(m.backbone, out, m.preprocess)
-    pre = m.preprocess
-    sidecar = {"preprocess": pre.to_dict(), "channel_names": pre.channel_names, "source_run": str(run_or_ckpt),
-               **provenance()}
-    return Path(save_backbone(m.backbone, out, sidecar))
+    ensure_free_space(target / WEIGHTS, payload_bytes(m.backbone.state_dict()))
+    return save_timm(m.backbone, target, m.preprocess)

@@ -60,7 +60,7 @@ def extraction_model(spec: ModelSpec, img_size: int = 224, device: str | None = 
             if not path.exists():
                 raise DataError(f"--{'backbone' if spec.backbone else 'weights'} not found: {path}")
             loaded = load_model(path, model_name=spec.model_name)
-            kind = {"timm": "export", "given": "export"}.get(loaded.kind, loaded.kind)
+            kind = {"given": "export"}.get(loaded.kind, loaded.kind)
             info = {"source": kind, "path": str(path), "description": loaded.description}
         else:
             mcfg = ModelConfig(name=spec.model_name, in_chans=1) if spec.model_name else ModelConfig(**TINY_MODEL)
