@@ -300,3 +300,28 @@ def test_write_text_atomic_on_a_really_full_disk(tiny_tmpfs: Path) -> None:
     with pytest.raises(DiskFullError, match=r"summary.json: it needs 200.0 kB"):
         write_text_atomic(target, "x" * 200_000)
     assert target.read_text() == "small and complete" and [p.name for p in tiny_tmpfs.iterdir()] == ["summary.json"]
+
+
+def test_write_folder_atomic_publishes_a_whole_tree_or_nothing(tmp_path: Path) -> None:
+    from dinocell.paths import DiskFullError, write_folder_atomic
+
+    out = tmp_path / "dataset"
+
+    def fill(tag: str):
+        def write(tmp: Path) -> None:
+            (tmp / "vol.zarr").mkdir(parents=True)
+            (tmp / "vol.zarr" / "chunk").write_text(tag)
+            (tmp / "manifest.yaml").write_text(tag)
+        return write
+
+    def broken(tmp: Path) -> None:
+        (tmp / "vol.zarr").mkdir(parents=True)
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(DiskFullError, match="no space left"):
+        write_folder_atomic(out, broken)
+    assert list(tmp_path.iterdir()) == []  # no half tree, no temp folder
+    assert write_folder_atomic(out, fill("first")) == out
+    assert (out / "manifest.yaml").read_text() == "first" and (out / "vol.zarr" / "chunk").read_text() == "first"
+    write_folder_atomic(out, fill("second"))  # another process finished first: its complete copy is kept
+    assert (out / "manifest.yaml").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["dataset"]

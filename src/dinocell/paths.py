@@ -4,8 +4,9 @@ A shared leaf (like :mod:`dinocell.config` and :mod:`dinocell.errors`): every la
 Without these checks a user finds out after minutes of work, from a traceback, that the output folder
 is an existing file, that the disk location is read-only, or that ``--out`` names a folder.
 
-It also holds the one atomic writer (:func:`write_atomic`, :func:`write_text_atomic`, and
-:func:`write_files_atomic` for a writer that fills a folder): temp file + rename, and a full disk (``ENOSPC``, or torch's / safetensors' wrapped versions of it) becomes one
+It also holds the one atomic writer (:func:`write_atomic`, :func:`write_text_atomic`,
+:func:`write_files_atomic` for a writer that fills a folder with named files, and
+:func:`write_folder_atomic` for a whole tree published at once): temp file + rename, and a full disk (``ENOSPC``, or torch's / safetensors' wrapped versions of it) becomes one
 :class:`DiskFullError` line naming the file and the bytes it needs, with the temp file removed and the
 last complete file untouched.
 """
@@ -227,6 +228,36 @@ def write_files_atomic(folder: str | os.PathLike[str], write: Callable[[Path], o
         write(tmp)
         for name in names:
             os.replace(tmp / name, out / name)
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full_error(out, None, e) from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def write_folder_atomic(folder: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp_dir)`` for a writer that fills a whole tree (a generated dataset of zarr containers
+    and a manifest), then rename the finished tree to ``folder`` in one step: readers see no folder or a
+    complete one, never a half-written tree (:func:`write_files_atomic` moves named files one by one,
+    which a killed run could leave half done with stale folders in the way of the next run).
+
+    The temp folder is the sibling ``.<name>.<pid>.<thread>.tmp`` (same disk, hidden) and is removed
+    whatever happens.  When ``folder`` already exists at the rename (another process finished first),
+    its copy is kept and ours dropped: the first complete copy wins.  A full disk is one
+    :class:`DiskFullError` line."""
+    out = Path(folder)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not out.is_dir():
+                raise
     except Exception as e:
         if is_disk_full(e):
             raise disk_full_error(out, None, e) from None

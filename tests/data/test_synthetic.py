@@ -410,3 +410,25 @@ def test_data_synth_cli_writes_masks(tmp_path: Path) -> None:
     assert main(["data", "synth", "--out", str(tmp_path), "--fields", "1", "--size", "32"]) == 0
     assert len(list(tmp_path.rglob("*_nuclei_masks.tif"))) == 1
     assert len(list(tmp_path.rglob("*_cells_masks.tif"))) == 1
+
+
+def test_write_jump_folder_writes_through_the_one_atomic_writer(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from dinocell.paths import DiskFullError
+
+    out = tmp_path / "jump"
+    paths = write_jump_folder(out, n_fields=2, size=32, masks=True)
+    table = (out / "load_data.csv").read_bytes()
+    assert table.count(b"\r\n") == 3 and table.startswith(b"Metadata_Plate,")  # csv's line ends, header + 2 rows
+    first = {p: p.read_bytes() for p in out.rglob("*.tif*")}
+
+    def full_disk(path: object, *args: object, **kwargs: object) -> None:
+        Path(str(path)).write_bytes(b"half a tiff")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tifffile, "imwrite", full_disk)
+    with pytest.raises(DiskFullError, match=r"no space left on the disk to write .*\.tif"):
+        write_jump_folder(out, n_fields=2, size=32, seed=1, masks=True)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # hidden temp names included
+    assert (out / "load_data.csv").read_bytes() == table  # the earlier complete folder is untouched
+    assert {p: p.read_bytes() for p in out.rglob("*.tif*")} == first and len(first) == len(paths) + 4

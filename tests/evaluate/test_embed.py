@@ -86,6 +86,26 @@ def test_write_profiles_fp16_atomic(tmp_path: Path) -> None:
         T.write_profiles(df, tmp_path / "q.parquet", dtype="int8")
 
 
+def test_profiles_record_the_code_in_parquet_metadata_and_read_back_unchanged(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from dinocell.provenance import provenance
+
+    metas = [{"Metadata_Plate": "P", "Metadata_Well": w, "Metadata_Site": "1", "Metadata_FieldIndex": i}
+             for i, w in enumerate(("A01", "B02"))]
+    df = T.profiles_frame(metas, np.array([[0.1, 2.5], [-1.0, 3.0]]))
+    out = T.write_profiles(df, tmp_path / "p.parquet")
+    assert T.profile_provenance(out) == provenance()  # {"dinocell_version", "git_commit"} under b"dinocell"
+    meta = pq.read_schema(out).metadata
+    assert b"pandas" in meta  # pandas' own key kept: the frame reads back as pandas wrote it before
+    back = pd.read_parquet(out)
+    pd.testing.assert_frame_equal(back, df.astype({"Cells_dinocell_0": np.float32, "Cells_dinocell_1": np.float32}))
+    plain = tmp_path / "plain.parquet"  # a file written the old way: same columns and dtypes, no record
+    df.astype({"Cells_dinocell_0": np.float32, "Cells_dinocell_1": np.float32}).to_parquet(plain, index=False)
+    assert pq.read_schema(plain).remove_metadata().equals(pq.read_schema(out).remove_metadata())
+    assert T.profile_provenance(plain) is None
+
+
 def test_run_embed_from_export(export_path: Path, tmp_path: Path) -> None:
     from dinocell.models.loading import load_model
 
@@ -95,6 +115,8 @@ def test_run_embed_from_export(export_path: Path, tmp_path: Path) -> None:
     assert info["fields"] == 8 and len(fields) == 8 and info["tile"] == 32 and info["geometry"] == "tiles"
     assert info["features"] == 5 * 32 and fields.filter(like="Cells_dinocell_").shape[1] == 160
     assert info["git_commit"] and info["dinocell_version"]  # profiles say which code made them
+    for name in ("fields.parquet", "wells.parquet"):  # ... inside the Parquet files too
+        assert T.profile_provenance(tmp_path / "prof" / name) == {k: info[k] for k in ("dinocell_version", "git_commit")}
     for col in ("Metadata_Plate", "Metadata_Well", "Metadata_Site", "Metadata_Label", "Metadata_Control",
                 "Metadata_FieldIndex"):
         assert col in fields.columns

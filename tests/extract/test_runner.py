@@ -49,6 +49,9 @@ def test_serial_run_is_idempotent(tmp_path, synthetic_manifest, make_cfg):
     assert [volume_paths(tmp_path, i)["metadata"].stat().st_mtime_ns for i in (0, 1)] == stamps
     record = json.loads((tmp_path / "extraction_run.json").read_text())
     assert record["requested"] == [0, 1, 2] and len(record["runs"]) == 2
+    from dinocell.provenance import provenance
+
+    assert all({k: r[k] for k in ("dinocell_version", "git_commit")} == provenance() for r in record["runs"])
 
 
 def test_local_dask_cluster_then_check(tmp_path, synthetic_manifest, make_cfg):

@@ -77,4 +77,58 @@ def test_default_dataset_is_generated_once(tmp_path):
     m2 = ensure_default_synthetic(tmp_path, output_image_dim=16, n_volumes=1)
     assert m1 == m2 and m2.stat().st_mtime_ns == stamp
     assert synthetic_edge_for(16) == 24 and m1.parent.name == "synthetic_source_e24"
-    assert not list(tmp_path.glob(".synthetic_tmp_*"))
+    assert [p.name for p in tmp_path.iterdir()] == ["synthetic_source_e24"]  # no temp folder left
+
+
+def test_default_dataset_appears_whole_and_a_finished_copy_wins(tmp_path, monkeypatch):
+    import dinocell.extract.synthetic_volumes as S
+    from dinocell.errors import DataError
+
+    real = S.write_synthetic_dataset
+    seen = []
+
+    def killed(out, **kwargs):  # the process dies half way: the volumes written, no manifest yet
+        seen.append(out)
+        real(out, **kwargs)
+        (out / "manifest.yaml").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "write_synthetic_dataset", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_default_synthetic(tmp_path, output_image_dim=16, n_volumes=1)
+    assert seen[0].parent == tmp_path and seen[0].name.startswith(".synthetic_source_e24.")  # a hidden sibling
+    assert list(tmp_path.iterdir()) == []  # no half-written dataset where readers look, no temp folder
+
+    def slower(out, **kwargs):  # another process publishes its complete copy while this one writes
+        real(out, **kwargs)
+        real(tmp_path / "synthetic_source_e24", **kwargs)
+        (tmp_path / "synthetic_source_e24" / "theirs").write_text("")
+
+    monkeypatch.setattr(S, "write_synthetic_dataset", slower)
+    m = ensure_default_synthetic(tmp_path, output_image_dim=16, n_volumes=1)
+    assert m.is_file() and (m.parent / "theirs").is_file() and len(list(tmp_path.iterdir())) == 1
+    monkeypatch.setattr(S, "write_synthetic_dataset", real)
+    stray = tmp_path / "other"
+    (stray / "synthetic_source_e24" / "junk").mkdir(parents=True)  # a folder not made by us: say so in one line
+    with pytest.raises(DataError, match="exists but has no manifest.yaml"):
+        ensure_default_synthetic(stray, output_image_dim=16, n_volumes=1)
+
+
+def test_tiff_volumes_are_written_atomically(tmp_path, monkeypatch):
+    import tifffile
+
+    from dinocell.paths import DiskFullError
+
+    m = write_synthetic_dataset(tmp_path, n_volumes=1, shape=(16, 16, 16), fmt="tiff")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert "vol_000_raw.tif" in before and m.name in before
+
+    def full_disk(path, *args, **kwargs):
+        with open(path, "wb") as fh:
+            fh.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tifffile, "imwrite", full_disk)
+    with pytest.raises(DiskFullError, match="vol_000_raw.tif"):
+        write_synthetic_dataset(tmp_path, n_volumes=1, shape=(16, 16, 16), seed=1, fmt="tiff")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # old stack whole, no temp file

@@ -247,6 +247,9 @@ def test_extract_volume_outputs(extracted_dir):
     assert meta["storage"]["total_gb"] > 0
     assert 0 < meta["statistics"]["valid_gt_fraction"] < 1
     assert meta["statistics"]["classes"] == ["nucleus", "mito", "vesicle"]
+    from dinocell.provenance import provenance
+
+    assert {k: meta[k] for k in ("dinocell_version", "git_commit")} == provenance()  # the code that made it
     zarr = json.loads((extracted_dir / "volume_000001_features.zarr" / "zarr.json").read_text())
     assert zarr["chunk_grid"]["configuration"]["chunk_shape"] == [16, 16, 16, 16]
     assert [c["name"] for c in zarr["codecs"]] == ["bytes", "zstd"]

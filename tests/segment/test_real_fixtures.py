@@ -60,3 +60,39 @@ def test_dsb2018(dsb2018_nuclei: Path) -> None:
 def test_missing_fixture_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="fixture folder not found"):
         load_dsb2018(tmp_path / "nowhere")
+
+
+def test_fixture_files_go_through_the_one_image_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tifffile
+
+    import dinocell.data.decode as D
+
+    folder = tmp_path / "dsb2018_nuclei"
+    folder.mkdir()
+    image = (np.arange(32 * 32) % 4000).astype(np.uint16).reshape(32, 32)
+    labels = np.zeros((32, 32), np.uint16)
+    labels[4:12, 4:12], labels[20:28, 18:30] = 1, 2
+    tifffile.imwrite(folder / "img2d.tif", image)
+    tifffile.imwrite(folder / "mask2d.tif", labels)
+    read: list[str] = []
+    real = D.decode_image
+
+    def spy(src, *args, **kwargs):
+        read.append(Path(src).name)
+        return real(src, *args, **kwargs)
+
+    monkeypatch.setattr(D, "decode_image", spy)
+    import dinocell.segment.fixtures as F
+
+    monkeypatch.setattr(F, "decode_image", spy)  # the name fixtures imported
+    got_image, got_labels = load_dsb2018(tmp_path)
+    assert sorted(read) == ["img2d.tif", "mask2d.tif"]  # image and mask: one reader
+    np.testing.assert_array_equal(got_labels, labels.astype(np.int32))
+    assert got_labels.dtype == np.int32 and got_image.shape == (32, 32)
+    (folder / "mask2d.tif").write_bytes(b"II*\x00 not a tiff")
+    with pytest.raises(DataError, match=r"^cannot decode fixture file .*mask2d\.tif: ") as e:
+        load_dsb2018(tmp_path)
+    assert "\n" not in str(e.value)
+    (folder / "mask2d.tif").unlink()
+    with pytest.raises(DataError, match=r"^fixture file not found: .*mask2d\.tif$"):
+        load_dsb2018(tmp_path)

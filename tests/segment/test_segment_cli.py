@@ -38,6 +38,21 @@ def test_fit_writes_checkpoint_config_and_summary(run: Path) -> None:
     assert "dinocell_segment" in ckpt
 
 
+def test_fit_records_the_code_that_made_it(run: Path) -> None:
+    """config.yaml's header comments and summary.json name the dinocell version and git commit, as
+    pretrain's do; the config stays a strict segment config that reloads."""
+    from dinocell.config import config_record
+    from dinocell.provenance import provenance
+    from dinocell.segment.config import load_segment_config
+
+    want = provenance()
+    assert config_record(run / "config.yaml") == want
+    assert (run / "config.yaml").read_text().startswith(f'# dinocell_version: "{want["dinocell_version"]}"\n')
+    summary = json.loads((run / "summary.json").read_text())
+    assert {k: summary[k] for k in want} == want
+    assert load_segment_config(run / "config.yaml").task.objects == "nuclei"
+
+
 def test_fit_records_scale_and_holdout(run: Path) -> None:
     """auto scale: the chosen scale is in config.yaml and summary.json and predict reuses it; the
     measured diameter is a run output (summary.json only); data.holdout wells are not trained on and

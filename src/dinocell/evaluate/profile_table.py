@@ -6,6 +6,7 @@ columns first (plate, well, site, then the rest sorted), then the features.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,10 @@ import pandas as pd
 from dinocell.errors import UserError
 from dinocell.evaluate.profiling import feature_columns, feature_name, metadata_columns
 from dinocell.paths import write_atomic
+from dinocell.provenance import provenance
+
+#: Parquet schema-metadata key of the code that made a profile table (JSON of dinocell.provenance.provenance)
+PROVENANCE_KEY = b"dinocell"
 
 DTYPES = {"fp32": np.float32, "float32": np.float32, "fp16": np.float16, "float16": np.float16}
 
@@ -40,14 +45,33 @@ def profiles_frame(metas: Sequence[dict[str, Any]], vectors: np.ndarray) -> pd.D
 
 
 def write_profiles(df: pd.DataFrame, path: str | os.PathLike[str], dtype: str = "fp32") -> Path:
-    """Write a profile table as Parquet (features in fp16/fp32) atomically."""
+    """Write a profile table as Parquet (features in fp16/fp32) atomically.
+
+    The file's schema metadata also says which code made it (:data:`PROVENANCE_KEY`: the JSON of
+    :func:`dinocell.provenance.provenance`), beside pandas' own key: the columns and what
+    ``pd.read_parquet`` / pycytominer read are unchanged, yet a profile copied away from its run folder
+    still names its dinocell version and commit (:func:`profile_provenance`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype '{dtype}'; choose fp32 or fp16")
     out = Path(path)
     feat_cols = feature_columns(df)
-    table = df.copy()
-    table[feat_cols] = table[feat_cols].astype(DTYPES[dtype])
-    return write_atomic(out, lambda tmp: table.to_parquet(tmp, index=False))
+    frame = df.copy()
+    frame[feat_cols] = frame[feat_cols].astype(DTYPES[dtype])
+    table = pa.Table.from_pandas(frame, preserve_index=False)  # what DataFrame.to_parquet(index=False) writes
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           PROVENANCE_KEY: json.dumps(provenance(), sort_keys=True).encode()})
+    return write_atomic(out, lambda tmp: pq.write_table(table, str(tmp)))
 
 
-__all__ = ["DTYPES", "INDEX_COLUMNS", "profiles_frame", "write_profiles"]
+def profile_provenance(path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """The ``{"dinocell_version", "git_commit"}`` a profile Parquet file records, or None (older files)."""
+    import pyarrow.parquet as pq
+
+    raw = (pq.read_schema(path).metadata or {}).get(PROVENANCE_KEY)
+    return json.loads(raw) if raw else None
+
+
+__all__ = ["DTYPES", "INDEX_COLUMNS", "PROVENANCE_KEY", "profile_provenance", "profiles_frame", "write_profiles"]

@@ -31,6 +31,7 @@ from dinocell.extract.volumes.config import ExtractionConfig, RandomInitWarning,
 from dinocell.extract.volumes.pipeline import extract_volume
 from dinocell.extract.volumes.store import quick_verify, volume_paths, write_json_atomic
 from dinocell.paths import write_text_atomic
+from dinocell.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def _update_run_record(cfg: ExtractionConfig, indices: list[int], opts: ClusterO
     record["requested"] = sorted(set(record.get("requested", [])) | set(indices))
     runs = record.get("runs", [])
     runs.append({"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "host": socket.gethostname(), "cluster": opts.cluster, "n_indices": len(indices),
+                 "host": socket.gethostname(), **provenance(), "cluster": opts.cluster, "n_indices": len(indices),
                  "first_index": min(indices), "last_index": max(indices), "config": cfg.to_dict()})
     record["runs"] = runs[-20:]
     write_json_atomic(path, record)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from dinocell.paths import write_text_atomic
+from dinocell.errors import DataError
+from dinocell.paths import write_atomic, write_folder_atomic, write_text_atomic
 
 #: Organelle classes of the synthetic volumes, in painting order.
 SYNTH_CLASSES = ("nucleus", "mito", "vesicle")
@@ -140,8 +140,7 @@ def _downsample(arr: np.ndarray, factor: int, is_label: bool) -> np.ndarray:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def _ts_write(spec: dict[str, Any], data: np.ndarray) -> None:
@@ -209,9 +208,8 @@ def write_multiscale(path: str | os.PathLike[str], data: np.ndarray, fmt: str = 
     if fmt == "tiff":
         import tifffile
 
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tifffile.imwrite(root, data, compression="zlib", photometric="minisblack")
-        return root
+        return write_atomic(root, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib",
+                                                               photometric="minisblack"), needed=data.nbytes)
     if root.exists():
         shutil.rmtree(root)
     levels = []
@@ -311,17 +309,8 @@ def ensure_default_synthetic(output_dir: str | os.PathLike[str], output_image_di
     manifest = root / "manifest.yaml"
     if manifest.is_file():
         return manifest
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".synthetic_tmp_", dir=root.parent))
-    try:
-        write_synthetic_dataset(tmp, n_volumes=n_volumes, shape=(edge, edge, edge), seed=seed,
-                                fmt="zarr3", label_fraction_box=0.75)
-        try:
-            os.replace(tmp, root)
-        except OSError:  # another process finished first: use its copy
-            if not manifest.is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    write_folder_atomic(root, lambda tmp: write_synthetic_dataset(
+        tmp, n_volumes=n_volumes, shape=(edge, edge, edge), seed=seed, fmt="zarr3", label_fraction_box=0.75))
+    if not manifest.is_file():  # the folder was there already (not made here): do not guess what it holds
+        raise DataError(f"{root} exists but has no manifest.yaml; remove it to regenerate the synthetic volumes")
     return manifest

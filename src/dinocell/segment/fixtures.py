@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinocell.data.decode import read_image
+from dinocell.data.decode import decode_image, read_image
 from dinocell.errors import DataError
 from dinocell.segment.outlines import labels_from_outlines
 
@@ -25,6 +25,8 @@ DSB2018 = "dsb2018_nuclei"
 #: the pediatric atlas's Phenix channel numbers (its README; no index file ships with the site)
 PEDIATRIC_CHANNELS = {1: "Brightfield", 2: "ER", 3: "AGP", 4: "Mito", 5: "DNA", 6: "RNA"}
 PEDIATRIC_FIELD = "r03c03f03p01"
+#: what a missing or undecodable file is called in the one-line error of the one image reader
+FILE = "fixture file"
 
 
 def _folder(root: str | os.PathLike[str], name: str) -> Path:
@@ -36,17 +38,6 @@ def _folder(root: str | os.PathLike[str], name: str) -> Path:
     return p
 
 
-def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
-
-    if not path.is_file():
-        raise DataError(f"fixture file not found: {path}")
-    try:
-        return np.asarray(tifffile.imread(path))
-    except Exception as e:  # noqa: BLE001 - any decoder failure is one line
-        raise DataError(f"cannot decode {path}: {type(e).__name__}: {e}") from None
-
-
 def load_pediatric_site(root: str | os.PathLike[str],
                         ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """(images ``{channel: (H, W) uint16}``, nuclei labels, cell labels) of the pediatric site; the
@@ -55,8 +46,8 @@ def load_pediatric_site(root: str | os.PathLike[str],
     images = {name: read_image(p / "images" / f"{PEDIATRIC_FIELD}-ch{ch}sk1fk1fl1.tiff")
               for ch, name in PEDIATRIC_CHANNELS.items()}
     site = PEDIATRIC.split("_", 1)[1]
-    nuclei = labels_from_outlines(_read_tiff(p / "outlines" / f"NucleiOutlines_{site}.tiff"))
-    cells = labels_from_outlines(_read_tiff(p / "outlines" / f"CellsOutlines_{site}.tiff"))
+    nuclei = labels_from_outlines(decode_image(p / "outlines" / f"NucleiOutlines_{site}.tiff", FILE))
+    cells = labels_from_outlines(decode_image(p / "outlines" / f"CellsOutlines_{site}.tiff", FILE))
     return images, nuclei, cells
 
 
@@ -64,7 +55,7 @@ def load_dsb2018(root: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     """(image (H, W), int32 instance labels) of the DSB 2018 fixture."""
     p = _folder(root, DSB2018)
     image = read_image(p / "img2d.tif")
-    labels = _read_tiff(p / "mask2d.tif")
+    labels = decode_image(p / "mask2d.tif", FILE)
     if labels.shape != image.shape:
         raise DataError(f"{p}: mask shape {labels.shape} differs from image shape {image.shape}")
     return image, labels.astype(np.int32)

@@ -106,7 +106,8 @@ def predict(net: SegmentationNet, cfg: SegmentConfig, inputs: list[str], out: st
                 n_objects += int(labels.max())
         table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
         table_name = f"{objects}.parquet"
-        table.to_parquet(stage / table_name, index=False)
+        # through the one writer like the TIFFs: a full disk is one DiskFullError line, not a pyarrow traceback
+        write_atomic(stage / table_name, lambda tmp: table.to_parquet(tmp, index=False))
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)  # the previous generation stays as it was
         raise

@@ -77,6 +77,10 @@ def publish(stage: Path, out: Path, objects: str, table_name: str) -> None:
     masks.mkdir(exist_ok=True)
     for old in masks.glob(f"*{mask_suffix(objects)}"):
         old.unlink()
+    # Plain renames, not dinocell.paths writers, on purpose: these files are already complete (written in
+    # the staging folder on the same disk), so there is nothing to write, only to move; a rename per file
+    # keeps other object classes' masks in OUT/masks/ (a whole-folder swap by paths.write_folder_atomic
+    # would drop them), and the order above, not a temp file, is what makes a kill safe.
     for new in sorted((stage / MASKS).iterdir()):
         os.replace(new, masks / new.name)
     os.replace(stage / table_name, out / table_name)

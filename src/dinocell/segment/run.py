@@ -31,6 +31,7 @@ from dinocell.errors import UserError
 from dinocell.models.loading import load_model
 from dinocell.models.weights import load_state_checked
 from dinocell.paths import write_text_atomic
+from dinocell.provenance import provenance
 from dinocell.runs import RunDir
 from dinocell.segment.config import SegmentConfig, segment_config_from_dict
 from dinocell.segment.model import SegmentationNet, segmentation_model
@@ -109,7 +110,8 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
     requested = cfg.model.input_scale
     cfg.model.input_scale = resolve_scale(cfg.model, diameter, bb.patch_size)  # resolved input: predict reuses it
     net = SegmentationNet(bb, cfg.model)
-    save_config(cfg, run_dir)  # type: ignore[arg-type]
+    record = provenance()  # the code that made the run: config.yaml's header comments and summary.json, as pretrain's
+    save_config(cfg, run_dir, record=record)  # type: ignore[arg-type]
     crop = field_px(cfg.task.crop_size, float(cfg.model.input_scale))
     dataset = CropDataset(inputs, targets, crop, cfg.train.steps * cfg.train.batch_size, seed=cfg.train.seed)
     module = SegmentModule(cfg, net, dataset, channels)
@@ -142,7 +144,7 @@ def fit(cfg: SegmentConfig, output_dir: str | os.PathLike[str], backbone: str | 
                "input_scale_from": "auto" if isinstance(requested, str) else "config",
                "crop_field_px": crop, "backbone": cfg.model.backbone, "mode": cfg.model.mode,
                "loss_first_mean": float(np.mean(losses[:k])) if losses else None,
-               "loss_last_mean": float(np.mean(losses[-k:])) if losses else None}
+               "loss_last_mean": float(np.mean(losses[-k:])) if losses else None, **record}
     write_text_atomic(run.summary, json.dumps(summary, indent=2))
     if logger is not None:
         from dinocell.track.loggers import finalize

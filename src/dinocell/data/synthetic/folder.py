@@ -8,6 +8,7 @@ that exercise the real readers.
 from __future__ import annotations
 
 import csv
+import io
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import numpy as np
 from dinocell.data.synthetic.generator import SyntheticCellPainting
 from dinocell.data.synthetic.render import MASK_OBJECTS, SYNTH_CHANNELS
 from dinocell.errors import ConfigError
+from dinocell.paths import write_atomic, write_text_atomic
 
 TIMESTAMP = "2024-01-01T00_00_00"
 
@@ -29,15 +31,12 @@ def mask_file_name(field_stem: str, objects: str) -> str:
 
 
 def _write_atomic_tiff(path: Path, image: np.ndarray) -> None:
+    """One LZW TIFF through the one atomic writer (hidden per-process temp name: a reader listing the
+    folder meanwhile never sees a half-written ``.tiff``)."""
     import tifffile
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tifffile.imwrite(tmp, image, compression="lzw")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, lambda tmp: tifffile.imwrite(tmp, image, compression="lzw"), needed=image.nbytes,
+                 unique=True)
 
 
 def write_jump_folder(out_dir: str | os.PathLike, n_fields: int, size: int = 1080, seed: int = 0,
@@ -128,20 +127,15 @@ def _write_load_data(path: Path, plans: Sequence[tuple[dict[str, Any], dict[str,
     cols = meta + [f"{kind}_Orig{c}" for c in SYNTH_CHANNELS for kind in ("FileName", "PathName")]
     objects = MASK_OBJECTS if masks else ()
     cols += [f"{kind}_Mask{o.capitalize()}" for o in objects for kind in ("FileName", "PathName")]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(cols)
-            for md, paths in plans:
-                row = [md[m] for m in meta]
-                for c in SYNTH_CHANNELS:
-                    row += [paths[c].name, str(paths[c].parent)]
-                for o in objects:
-                    mp = _mask_path(paths, o)
-                    row += [mp.name, str(mp.parent)]
-                w.writerow(row)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    text = io.StringIO()  # csv's \r\n line ends, as they were when written to an open(newline="") file
+    w = csv.writer(text)
+    w.writerow(cols)
+    for md, paths in plans:
+        row = [md[m] for m in meta]
+        for c in SYNTH_CHANNELS:
+            row += [paths[c].name, str(paths[c].parent)]
+        for o in objects:
+            mp = _mask_path(paths, o)
+            row += [mp.name, str(mp.parent)]
+        w.writerow(row)
+    write_text_atomic(path, text.getvalue(), unique=True)

@@ -34,6 +34,7 @@ from dinocell.extract.volumes.store import (
     write_arrays,
     write_json_atomic,
 )
+from dinocell.provenance import provenance
 
 
 def _manifest_for(cfg: ExtractionConfig) -> Path:
@@ -113,6 +114,7 @@ def extract_volume(cfg: ExtractionConfig, index: int, model: Any = None,
         "store": cfg.store,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
+        **provenance(),  # the code that made these features (dinocell version, git commit)
         "paths": {name: paths[name].name for name in ARRAYS},
         "source": {
             "manifest": str(manifest),
