@@ -13,12 +13,13 @@ last complete file untouched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -222,19 +223,26 @@ def write_files_atomic(folder: str | os.PathLike[str], write: Callable[[Path], o
     :class:`DiskFullError` line."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with _temp_tree(out, out / f".tmp-{os.getpid()}") as tmp:
         write(tmp)
         for name in names:
             os.replace(tmp / name, out / name)
+    return out
+
+
+@contextlib.contextmanager
+def _temp_tree(out: Path, tmp: Path) -> Iterator[Path]:
+    """A fresh temp folder ``tmp`` for a writer of ``out``, removed whatever happens; a full disk while
+    writing becomes one :class:`DiskFullError` line naming ``out``."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
     except Exception as e:
         if is_disk_full(e):
             raise disk_full_error(out, None, e) from None
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def write_folder_atomic(folder: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
@@ -249,21 +257,13 @@ def write_folder_atomic(folder: str | os.PathLike[str], write: Callable[[Path], 
     :class:`DiskFullError` line."""
     out = Path(folder)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with _temp_tree(out, out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")) as tmp:
         write(tmp)
         try:
             os.replace(tmp, out)
         except OSError:
             if not out.is_dir():
                 raise
-    except Exception as e:
-        if is_disk_full(e):
-            raise disk_full_error(out, None, e) from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
