@@ -65,3 +65,18 @@ def test_param_groups_layerwise_decay_and_decay_rule() -> None:
     assert mult[id(bb.blocks[1].bias)] == (pytest.approx(0.5), 0.0, True)  # no decay on biases
     assert mult[id(head.weight)] == (1.0, 1.0, False)
     assert all(g["lr"] == 0.0 and g["weight_decay"] == 0.0 for g in groups)
+
+
+def test_progress_bar_names_the_run_not_a_negative_epoch() -> None:
+    """A fit runs with max_epochs=-1 (a later --max-steps continues a stopped run); the stock rich bar
+    would print "Epoch 0/-2"."""
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from dinocell.engine.trainer import build_trainer
+
+    trainer = build_trainer(max_epochs=-1, max_steps=3, enable_progress_bar=True, logger=False,
+                            enable_checkpointing=False, accelerator="cpu")
+    bar = trainer.progress_bar_callback
+    assert isinstance(bar, RichProgressBar) and bar._get_train_description(0) == "train"
+    assert build_trainer(enable_progress_bar=False, logger=False, enable_checkpointing=False,
+                         accelerator="cpu").progress_bar_callback is None

@@ -76,10 +76,31 @@ def checkpoint_callback(run_dir: str | os.PathLike[str], every_n_steps: int) -> 
                            enable_version_counter=False)
 
 
+def _run_progress_bar() -> Any | None:
+    """Lightning's rich bar titled by the run, not the epoch: a dinocell fit is one Lightning epoch with
+    ``max_epochs=-1`` (so a later ``--max-steps`` continues a stopped run), which the stock bar prints as
+    ``Epoch 0/-2``.  None when rich is not installed (Lightning's tqdm bar shows no maximum)."""
+    try:
+        from lightning.pytorch.callbacks import RichProgressBar
+        from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+    except ImportError:
+        return None
+    if not _RICH_AVAILABLE:
+        return None
+
+    class RunProgressBar(RichProgressBar):
+        def _get_train_description(self, current_epoch: int) -> str:
+            return "train"
+
+    return RunProgressBar()
+
+
 def build_trainer(**kwargs: Any) -> Any:
     """The Trainer; a misconfigured device/strategy/precision becomes one clear line."""
     import lightning as L
 
+    if kwargs.get("enable_progress_bar", True) and (bar := _run_progress_bar()) is not None:
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), bar]
     try:
         return L.Trainer(**kwargs)
     except Exception as e:  # Lightning raises MisconfigurationException, ValueError, RuntimeError ...
