@@ -7,6 +7,10 @@ designs are named lists of overrides, ``--design NAME:key=value``), each pretrai
 ``runs/bench_cache/<hash>/`` (benchmarks/_pretrain_cache.py), so reruns and other benchmarks reuse it.
 Segmentation heads are trained and scored with ``dinocell.segment`` (``fit``, ``load_segmenter``,
 ``evaluate_net``; AP50 = TP / (TP + FP + FN) at IoU 0.5), frozen backbone, one head per training channel.
+The pretrainings, the heads and the profiling run as independent jobs in ``--jobs`` worker processes
+(default: one per core, one torch thread each); every job is seeded by its own config, so the figures
+are the same for any ``--jobs`` (measured: ``--quick`` gives identical figures with 1 and 2 workers,
+in 1214 s and 660 s).
 
     R1  DSB2018 nuclei (human labels), head trained on the left half, scored on the right half:
         best dinocell head AP50 / classical Otsu + watershed AP50                          (>= 1.0)
@@ -34,8 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -104,11 +110,72 @@ def mean_ratio(pairs: list[tuple[float, float]]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-class Heads:
-    """Fits and scores segmentation heads through the segment library, one run folder each."""
+class Inline:
+    """An executor that runs each call at once (``--jobs 1``): the same code path, no processes."""
 
-    def __init__(self, work: Path, mode: Mode, backbones: dict[str, str | None]) -> None:
-        self.work, self.mode, self.backbones = work, mode, backbones
+    def submit(self, fn: Any, *args: Any) -> Future:
+        fut: Future = Future()
+        fut.set_result(fn(*args))
+        return fut
+
+    def __enter__(self) -> Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def make_pool(jobs: int, threads: int) -> Any:
+    """``jobs`` worker processes (spawned: torch's OpenMP does not survive fork), ``threads`` each.
+    Every head and every pretraining is seeded by its own config, so the figures do not depend on
+    which worker runs what or in which order."""
+    if jobs <= 1:
+        return Inline()
+    import multiprocessing as mp
+
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=init_worker,
+                               initargs=(threads,))
+
+
+def init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING)
+
+
+@dataclass
+class HeadJob:
+    """One head: fit from ``backbone`` with ``cfg`` into ``run``, then AP50 per channel on ``spec``."""
+
+    tag: str
+    run: Path
+    backbone: str | None
+    cfg: Any
+    spec: str
+    channels: list[str]
+    limit: int | None
+
+
+def fit_and_score(job: HeadJob) -> dict[str, float]:
+    """Train a head (fresh, never resumed) and score it (runs in a worker)."""
+    from dinocell.segment.predict import evaluate_net, evaluation_source
+    from dinocell.segment.run import fit, load_segmenter
+
+    t0 = time.perf_counter()
+    fit(job.cfg, job.run, backbone=job.backbone, resume=False)
+    net = load_segmenter(job.run)[0]
+    res = evaluate_net(net, job.cfg, evaluation_source(job.cfg, job.spec), job.spec, channels=job.channels,
+                       limit=job.limit)
+    print(f"  head {job.tag:<34} fit + score {time.perf_counter() - t0:5.0f} s", flush=True)
+    return {c: float(s["ap50"]) for c, s in res["channels"].items()}
+
+
+class Heads:
+    """Fits and scores segmentation heads through the segment library, one run folder each, in a pool."""
+
+    def __init__(self, work: Path, mode: Mode, backbones: dict[str, str | None], pool: Any) -> None:
+        self.work, self.mode, self.backbones, self.pool = work, mode, backbones, pool
 
     def config(self, channel: str, overrides: list[str], channel_map: dict[int, str] | None = None) -> Any:
         from dinocell.segment.config import load_segment_config
@@ -122,37 +189,32 @@ class Heads:
             cfg.data.channel_map = dict(channel_map)
         return cfg
 
-    def fit(self, tag: str, backbone: str, cfg: Any) -> Any:
-        """Train a head (fresh, never resumed) and return it in eval mode."""
-        from dinocell.segment.run import fit, load_segmenter
-
-        run = self.work / "heads" / tag
-        t0 = time.perf_counter()
-        fit(cfg, run, backbone=self.backbones[backbone], resume=False)
-        print(f"  head {tag:<34} fit {time.perf_counter() - t0:5.0f} s", flush=True)
-        return load_segmenter(run)[0]
-
-    def score(self, net: Any, cfg: Any, spec: str, channels: list[str]) -> dict[str, float]:
-        """AP50 per channel on ``spec`` (``synthetic``: held-out generator fields)."""
-        from dinocell.segment.predict import evaluate_net, evaluation_source
-
+    def submit(self, tag: str, backbone: str, cfg: Any, spec: str, channels: list[str]) -> Future:
+        """A future of the head's AP50 per channel on ``spec`` (``synthetic``: held-out generator fields)."""
         limit = self.mode.syn_eval if spec == "synthetic" else None
-        res = evaluate_net(net, cfg, evaluation_source(cfg, spec), spec, channels=channels, limit=limit)
-        return {c: float(s["ap50"]) for c, s in res["channels"].items()}
+        job = HeadJob(tag, self.work / "heads" / tag, self.backbones[backbone], cfg, spec, channels, limit)
+        return self.pool.submit(fit_and_score, job)
+
+    def net(self, tag: str) -> Any:
+        """A fitted head, in eval mode."""
+        from dinocell.segment.run import load_segmenter
+
+        return load_segmenter(self.work / "heads" / tag)[0]
 
 
-def run_synthetic(heads: Heads, primary: str, designs: list[str]) -> dict[str, Any]:
-    """S1 (per-channel oracle) and S2 (primary / single_view) on held-out synthetic fields."""
-    print("synthetic nuclei (held-out generator fields)", flush=True)
+def submit_synthetic(heads: Heads, primary: str, designs: list[str]) -> dict[str, Future]:
+    """The heads of S1 (per-channel oracle) and S2 (primary / single_view), held-out synthetic fields."""
     chans = ["DNA", *OTHER]
-    dna: dict[str, dict[str, float]] = {}
-    for bb in ["random", *designs]:
-        cfg = heads.config("DNA", [])
-        dna[bb] = heads.score(heads.fit(f"syn_{bb}_DNA", bb, cfg), cfg, "synthetic", chans)
-    oracle = {}
+    jobs = {f"dna/{bb}": heads.submit(f"syn_{bb}_DNA", bb, heads.config("DNA", []), "synthetic", chans)
+            for bb in ["random", *designs]}
     for c in OTHER:
-        cfg = heads.config(c, [])
-        oracle[c] = heads.score(heads.fit(f"syn_{primary}_{c}", primary, cfg), cfg, "synthetic", [c])[c]
+        jobs[f"oracle/{c}"] = heads.submit(f"syn_{primary}_{c}", primary, heads.config(c, []), "synthetic", [c])
+    return jobs
+
+
+def finish_synthetic(heads: Heads, jobs: dict[str, Future], primary: str) -> dict[str, Any]:
+    dna = {k.split("/", 1)[1]: f.result() for k, f in jobs.items() if k.startswith("dna/")}
+    oracle = {c: jobs[f"oracle/{c}"].result()[c] for c in OTHER}
     table(f"AP50, synthetic nuclei, head trained on DNA ({heads.mode.syn_eval} held-out fields)", dna,
           {f"{primary} oracle": oracle})
     s1 = mean_ratio([(dna[primary][c], oracle[c]) for c in OTHER])
@@ -219,45 +281,62 @@ def real_task(heads: Heads, name: str, planes: dict[str, np.ndarray], labels: np
 
 
 def head_on(heads: Heads, task: RealTask, backbone: str, channel: str, where: str, channels: list[str],
-            ) -> tuple[dict[str, float], Any, Any]:
-    """Fit on ``task.<where>`` (train | tile) from ``channel``; AP50 on the test half per channel."""
+            ) -> Future:
+    """Fit on ``task.<where>`` (train | tile) from ``channel``; a future of AP50 on the test half per channel."""
     folder = getattr(task, where)
     cfg = heads.config(channel, [f"data.source={folder}", *task.overrides], task.channel_map)
-    net = heads.fit(f"{task.name}_{where}_{backbone}_{channel}", backbone, cfg)
-    return heads.score(net, cfg, str(task.test), channels), net, cfg
+    return heads.submit(real_tag(task, where, backbone, channel), backbone, cfg, str(task.test), channels)
 
 
-def run_real(heads: Heads, primary: str, designs: list[str], shared: Path) -> dict[str, Any]:
-    """R1 (DSB2018 vs classical), R2 (pediatric cross-channel), R3 (one tile, primary vs random)."""
-    from dinocell.segment.infer import segment_image
-    from dinocell.segment.metrics import match_counts, scores
+def real_tag(task: RealTask, where: str, backbone: str, channel: str) -> str:
+    return f"{task.name}_{where}_{backbone}_{channel}"
 
+
+def submit_real(heads: Heads, primary: str, designs: list[str], shared: Path) -> dict[str, Any]:
+    """The heads of R1 (DSB2018 vs classical), R2 (pediatric cross-channel), R3 (one tile, primary vs random)."""
     img, lab = load_dsb2018(shared / "dsb2018_nuclei")
     dsb = real_task(heads, "dsb2018", {"DNA": np.asarray(img)}, np.asarray(lab), {5: "DNA"})
-    classical = classical_nuclei(dsb.test_planes["DNA"], dsb.diameter)
-    ap_classical = float(scores(match_counts(dsb.test_labels, classical))["ap50"])
-    r1_heads = {bb: head_on(heads, dsb, bb, "DNA", "train", ["DNA"])[0]["DNA"] for bb in ["random", *designs]}
-    table("AP50, DSB2018 right half (head trained on the left half)",
-          {bb: {"DNA": v} for bb, v in r1_heads.items()}, {"classical Otsu+watershed": {"DNA": ap_classical}})
-
     images, nuclei, _ = load_pediatric_site(shared / "pediatric_BR00143976_C03_3")
     ped = real_task(heads, "pediatric", {c: np.asarray(p) for c, p in images.items()}, np.asarray(nuclei),
                     PEDIATRIC_CHANNELS)
+    jobs: dict[str, Future] = {f"r1/{bb}": head_on(heads, dsb, bb, "DNA", "train", ["DNA"])
+                               for bb in ["random", *designs]}
+    jobs["ped/DNA"] = head_on(heads, ped, primary, "DNA", "train", ["DNA", *OTHER])
+    for c in OTHER:
+        jobs[f"ped/{c}"] = head_on(heads, ped, primary, c, "train", [c])
+    for t in (dsb, ped):
+        for bb in ("random", primary):
+            jobs[f"tile/{t.name}/{bb}"] = head_on(heads, t, bb, "DNA", "tile", ["DNA"])
+    return {"dsb": dsb, "ped": ped, "jobs": jobs}
+
+
+def finish_real(heads: Heads, plan: dict[str, Any], primary: str, designs: list[str]) -> dict[str, Any]:
+    from dinocell.segment.infer import segment_image
+    from dinocell.segment.metrics import match_counts, scores
+
+    dsb, ped, jobs = plan["dsb"], plan["ped"], plan["jobs"]
+    classical = classical_nuclei(dsb.test_planes["DNA"], dsb.diameter)
+    ap_classical = float(scores(match_counts(dsb.test_labels, classical))["ap50"])
+    r1_heads = {bb: jobs[f"r1/{bb}"].result()["DNA"] for bb in ["random", *designs]}
+    table("AP50, DSB2018 right half (head trained on the left half)",
+          {bb: {"DNA": v} for bb, v in r1_heads.items()}, {"classical Otsu+watershed": {"DNA": ap_classical}})
+
     chans = ["DNA", *OTHER]
-    dna, net, cfg = head_on(heads, ped, primary, "DNA", "train", chans)
-    oracle = {c: head_on(heads, ped, primary, c, "train", [c])[0][c] for c in OTHER}
+    dna = jobs["ped/DNA"].result()
+    oracle = {c: jobs[f"ped/{c}"].result()[c] for c in OTHER}
     table(f"AP50, pediatric site right half, {primary} backbone", {"head trained on DNA": dna},
           {"head trained on the channel": oracle})
+    net, cfg = heads.net(real_tag(ped, "train", primary, "DNA")), heads.config("DNA", [f"data.source={ped.train}", *ped.overrides],
+                                                                           ped.channel_map)
     preds = segment_image(net, np.stack([ped_plane(ped, c) for c in chans]), cfg)
     side_by_side(heads.work / "side_by_side.png",
                  [(c, ped.test_planes[c], ped.test_labels, p) for c, p in zip(chans, preds, strict=True)])
 
-    tile = {(t.name, bb): head_on(heads, t, bb, "DNA", "tile", ["DNA"])[0]["DNA"]
-            for t in (dsb, ped) for bb in ("random", primary)}
-    table("AP50 with one labelled tile (DNA), test half", {bb: {t: tile[(t, bb)] for t in ("dsb2018", "pediatric")}
+    names = ("dsb2018", "pediatric")
+    tile = {(t, bb): jobs[f"tile/{t}/{bb}"].result()["DNA"] for t in names for bb in ("random", primary)}
+    table("AP50 with one labelled tile (DNA), test half", {bb: {t: tile[(t, bb)] for t in names}
                                                            for bb in ("random", primary)})
-    r3 = ratio(np.mean([tile[(t, primary)] for t in ("dsb2018", "pediatric")]),
-               np.mean([tile[(t, "random")] for t in ("dsb2018", "pediatric")]))
+    r3 = ratio(np.mean([tile[(t, primary)] for t in names]), np.mean([tile[(t, "random")] for t in names]))
     return {"dsb2018": {"heads": r1_heads, "classical": ap_classical},
             "pediatric": {"dna_head": dna, "oracle": oracle}, "tile": {f"{t}/{b}": v for (t, b), v in tile.items()},
             "R1": ratio(max(r1_heads[d] for d in designs), ap_classical),
@@ -298,12 +377,16 @@ def run_prof(run: Path, mode: Mode, work: Path) -> dict[str, Any]:
         rows[name] = {"wells": len(wells), "negcon_map": m["negcon"]["mean_average_precision"],
                       "negcon_retrieved": m["negcon"]["fraction_retrieved"],
                       "nonrep_map": m.get("nonrep", {}).get("mean_average_precision", float("nan"))}
-    print(f"\nprofiling, held-out synthetic plates ({rows['trained']['wells']} wells)")
+    return {**rows, "PROF": ratio(rows["trained"]["negcon_map"], rows["untrained"]["negcon_map"])}
+
+
+def print_prof(res: dict[str, Any]) -> None:
+    print(f"\nprofiling, held-out synthetic plates ({res['trained']['wells']} wells)")
     print(f"{'model':<12}{'negcon mAP':>12}{'retrieved':>11}{'nonrep mAP':>12}")
-    for name, r in rows.items():
+    for name in ("untrained", "trained"):
+        r = res[name]
         print(f"{name:<12}{r['negcon_map']:>12.3f}{r['negcon_retrieved']:>11.2f}{r['nonrep_map']:>12.3f}")
     print(flush=True)
-    return {**rows, "PROF": ratio(rows["trained"]["negcon_map"], rows["untrained"]["negcon_map"])}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -324,8 +407,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="pretrained backbone cache")
     p.add_argument("--work", type=Path, default=None, help="output folder (default runs/bench_downstream_<mode>)")
     p.add_argument("--shared", type=Path, default=SHARED, help="real fixtures (../shared/data)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="worker processes for the pretrainings and head fits (default: one per core)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: on a loaded 2-core machine OpenMP barriers waste a 2-thread run)")
+                   help="torch threads per worker (1: small tensors; a process per core beats threads per core)")
     return p.parse_args(argv)
 
 
@@ -355,28 +440,36 @@ def main(argv: list[str] | None = None) -> int:
     given = dict(item.split("=", 1) for item in args.backbone if "=" in item)
     if bad := [n for n in given if n not in designs]:
         raise SystemExit(f"--backbone: {', '.join(bad)} not among --designs {', '.join(designs)}")
-    backbones: dict[str, str | None] = {"random": None}
-    for name, overrides in designs.items():
-        backbones[name] = given.get(name) or str(pretrained_run(name, overrides, mode.budget_steps,
-                                                                mode.pretrain_sizes, args.cache_dir))
-    heads = Heads(work, mode, backbones)
-    results: dict[str, Any] = {"mode": mode_name, "budget_steps": mode.budget_steps, "designs": designs,
-                               "primary": args.primary, "backbones": backbones}
     names = list(designs)
+    real = "real" in only and all((args.shared / d).is_dir() for d in ("dsb2018_nuclei", "pediatric_BR00143976_C03_3"))
+    if "real" in only and not real:
+        print(f"real fixtures not found in {args.shared}: R1-R3 skipped", flush=True)
+    results: dict[str, Any] = {"mode": mode_name, "budget_steps": mode.budget_steps, "designs": designs,
+                               "primary": args.primary, "jobs": args.jobs}
     lines = []
-    if "real" in only:
-        if (args.shared / "dsb2018_nuclei").is_dir() and (args.shared / "pediatric_BR00143976_C03_3").is_dir():
-            results["real"] = r = run_real(heads, args.primary, names, args.shared)
+    with make_pool(args.jobs, args.threads) as pool:
+        # the designs pretrain side by side; every head waits for all of them (a head's backbone is a path)
+        pending = {name: pool.submit(pretrained_run, name, overrides, mode.budget_steps, mode.pretrain_sizes,
+                                     args.cache_dir) for name, overrides in designs.items() if name not in given}
+        backbones: dict[str, str | None] = {"random": None}
+        backbones.update({name: given.get(name) or str(pending[name].result()) for name in designs})
+        results["backbones"] = backbones
+        heads = Heads(work, mode, backbones, pool)
+        # the longest job first (two embeddings of the held-out plates), so no worker idles at the end
+        prof = pool.submit(run_prof, Path(backbones[args.primary] or ""), mode, work) if "prof" in only else None
+        plan_real = submit_real(heads, args.primary, names, args.shared) if real else None
+        plan_syn = submit_synthetic(heads, args.primary, names) if "synthetic" in only else None
+        if plan_real is not None:
+            results["real"] = r = finish_real(heads, plan_real, args.primary, names)
             lines += [f"R1 ratio={r['R1']:.3f} target>=1.0", f"R2 ratio={r['R2']:.3f} target>=0.6",
                       f"R3 ratio={r['R3']:.3f} target>=1.1"]
-        else:
-            print(f"real fixtures not found in {args.shared}: R1-R3 skipped", flush=True)
-    if "synthetic" in only:
-        results["synthetic"] = s = run_synthetic(heads, args.primary, names)
-        lines += [f"S1 ratio={s['S1']:.3f} target>=0.8", f"S2 ratio={s['S2']:.3f} target>=1.2"]
-    if "prof" in only:
-        results["prof"] = pr = run_prof(Path(backbones[args.primary] or ""), mode, work)
-        lines.append(f"PROF ratio={pr['PROF']:.3f} target>=1.05")
+        if plan_syn is not None:
+            results["synthetic"] = s = finish_synthetic(heads, plan_syn, args.primary)
+            lines += [f"S1 ratio={s['S1']:.3f} target>=0.8", f"S2 ratio={s['S2']:.3f} target>=1.2"]
+        if prof is not None:
+            results["prof"] = pr = prof.result()
+            print_prof(pr)
+            lines.append(f"PROF ratio={pr['PROF']:.3f} target>=1.05")
     results["seconds"] = round(time.perf_counter() - t0, 1)
     from dinocell.paths import write_text_atomic
 

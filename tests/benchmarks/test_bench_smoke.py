@@ -72,7 +72,8 @@ def test_bench_invariance_smoke(tmp_path):
 
 
 def test_bench_downstream_smoke(tmp_path, bench_cache):
-    r = run_bench("bench_downstream.py", "--smoke", "--work", str(tmp_path), "--cache-dir", str(bench_cache))
+    r = run_bench("bench_downstream.py", "--smoke", "--work", str(tmp_path), "--cache-dir", str(bench_cache),
+                  "--jobs", "2")  # worker processes, whatever the machine's core count
     expect = {"S1", "S2", "PROF"}
     if (SHARED_DATA / "dsb2018_nuclei").is_dir():
         expect |= {"R1", "R2", "R3"}
@@ -87,7 +88,7 @@ def test_bench_segmentation_and_profiling_are_entry_points_into_downstream(tmp_p
     """The thin entry points reuse the cached backbones (no pretraining) and print their own lines."""
     before = sorted(p.name for p in bench_cache.iterdir())
     seg = run_bench("bench_segmentation.py", "--smoke", "--work", str(tmp_path / "seg"), "--cache-dir",
-                    str(bench_cache), "--shared", str(tmp_path / "no_shared"))
+                    str(bench_cache), "--shared", str(tmp_path / "no_shared"), "--jobs", "1")  # in-process path
     assert set(seg) == {"S1", "S2"}
     prof = run_bench("bench_profiling.py", "--smoke", "--work", str(tmp_path / "prof"), "--cache-dir",
                      str(bench_cache))

@@ -3,6 +3,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dinocell.config import HoldoutConfig, load_config, save_config
@@ -148,3 +149,55 @@ def test_one_well_grouping_for_index_and_list() -> None:
         assert {f"{r.plate}/{r.well}" for r in held.records} == set(wells)
         assert len(train) + len(held) == len(records)
         assert not {f"{r.plate}/{r.well}" for r in train.records} & set(wells)
+
+
+def _reference_rule(recs: list[FieldRecord], fraction: float) -> list[str]:
+    """The rule as the module doc states it, one plate at a time (the pre-vectorisation code)."""
+    by_plate: dict[str, set[str]] = {}
+    for r in recs:
+        by_plate.setdefault(r.plate, set()).add(f"{r.plate}/{r.well}")
+    out: list[str] = []
+    for wells in by_plate.values():
+        n = len(wells)
+        if fraction > 0 and n >= 2:
+            out += sorted(wells, key=lambda w: (well_score(w), w))[:min(n - 1, max(1, round(fraction * n)))]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.25, 0.5, 0.95])
+def test_vectorised_rule_equals_the_per_plate_definition(fraction: float) -> None:
+    rng = random.Random(7)
+    recs = [FieldRecord(plate=f"BR{p:03d}", well=f"{chr(65 + w // 24)}{w % 24 + 1:02d}", site=1)
+            for p in range(12) for w in rng.sample(range(384), rng.choice([1, 2, 3, 7, 40, 384]))]
+    assert heldout_wells(recs, fraction) == _reference_rule(recs, fraction)
+
+
+def test_equal_scores_break_ties_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dinocell.data.holdout as holdout
+
+    monkeypatch.setattr(holdout, "well_hashes", lambda keys, salt="dinocell": np.zeros(len(keys), dtype=np.uint64))
+    recs = _records(plates=2, wells=10)
+    assert heldout_wells(recs, 0.2) == ["P0/A01", "P0/A02", "P1/A01", "P1/A02"]
+
+
+def test_the_ranks_of_a_job_share_one_decision_beside_the_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                ) -> None:
+    import dinocell.data.holdout as holdout
+    from dinocell.data.holdout import shared_heldout_wells
+
+    recs, cache = _records(plates=3, wells=20), tmp_path / "index.parquet"
+    first = shared_heldout_wells(recs, 0.1, "dinocell", cache)
+    assert first == heldout_wells(recs, 0.1) and len(list(tmp_path.glob("index.parquet.holdout-*.txt"))) == 1
+
+    def not_again(*a: object, **k: object) -> list[str]:
+        raise AssertionError("the rule ran again although another process decided it")
+
+    monkeypatch.setattr(holdout, "heldout_wells", not_again)
+    assert shared_heldout_wells(list(reversed(recs)), 0.1, "dinocell", cache) == first  # read, not recomputed
+    with pytest.raises(AssertionError):  # another fraction, salt or set of wells is another decision
+        shared_heldout_wells(recs[:-2], 0.1, "dinocell", cache)
+    monkeypatch.undo()
+    assert shared_heldout_wells(recs, 0.2, "dinocell", cache) == heldout_wells(recs, 0.2)
+    assert shared_heldout_wells(recs, 0.1, "other", cache) == heldout_wells(recs, 0.1, "other")
+    # an unwritable place computes in the process instead of failing
+    assert shared_heldout_wells(recs, 0.1, "dinocell", tmp_path / "missing" / "index.parquet") == first

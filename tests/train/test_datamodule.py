@@ -179,3 +179,35 @@ def test_numpy_sampler_matches_the_list_one(n_fields: int, repeats: int, bs: int
                                  world_size=world))
         assert got == _reference_stream(n_fields, repeats, spe, total, 4, start, bs, rank, world)
         assert all(type(i) is int for i in got[:3])
+
+
+def test_datamodule_keeps_one_copy_of_the_index(tmp_path) -> None:
+    """Once split, the whole source's index is not kept: a rank holds the two subsets only (issue #24)."""
+    import gc
+    import weakref
+
+    from dinocell.data.synthetic.folder import write_jump_folder
+    from dinocell.train.datamodule import DinoCellDataModule
+
+    write_jump_folder(tmp_path / "plate", n_fields=16, size=32, seed=0, n_plates=1, wells_per_plate=8,
+                      sites_per_well=2)
+    cfg = load_config(None, TINY + [f"data.source={tmp_path / 'plate'}", "data.holdout.fraction=0.25"])
+    source = open_source(cfg.data)
+    whole = weakref.ref(source.records)
+    dm = DinoCellDataModule(cfg, source, world_size=1)
+    del source
+    gc.collect()
+    assert whole() is None  # the full index is freed: no second copy beside the training subset
+    assert len(dm.train_source) + len(dm.heldout) == 16 and len(dm.heldout) > 0
+    assert dm.skipped_fields() == 0
+
+
+def test_datamodule_shares_the_heldout_decision_of_a_source_with_an_index_file(tmp_path) -> None:
+    from dinocell.train.datamodule import DinoCellDataModule
+
+    cfg = load_config(None, TINY + ["data.synthetic.n_fields=64"])
+    source = open_source(cfg.data)
+    source.index_path = tmp_path / "index.parquet"  # what an S3 source carries
+    dm = DinoCellDataModule(cfg, source, world_size=1)
+    (saved,) = tmp_path.glob("index.parquet.holdout-*.txt")
+    assert saved.read_text().split() == dm.heldout_wells and dm.heldout_wells

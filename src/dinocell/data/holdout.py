@@ -19,12 +19,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock, Timeout
 
 from dinocell.data.field import FieldRecord
 from dinocell.data.index import FieldIndex
@@ -40,8 +40,15 @@ def well_key(rec: FieldRecord) -> str:
 
 def well_score(key: str, salt: str = "dinocell") -> float:
     """A uniform number in [0, 1) from the well's name alone (sha256: stable across Python versions)."""
-    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+    return float(well_hashes([key], salt)[0]) / 2.0**64
+
+
+def well_hashes(keys: Sequence[str], salt: str = "dinocell") -> np.ndarray:
+    """The first 8 bytes of ``sha256(salt:key)`` of every key as uint64 (what :func:`well_score` scales
+    to [0, 1)); one bulk pass, ~30% cheaper than a Python float per well at 3x10^5 wells."""
+    prefix, sha = f"{salt}:".encode(), hashlib.sha256
+    blob = b"".join([sha(prefix + k.encode()).digest()[:8] for k in keys])
+    return np.frombuffer(blob, dtype=">u8").astype(np.uint64)
 
 
 def well_groups(records: Sequence[FieldRecord]) -> tuple[np.ndarray, list[str], list[str]]:
@@ -49,15 +56,18 @@ def well_groups(records: Sequence[FieldRecord]) -> tuple[np.ndarray, list[str], 
     fields by well, shared by the held-out split and anything else per well.
 
     On a columnar :class:`~dinocell.data.index.FieldIndex` it is :meth:`~FieldIndex.well_rows` (O(n)
-    on a built index, whose wells are runs; no per-field Python object) plus one string per well; a
-    plain list of records takes the generic path."""
+    on a built index, whose wells are runs; no per-field Python object) plus one string per well,
+    computed once per index; a plain list of records takes the generic path."""
     if isinstance(records, FieldIndex):
-        first, well_of = records.well_rows()
-        pc, plates = records.codes("plate")
-        wc, wells = records.codes("well")
-        id_plates = [plates[i] for i in pc[first].tolist()]
-        keys = [f"{p}/{wells[w]}" for p, w in zip(id_plates, wc[first].tolist(), strict=True)]
-        return well_of, id_plates, keys
+        cached = records.__dict__.get("_well_groups")
+        if cached is None:
+            first, well_of = records.well_rows()
+            pc, plates = records.codes("plate")
+            wc, wells = records.codes("well")
+            id_plates = [plates[i] for i in pc[first].tolist()]
+            keys = [f"{p}/{wells[w]}" for p, w in zip(id_plates, wc[first].tolist(), strict=True)]
+            cached = records.__dict__["_well_groups"] = (well_of, id_plates, keys)
+        return cached
     pairs = [(r.plate, r.well) for r in records]
     uniq_pairs = sorted(set(pairs))
     lookup = {pw: i for i, pw in enumerate(uniq_pairs)}
@@ -66,25 +76,37 @@ def well_groups(records: Sequence[FieldRecord]) -> tuple[np.ndarray, list[str], 
 
 
 def heldout_wells(records: Sequence[FieldRecord], fraction: float, salt: str = "dinocell") -> list[str]:
-    """The wells the rule holds out (sorted ``PLATE/WELL``): ``fraction`` of each plate's wells."""
+    """The wells the rule holds out (sorted ``PLATE/WELL``): ``fraction`` of each plate's wells.
+
+    Vectorised (one sort of all wells by plate, then score, then name): at JUMP scale (3x10^5 wells)
+    every rank decides it before its first step, so its cost is paid eight times on an 8-GPU node."""
     if not 0.0 <= fraction < 1.0:
         raise ConfigError(f"config key 'data.holdout.fraction' must be in [0, 1), got {fraction}")
     _, id_plates, keys = well_groups(records)
-    by_plate: dict[str, list[str]] = defaultdict(list)
-    for plate, key in zip(id_plates, keys, strict=True):
-        by_plate[plate].append(key)
-    out: list[str] = []
-    for wells in by_plate.values():
-        n = len(wells)
-        if fraction <= 0 or n < 2:
-            continue
-        k = min(n - 1, max(1, round(fraction * n)))
-        out += sorted(wells, key=lambda w: (well_score(w, salt), w))[:k]
-    return sorted(out)
+    if fraction <= 0 or not keys:
+        return []
+    codes: dict[str, int] = {}
+    plate_of = np.fromiter((codes.setdefault(p, len(codes)) for p in id_plates), dtype=np.int64, count=len(keys))
+    score = well_hashes(keys, salt) / 2.0**64  # the floats well_score gives: ties break the same way
+    order = np.lexsort((score, plate_of))  # by plate, then score
+    same = (plate_of[order][1:] == plate_of[order][:-1]) & (score[order][1:] == score[order][:-1])
+    if same.any():  # equal scores (not seen in practice): the name decides, as in well_score's sort
+        name_rank = np.argsort(np.asarray(keys, dtype=object), kind="stable").argsort(kind="stable")
+        order = np.lexsort((name_rank, score, plate_of))
+    plate_sorted = plate_of[order]
+    starts = np.flatnonzero(np.r_[True, plate_sorted[1:] != plate_sorted[:-1]])
+    sizes = np.diff(np.r_[starts, len(order)])
+    take = np.where(sizes < 2, 0, np.minimum(sizes - 1, np.maximum(1, np.round(fraction * sizes)))).astype(np.int64)
+    pos = np.arange(len(order)) - np.repeat(starts, sizes)  # rank of each well inside its plate
+    held = order[pos < np.repeat(take, sizes)]
+    return sorted(keys[i] for i in held.tolist())
 
 
-def resolve_wells(records: Sequence[FieldRecord], holdout: Any) -> list[str]:
-    """The held-out wells of ``records`` for a ``HoldoutConfig``: its explicit ``wells`` (checked) or the rule."""
+def resolve_wells(records: Sequence[FieldRecord], holdout: Any, cache: Path | None = None) -> list[str]:
+    """The held-out wells of ``records`` for a ``HoldoutConfig``: its explicit ``wells`` (checked) or the rule.
+
+    ``cache`` (a source's index file) lets the processes of one job share the rule's result: one
+    computes it, the others read it (:func:`shared_heldout_wells`)."""
     if holdout.wells:
         wanted = sorted({str(w).strip() for w in holdout.wells if str(w).strip()})
         present = set(well_groups(records)[2])
@@ -92,7 +114,41 @@ def resolve_wells(records: Sequence[FieldRecord], holdout: Any) -> list[str]:
             raise ConfigError(f"config key 'data.holdout.wells' names no well of this source (e.g. "
                               f"'{wanted[0]}'; wells look like '{next(iter(sorted(present)), 'PLATE/A01')}')")
         return wanted
+    if cache is not None:
+        return shared_heldout_wells(records, holdout.fraction, holdout.salt, cache)
     return heldout_wells(records, holdout.fraction, holdout.salt)
+
+
+def shared_heldout_wells(records: Sequence[FieldRecord], fraction: float, salt: str, cache: Path) -> list[str]:
+    """:func:`heldout_wells`, decided by one process per job and read by the others.
+
+    Why: at JUMP scale the rule hashes ~3x10^5 well names (~0.4 CPU-s), and the ranks of a job start
+    together on the same cores.  The file sits beside ``cache`` and is named by a digest of the salt,
+    the fraction and every well name, so another selection of fields never reads it; it is written
+    atomically under a file lock.  Any trouble with the file falls back to computing here."""
+    keys = well_groups(records)[2]
+    digest = hashlib.sha256("\n".join([salt, repr(float(fraction)), *keys]).encode()).hexdigest()[:16]
+    path = cache.with_name(f"{cache.name}.holdout-{digest}.txt")
+
+    def read() -> list[str] | None:
+        try:
+            return [w for w in path.read_text().splitlines() if w] if path.is_file() else None
+        except OSError:
+            return None
+
+    hit = read()
+    if hit is not None:
+        return hit
+    try:
+        with FileLock(str(path) + ".lock", timeout=600):
+            hit = read()  # another rank may have written it while this one waited
+            if hit is not None:
+                return hit
+            wells = heldout_wells(records, fraction, salt)
+            write_text_atomic(path, "".join(f"{w}\n" for w in wells))
+            return wells
+    except (OSError, Timeout):
+        return heldout_wells(records, fraction, salt)
 
 
 def split_indices(records: Sequence[FieldRecord], wells: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:

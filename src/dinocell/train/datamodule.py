@@ -113,8 +113,13 @@ class DinoCellDataModule(L.LightningDataModule):
     def __init__(self, cfg: Config, source: FieldSource, world_size: int = 1,
                  wells: list[str] | None = None) -> None:
         super().__init__()
-        self.cfg, self.full_source = cfg, source
-        self.heldout_wells = resolve_wells(source.records, cfg.data.holdout) if wells is None else list(wells)
+        self.cfg = cfg
+        # the whole source is not kept: its index is the largest object of a rank, and once split only
+        # the two subsets are read (one copy of the index per rank when the caller lets go of it too)
+        self._listed_skipped = sum(1 for s in source.skipped if not str(s).endswith("name not recognised"))
+        if wells is None:  # sources with an index file (S3) share the rule's result between ranks
+            wells = resolve_wells(source.records, cfg.data.holdout, cache=getattr(source, "index_path", None))
+        self.heldout_wells = list(wells)
         self.train_source, self.heldout = split_source(source, self.heldout_wells)
         self.world_size = max(1, int(world_size))
         self.steps_per_epoch = steps_per_epoch(cfg, len(self.train_source), self.world_size)
@@ -148,7 +153,6 @@ class DinoCellDataModule(L.LightningDataModule):
 
     def skipped_fields(self) -> int:
         """Fields left out: unreadable at listing/verification, plus those that failed while training."""
-        listed = sum(1 for s in self.full_source.skipped if not str(s).endswith("name not recognised"))
         if self._loader is None:
-            return listed
-        return listed + self._loader.dataset.skipped_count()  # type: ignore[attr-defined]
+            return self._listed_skipped
+        return self._listed_skipped + self._loader.dataset.skipped_count()  # type: ignore[attr-defined]

@@ -125,9 +125,10 @@ def pretrain(cfg: Config, output_dir: str | os.PathLike[str], max_steps: int | N
     )
     # The held-out wells are decided once per run folder and kept (holdout.txt) for resumes; their counts
     # go to summary.json, never into the input config.
-    data = DinoCellDataModule(cfg, source, trainer.world_size, read_holdout_file(run_dir) if ckpt_path else None)
-    trainer.fit_loop.epoch_loop.max_steps = data.stop_step  # Lightning reads it when fitting starts
     record = run_record(source)
+    data = DinoCellDataModule(cfg, source, trainer.world_size, read_holdout_file(run_dir) if ckpt_path else None)
+    del source  # from here on only the DataModule's two subsets: one copy of the index per rank
+    trainer.fit_loop.epoch_loop.max_steps = data.stop_step  # Lightning reads it when fitting starts
     if trainer.is_global_zero:
         write_holdout_file(run_dir, data.heldout_wells)
         save_config(cfg, run_dir, record=record)
