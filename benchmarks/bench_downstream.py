@@ -283,9 +283,13 @@ def real_task(heads: Heads, name: str, planes: dict[str, np.ndarray], labels: np
 def head_on(heads: Heads, task: RealTask, backbone: str, channel: str, where: str, channels: list[str],
             ) -> Future:
     """Fit on ``task.<where>`` (train | tile) from ``channel``; a future of AP50 on the test half per channel."""
-    folder = getattr(task, where)
-    cfg = heads.config(channel, [f"data.source={folder}", *task.overrides], task.channel_map)
+    cfg = task_config(heads, task, channel, where)
     return heads.submit(real_tag(task, where, backbone, channel), backbone, cfg, str(task.test), channels)
+
+
+def task_config(heads: Heads, task: RealTask, channel: str, where: str) -> Any:
+    """The segment config of a head trained on ``task.<where>`` (train | tile) from ``channel``."""
+    return heads.config(channel, [f"data.source={getattr(task, where)}", *task.overrides], task.channel_map)
 
 
 def real_tag(task: RealTask, where: str, backbone: str, channel: str) -> str:
@@ -326,8 +330,7 @@ def finish_real(heads: Heads, plan: dict[str, Any], primary: str, designs: list[
     oracle = {c: jobs[f"ped/{c}"].result()[c] for c in OTHER}
     table(f"AP50, pediatric site right half, {primary} backbone", {"head trained on DNA": dna},
           {"head trained on the channel": oracle})
-    net, cfg = heads.net(real_tag(ped, "train", primary, "DNA")), heads.config("DNA", [f"data.source={ped.train}", *ped.overrides],
-                                                                           ped.channel_map)
+    net, cfg = heads.net(real_tag(ped, "train", primary, "DNA")), task_config(heads, ped, "DNA", "train")
     preds = segment_image(net, np.stack([ped_plane(ped, c) for c in chans]), cfg)
     side_by_side(heads.work / "side_by_side.png",
                  [(c, ped.test_planes[c], ped.test_labels, p) for c, p in zip(chans, preds, strict=True)])

@@ -149,7 +149,7 @@ def epoch_and_resume(idx: Any, workers: int = 8) -> tuple[float, float]:
 # -------------------------------------------------------------------------------------------------
 
 RANK = """
-import json, sys, time
+import gc, json, sys, time
 t_spawn = time.time()
 import numpy as np
 from dinocell.config import load_config
@@ -178,7 +178,7 @@ loader = build_loader(dm.cfg, dm.train_source, dm.stop_step, dm.steps_per_epoch,
                       batch_size=dm.batch_size)
 batch = next(iter(loader))
 t.append(time.time()); c.append(time.process_time())
-import gc; gc.collect()
+gc.collect()
 rss = int(open("/proc/self/statm").read().split()[1]) * 4096 - rss0
 held = dm.train_source.records.nbytes + dm.heldout.records.nbytes
 print(json.dumps({"ready": t[-1], "n": len(dm.train_source) + len(dm.heldout), "wall": [b - a for a, b in zip(t, t[1:])],

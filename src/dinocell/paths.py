@@ -15,16 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from filelock import FileLock, Timeout
 
 from dinocell.errors import UserError
 from dinocell.runs import RunDir
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: errno values that mean "this disk / quota cannot take more bytes".
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -289,3 +295,29 @@ def remove_temp_files(outputs: Iterable[str | os.PathLike[str]], since: float,
             except OSError:
                 continue
     return removed
+
+
+def once_per_job(path: str | os.PathLike[str], read: Callable[[], T | None], make: Callable[[], T],
+                 timeout_s: float) -> T:
+    """What ``read()`` finds for ``path``, else ``make()`` under the file lock ``<path>.lock``.
+
+    Why: the processes of one job (DDP ranks, a node's workers) start together and need the same
+    derived file (a listing index, a held-out split); under the lock one makes it while the others
+    wait, then read it.  ``make`` writes the file itself (atomically).  When no lock can be taken
+    (unwritable folder, timeout) each caller makes its own, with a warning."""
+    hit = read()
+    if hit is not None:
+        return hit
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(f"{os.fspath(path)}.lock", timeout=timeout_s)
+        lock.acquire()
+    except (OSError, Timeout) as e:
+        log.warning("cannot lock %s (%s): making it without a lock", path, e)
+        return make()
+    try:
+        hit = read()  # another process may have made it while this one waited
+        return hit if hit is not None else make()
+    finally:
+        lock.release()
+

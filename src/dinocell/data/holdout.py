@@ -16,6 +16,7 @@ well).  A run keeps its list in ``DIR/holdout.txt``; :func:`heldout_source` give
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import os
@@ -24,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock, Timeout
 
 from dinocell.data.field import FieldRecord
 from dinocell.data.index import FieldIndex
 from dinocell.errors import ConfigError, UserError
-from dinocell.paths import write_text_atomic
+from dinocell.paths import once_per_job, write_text_atomic
 from dinocell.runs import RunDir
 
 
@@ -89,11 +89,12 @@ def heldout_wells(records: Sequence[FieldRecord], fraction: float, salt: str = "
     plate_of = np.fromiter((codes.setdefault(p, len(codes)) for p in id_plates), dtype=np.int64, count=len(keys))
     score = well_hashes(keys, salt) / 2.0**64  # the floats well_score gives: ties break the same way
     order = np.lexsort((score, plate_of))  # by plate, then score
-    same = (plate_of[order][1:] == plate_of[order][:-1]) & (score[order][1:] == score[order][:-1])
-    if same.any():  # equal scores (not seen in practice): the name decides, as in well_score's sort
+    plate_sorted, score_sorted = plate_of[order], score[order]
+    if ((np.diff(plate_sorted) == 0) & (np.diff(score_sorted) == 0)).any():
+        # equal scores (not seen in practice): the name decides, as in well_score's sort (the plate
+        # column keeps its sorted order, so plate_sorted stands)
         name_rank = np.argsort(np.asarray(keys, dtype=object), kind="stable").argsort(kind="stable")
         order = np.lexsort((name_rank, score, plate_of))
-    plate_sorted = plate_of[order]
     starts = np.flatnonzero(np.r_[True, plate_sorted[1:] != plate_sorted[:-1]])
     sizes = np.diff(np.r_[starts, len(order)])
     take = np.where(sizes < 2, 0, np.minimum(sizes - 1, np.maximum(1, np.round(fraction * sizes)))).astype(np.int64)
@@ -125,7 +126,8 @@ def shared_heldout_wells(records: Sequence[FieldRecord], fraction: float, salt: 
     Why: at JUMP scale the rule hashes ~3x10^5 well names (~0.4 CPU-s), and the ranks of a job start
     together on the same cores.  The file sits beside ``cache`` and is named by a digest of the salt,
     the fraction and every well name, so another selection of fields never reads it; it is written
-    atomically under a file lock.  Any trouble with the file falls back to computing here."""
+    atomically under a file lock (:func:`~dinocell.paths.once_per_job`).  Any trouble with the file
+    falls back to computing here."""
     keys = well_groups(records)[2]
     digest = hashlib.sha256("\n".join([salt, repr(float(fraction)), *keys]).encode()).hexdigest()[:16]
     path = cache.with_name(f"{cache.name}.holdout-{digest}.txt")
@@ -136,19 +138,13 @@ def shared_heldout_wells(records: Sequence[FieldRecord], fraction: float, salt: 
         except OSError:
             return None
 
-    hit = read()
-    if hit is not None:
-        return hit
-    try:
-        with FileLock(str(path) + ".lock", timeout=600):
-            hit = read()  # another rank may have written it while this one waited
-            if hit is not None:
-                return hit
-            wells = heldout_wells(records, fraction, salt)
+    def make() -> list[str]:
+        wells = heldout_wells(records, fraction, salt)
+        with contextlib.suppress(OSError):  # unwritable: this process decided, the others decide too
             write_text_atomic(path, "".join(f"{w}\n" for w in wells))
-            return wells
-    except (OSError, Timeout):
-        return heldout_wells(records, fraction, salt)
+        return wells
+
+    return once_per_job(path, read, make, timeout_s=600)
 
 
 def split_indices(records: Sequence[FieldRecord], wells: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from filelock import FileLock, Timeout
 
 from dinocell.data import jump
 from dinocell.data.field import IMAGE_SUFFIXES, LOAD_DATA_SUFFIXES, MAX_LISTED_SKIPS
@@ -48,7 +47,7 @@ from dinocell.data.s3.config import parse_s3_uri
 from dinocell.data.s3.listing import BotoPager, HttpPager, endpoint_of
 from dinocell.data.tables import normalise_columns
 from dinocell.errors import DataError
-from dinocell.paths import write_text_atomic
+from dinocell.paths import once_per_job, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -482,20 +481,7 @@ def cached_index(path: Path, ident: dict[str, Any], need_plates: list[str] | Non
         log.info("using the field index %s (%d fields; delete it to relist)", path, len(idx))
         return idx, skipped
 
-    hit = usable()
-    if hit is not None:
-        return hit
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock: FileLock | None = FileLock(str(path) + ".lock", timeout=lock_timeout_s)
-        lock.acquire()
-    except (OSError, Timeout) as e:
-        log.warning("cannot lock %s (%s): building the index without a lock", path, e)
-        lock = None
-    try:
-        hit = usable() if lock is not None else None  # another process may have built it meanwhile
-        if hit is not None:
-            return hit
+    def make() -> tuple[FieldIndex, list[str]]:
         plates = need_plates
         if need_plates is not None and path.is_file():
             try:
@@ -512,9 +498,8 @@ def cached_index(path: Path, ident: dict[str, Any], need_plates: list[str] | Non
             except OSError as e:
                 log.warning("could not write the field index %s: %s", path, e)
         return idx, skipped
-    finally:
-        if lock is not None:
-            lock.release()
+
+    return once_per_job(path, usable, make, lock_timeout_s)
 
 
 def index_ident(endpoint: str | None, uri: str, cmap: Mapping[int, str] | None,
